@@ -1,0 +1,432 @@
+"""Memory benchmark environments and the small run infrastructure shared by the scripts.
+
+This is the only project module the algorithm scripts import. It has two parts:
+
+1. **Environments**, registered with gymnasium on ``import memory_envs`` (so both
+   ``gym.make("MemoryTask-v0")`` after the import and ``gym.make("memory_envs:MemoryTask-v0")``
+   work):
+
+   - ``MemoryTask-v0`` -- the delayed-recall task of the original Strategic Memory agent.
+   - ``PassiveTMaze-v0`` -- the passive T-Maze of Ni et al. 2023, "When Do Transformers
+     Shine in RL?".
+
+   and ``FlattenObservation``, which turns any ``Box``/``Discrete``/``MultiDiscrete``/
+   ``MultiBinary``/``Tuple``/``Dict`` observation into a float32 vector for the MLP agents.
+
+2. **Run infrastructure** that is not part of any algorithm: one-line CLI errors, parsing
+   ``--env-kwargs``, resolving env ids (``ALE/...``, ``module:EnvId``), run directories,
+   atomic checkpoints, ``eval.json`` and the progress line. Keeping it here means every
+   script behaves the same for the user while each script still owns its network, memory
+   and PPO loop.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter validation
+# ---------------------------------------------------------------------------------------
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    # bool is a subclass of int; `delay=True` is a typo, not a delay of 1.
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> Any:
+    if isinstance(value, (bool, np.bool_)) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _cells_to_rgb(cells: np.ndarray, scale: int = 16) -> np.ndarray:
+    """Render a small 2-D array of intensities in [0, 1] as an RGB image (for --capture-video)."""
+    img = (np.clip(cells, 0.0, 1.0) * 255).astype(np.uint8)
+    img = np.kron(img, np.ones((scale, scale), dtype=np.uint8))
+    return np.repeat(img[:, :, None], 3, axis=2)
+
+
+# ---------------------------------------------------------------------------------------
+# MemoryTask-v0
+# ---------------------------------------------------------------------------------------
+class MemoryTaskEnv(gym.Env):
+    """Delayed recall: remember the bit shown at the first step, report it ``delay`` steps later.
+
+    Observation ``Box(0, 1, (3,), float32)``:
+      - at reset: ``[target, distractor, 0]``
+      - after every action: ``[d1, d2, 0]``
+    ``difficulty=0``: distractors are 0. ``difficulty=1``: distractors are random bits, so the
+    cue looks exactly like every other observation and only *when* it was seen (the first
+    step of the episode) identifies it.
+
+    Actions ``Discrete(2)``. An episode is exactly ``delay`` actions. Only the last action is
+    rewarded: +1 if it equals the target bit, -1 otherwise (a random guess scores 0). Every
+    other reward is 0. The last step is a termination (not a truncation) and its info holds
+    ``is_success``. Every info holds ``cue_step`` = 0, the step index of the cue, which agents
+    may use for logging only.
+
+    Unlike the original, the task is seeded through ``reset(seed=...)``.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(self, delay: int = 8, difficulty: int = 0, render_mode: str | None = None):
+        self.delay = _check_int("delay", delay, 1)
+        self.difficulty = _check_choice("difficulty", difficulty, (0, 1))
+        self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
+        self.observation_space = spaces.Box(0.0, 1.0, (3,), np.float32)
+        self.action_space = spaces.Discrete(2)
+        self._target = 0
+        self._t = 0
+        self._obs = np.zeros(3, np.float32)
+
+    def _distractors(self, n: int) -> np.ndarray:
+        if self.difficulty == 0:
+            return np.zeros(n, np.float32)
+        return self.np_random.integers(0, 2, size=n).astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._target = int(self.np_random.integers(0, 2))
+        self._t = 0
+        self._obs = np.array([self._target, self._distractors(1)[0], 0.0], np.float32)
+        return self._obs.copy(), {"cue_step": 0}
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"action must be 0 or 1, got {action!r}")
+        self._t += 1
+        d = self._distractors(2)
+        self._obs = np.array([d[0], d[1], 0.0], np.float32)
+        info: dict[str, Any] = {"cue_step": 0}
+        reward, terminated = 0.0, False
+        if self._t >= self.delay:
+            success = int(action) == self._target
+            reward, terminated = (1.0 if success else -1.0), True
+            info["is_success"] = success
+        return self._obs.copy(), reward, terminated, False, info
+
+    def render(self):
+        if self.render_mode == "rgb_array":
+            return _cells_to_rgb(self._obs[None, :])
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# PassiveTMaze-v0
+# ---------------------------------------------------------------------------------------
+class PassiveTMazeEnv(gym.Env):
+    """Passive T-Maze (Ni et al. 2023, "When Do Transformers Shine in RL?").
+
+    A corridor of cells ``x = 0 .. length`` ends in a T-junction at ``x = length`` whose two
+    arms are ``y = +1`` and ``y = -1``. The goal arm ``goal_y`` is drawn at reset. An episode
+    lasts exactly ``length + 1`` steps: ``length`` steps to walk the corridor and one to enter
+    an arm, so there is no slack.
+
+    Observation ``Box(-1, 1, (2,), float32)``, exactly as in the paper's code:
+      - ``[0, goal_y]`` at the start cell ``x = 0`` on the first step only (the cue);
+        ``[0, 0]`` if the agent is at ``x = 0`` later (it bumped into the wall),
+      - ``[0, 0]`` anywhere inside the corridor ``0 < x < length`` (ambiguous positions),
+      - ``[1, y]`` at the junction (``y = 0``) and in the arms (``y = +-1``).
+    Actions ``Discrete(4)``: 0 = right (+x), 1 = up (+y), 2 = left (-x), 3 = down (-y); a
+    move into a wall leaves the agent in place.
+
+    Reward: on the last step, +1 if the agent stands in the goal arm, else 0. On every other
+    step, ``penalty`` (default ``-1/length``) if the agent lags behind the always-forward
+    schedule (``x < t`` after ``t`` steps). The optimum return is 1.0 (success 1.0); a
+    memoryless agent can do no better than success 0.5. The last step is a termination and
+    its info holds ``is_success``; every info holds ``cue_step`` = 0.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 8}
+    _MOVES = ((1, 0), (0, 1), (-1, 0), (0, -1))
+
+    def __init__(self, length: int = 10, penalty: float | None = None,
+                 render_mode: str | None = None):
+        self.length = _check_int("length", length, 1)
+        if penalty is None:
+            penalty = -1.0 / self.length
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty > 0:
+            raise ValueError(f"penalty must be a number <= 0, got {penalty!r}")
+        self.penalty = float(penalty)
+        self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
+        self.episode_length = self.length + 1
+        self.observation_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.action_space = spaces.Discrete(4)
+        self._x = self._y = self._goal_y = self._t = 0
+
+    def _free(self, x: int, y: int) -> bool:
+        if y == 0:
+            return 0 <= x <= self.length
+        return x == self.length and y in (-1, 1)
+
+    def _obs(self) -> np.ndarray:
+        if self._x == 0:
+            return np.array([0.0, self._goal_y if self._t == 0 else 0.0], np.float32)
+        if self._x < self.length:
+            return np.zeros(2, np.float32)
+        return np.array([1.0, self._y], np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._goal_y = int(self.np_random.choice([-1, 1]))
+        self._x, self._y, self._t = 0, 0, 0
+        return self._obs(), {"cue_step": 0}
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"action must be in 0..3, got {action!r}")
+        self._t += 1
+        dx, dy = self._MOVES[int(action)]
+        if self._free(self._x + dx, self._y + dy):
+            self._x, self._y = self._x + dx, self._y + dy
+        info: dict[str, Any] = {"cue_step": 0}
+        terminated = self._t >= self.episode_length
+        if terminated:
+            success = self._y == self._goal_y
+            reward = 1.0 if success else 0.0
+            info["is_success"] = success
+        else:
+            reward = self.penalty if self._x < self._t else 0.0
+        return self._obs(), reward, terminated, False, info
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        grid = np.zeros((3, self.length + 1), np.float32)
+        grid[1, :] = 0.3
+        grid[[0, 2], self.length] = 0.3
+        grid[1 - self._goal_y, self.length] = 0.6
+        grid[1 - self._y, self._x] = 1.0
+        return _cells_to_rgb(grid, scale=max(2, 64 // max(1, self.length // 8)))
+
+
+# ---------------------------------------------------------------------------------------
+# Observation flattening
+# ---------------------------------------------------------------------------------------
+_FLAT_LEAVES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+def _supported(space: spaces.Space, path: str = "observation") -> None:
+    """Raise ValueError naming the first sub-space the MLP agents cannot take."""
+    if isinstance(space, _FLAT_LEAVES):
+        return
+    if isinstance(space, spaces.Tuple):
+        for i, sub in enumerate(space.spaces):
+            _supported(sub, f"{path}[{i}]")
+        return
+    if isinstance(space, spaces.Dict):
+        for key, sub in space.spaces.items():
+            _supported(sub, f"{path}[{key!r}]")
+        return
+    raise ValueError(
+        f"unsupported observation space {space} at {path}: supported are Box, Discrete, "
+        "MultiDiscrete, MultiBinary and Tuple/Dict of those")
+
+
+class FlattenObservation(gym.ObservationWrapper):
+    """Flatten any supported observation into one float32 vector.
+
+    ``Discrete`` becomes a one-hot vector, ``MultiDiscrete`` a concatenation of one-hots,
+    ``MultiBinary`` and ``Box`` are flattened, ``Tuple``/``Dict`` are concatenated in order.
+    Unsupported spaces (``Text``, ``Graph``, ``Sequence``, ...) raise ``ValueError`` naming
+    the space and where it sits.
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        _supported(env.observation_space)
+        flat = spaces.flatten_space(env.observation_space)
+        self.observation_space = spaces.Box(flat.low.astype(np.float32),
+                                            flat.high.astype(np.float32), dtype=np.float32)
+
+    def observation(self, observation):
+        flat = spaces.flatten(self.env.observation_space, observation)
+        return np.asarray(flat, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------
+def _register(env_id: str, entry_point: str, **kwargs) -> None:
+    if env_id not in gym.registry:
+        gym.register(id=env_id, entry_point=entry_point, **kwargs)
+
+
+_register("MemoryTask-v0", "memory_envs:MemoryTaskEnv", kwargs={"delay": 8, "difficulty": 0})
+_register("PassiveTMaze-v0", "memory_envs:PassiveTMazeEnv", kwargs={"length": 10})
+
+
+# =======================================================================================
+# Run infrastructure shared by the scripts (no algorithm in here)
+# =======================================================================================
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss: the run stops (exit code 3) and keeps its last good checkpoint."""
+
+    exit_code = 3
+
+
+def parse_cli(args_cls: type, argv: list[str] | None = None):
+    """``tyro.cli`` with tyro's multi-line error box condensed to one line on stderr."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        return tyro.cli(args_cls, args=argv)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
+            return tyro.cli(args_cls, args=argv)
+    except SystemExit as exc:
+        if not exc.code:
+            raise
+        lines = [re.sub(r"^[\s│╭╰─]+|[\s│╮╯─]+$", "", line) for line in buf.getvalue().splitlines()]
+        lines = [line for line in lines if line and set(line) - set("-─")]
+        message = lines[1] if len(lines) > 1 else (lines[0] if lines else "invalid arguments")
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_cli(main: Callable[[Any], Any], args_cls: type) -> None:
+    """Entry point of every script: parse the flags, run, turn user errors into one line."""
+    args = parse_cli(args_cls)
+    try:
+        main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+
+
+def parse_env_kwargs(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``("delay=256", "difficulty=1", "name=foo")`` -> ``{"delay": 256, "difficulty": 1, "name": "foo"}``.
+
+    Values are Python literals where they parse as one, strings otherwise.
+    """
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UserError(f"--env-kwargs expects key=value pairs, got {item!r}")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = raw
+    return kwargs
+
+
+def is_atari(env_id: str) -> bool:
+    return env_id.startswith("ALE/") or env_id.endswith("NoFrameskip-v4")
+
+
+def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | None = None,
+                  **extra: Any) -> gym.Env:
+    """``gym.make`` with user errors (unknown id, missing module, bad kwargs) as UserError."""
+    if is_atari(env_id):
+        import ale_py
+
+        gym.register_envs(ale_py)
+    kwargs = dict(env_kwargs, **extra)
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    try:
+        return gym.make(env_id, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise UserError(f"--env-id {env_id!r}: cannot import module {exc.name!r}") from None
+    except gym.error.Error as exc:
+        raise UserError(f"--env-id {env_id!r}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--env-id {env_id!r} with --env-kwargs {env_kwargs}: {exc}") from None
+
+
+def check_spaces(env: gym.Env, action_types: tuple[type, ...]) -> None:
+    """Fail early, with one line, on spaces a script cannot handle."""
+    if not isinstance(env.action_space, action_types):
+        names = ", ".join(t.__name__ for t in action_types)
+        raise UserError(f"unsupported action space {env.action_space}: this script supports {names}")
+    if isinstance(env.observation_space, spaces.Box):
+        return
+    try:
+        _supported(env.observation_space)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def default_run_name(env_id: str, exp_name: str, seed: int) -> str:
+    env = re.sub(r"[^A-Za-z0-9_.-]+", "_", env_id)
+    return f"{env}__{exp_name}__{seed}__{int(time.time())}"
+
+
+def resolve_resume(resume: str) -> tuple[str, str]:
+    """Map ``--resume`` (a checkpoint file, a run directory or a run name) to (checkpoint, run_dir)."""
+    candidates = [resume, os.path.join("runs", resume)]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path, os.path.dirname(os.path.abspath(path))
+        ckpt = os.path.join(path, "checkpoint.pt")
+        if os.path.isfile(ckpt):
+            return ckpt, path
+    raise UserError(f"--resume {resume!r}: no checkpoint.pt found there or under runs/")
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """Write with a temporary file and rename, so a kill mid-write never loses the last checkpoint."""
+    import torch
+
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_eval_json(run_dir: str, record: dict[str, Any]) -> str:
+    path = os.path.join(run_dir, "eval.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, default=float)
+    return path
+
+
+class Progress:
+    """Prints one progress line every ``interval`` seconds: step, SPS, recent return/success, ETA."""
+
+    def __init__(self, total_steps: int, interval: float = 10.0, window: int = 100):
+        self.total, self.interval, self.window = total_steps, interval, window
+        self.returns: list[float] = []
+        self.successes: list[float] = []
+        self._last = time.time()
+
+    def episode(self, ret: float, success: bool | None) -> None:
+        self.returns = (self.returns + [float(ret)])[-self.window:]
+        if success is not None:
+            self.successes = (self.successes + [float(success)])[-self.window:]
+
+    def maybe_print(self, step: int, sps: float, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        ret = f"{np.mean(self.returns):.3f}" if self.returns else "n/a"
+        succ = f" | success {np.mean(self.successes):.2f}" if self.successes else ""
+        eta = (self.total - step) / max(sps, 1e-9)
+        print(f"step {step}/{self.total} | SPS {sps:.0f} | return {ret}{succ} | "
+              f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
