@@ -399,6 +399,18 @@ def save_atomic(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+def finished_episode(info: dict, i: int) -> tuple[float, int, bool | None]:
+    """(return, length, is_success or None) of env ``i``'s episode that ended in this vector step.
+
+    Needs ``RecordEpisodeStatistics`` inside each env and SAME_STEP autoreset, which puts the
+    last step's info under ``info["final_info"]``.
+    """
+    fin = info["final_info"]
+    mask = fin.get("_is_success")
+    success = bool(fin["is_success"][i]) if mask is not None and mask[i] else None
+    return float(fin["episode"]["r"][i]), int(fin["episode"]["l"][i]), success
+
+
 def write_eval_json(run_dir: str, record: dict[str, Any]) -> str:
     path = os.path.join(run_dir, "eval.json")
     with open(path, "w") as f:

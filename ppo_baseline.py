@@ -37,7 +37,7 @@ from torch.distributions import Categorical, Normal
 from torch.utils.tensorboard import SummaryWriter
 
 import memory_envs  # noqa: F401  (registers MemoryTask-v0, PassiveTMaze-v0)
-from memory_envs import (FlattenObservation, Progress, TrainingDiverged, UserError, check_spaces,
+from memory_envs import (FlattenObservation, finished_episode, Progress, TrainingDiverged, UserError, check_spaces,
                          default_run_name, is_atari, make_base_env, parse_env_kwargs, resolve_resume,
                          run_cli, save_atomic, write_eval_json)
 
@@ -325,10 +325,10 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: in
         obs, _, term, trunc, info = envs.step(action.cpu().numpy())
         for i in np.flatnonzero(term | trunc):
             if done_count[i] < quota[i]:
-                fin = info["final_info"]
-                returns.append(float(fin["episode"]["r"][i]))
-                if "is_success" in fin and fin["_is_success"][i]:
-                    successes.append(float(fin["is_success"][i]))
+                ep_r, _, success = finished_episode(info, i)
+                returns.append(ep_r)
+                if success is not None:
+                    successes.append(float(success))
                 done_count[i] += 1
     envs.close()
     return dict(mean_return=float(np.mean(returns)), std_return=float(np.std(returns)),
@@ -458,16 +458,13 @@ def main(args: Args) -> None:
             rewards[step], dones[step] = reward, torch.as_tensor(done, dtype=torch.float32, device=device)
             next_obs = torch.as_tensor(next_obs_np, device=device)
 
-            if done.any():
-                fin = info["final_info"]
-                for i in np.flatnonzero(done):
-                    ep_r, ep_l = float(fin["episode"]["r"][i]), int(fin["episode"]["l"][i])
-                    success = bool(fin["is_success"][i]) if fin.get("_is_success", np.zeros(1, bool))[i] else None
-                    writer.add_scalar("charts/episodic_return", ep_r, global_step)
-                    writer.add_scalar("charts/episodic_length", ep_l, global_step)
-                    if success is not None:
-                        writer.add_scalar("charts/episodic_success", float(success), global_step)
-                    progress.episode(ep_r, success)
+            for i in np.flatnonzero(done):
+                ep_r, ep_l, success = finished_episode(info, i)
+                writer.add_scalar("charts/episodic_return", ep_r, global_step)
+                writer.add_scalar("charts/episodic_length", ep_l, global_step)
+                if success is not None:
+                    writer.add_scalar("charts/episodic_success", float(success), global_step)
+                progress.episode(ep_r, success)
 
         with torch.no_grad():
             last_value = agent.get_value(next_obs).flatten()
