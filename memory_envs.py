@@ -9,6 +9,9 @@ This is the only project module the algorithm scripts import. It has two parts:
    - ``MemoryTask-v0`` -- the delayed-recall task of the original Strategic Memory agent.
    - ``PassiveTMaze-v0`` -- the passive T-Maze of Ni et al. 2023, "When Do Transformers
      Shine in RL?".
+   - ``CliffWalkingFail-v0``, ``DarkChamber-v0``, ``FourRooms-v0`` -- the sparse-reward grid
+     worlds of AdaMemento's first experiments (failures that end episodes, near-identical
+     image states, exploration across rooms).
 
    and ``FlattenObservation``, which turns any ``Box``/``Discrete``/``MultiDiscrete``/
    ``MultiBinary``/``Tuple``/``Dict`` observation into a float32 vector for the MLP agents.
@@ -262,6 +265,193 @@ class FlattenObservation(gym.ObservationWrapper):
 
 
 # ---------------------------------------------------------------------------------------
+# Grid worlds for AdaMemento's first experiments: CliffWalkingFail-v0, DarkChamber-v0, FourRooms-v0
+# ---------------------------------------------------------------------------------------
+class _GridWorld(gym.Env):
+    """Shared mechanics of the three grid worlds (subclasses define layout and observation).
+
+    Actions ``Discrete(4)``: 0 = up (row - 1), 1 = right (col + 1), 2 = down (row + 1),
+    3 = left (col - 1), as gymnasium's CliffWalking. A move into a wall or off the grid leaves
+    the agent in place. The time limit is a *truncation* (``truncated=True``), so learners
+    bootstrap the cut-off return. The last step's info holds ``is_success`` (True only when
+    the goal was reached).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 8}
+    _MOVES = ((-1, 0), (0, 1), (1, 0), (0, -1))
+
+    def _setup(self, walls: np.ndarray, start: tuple[int, int], goal: tuple[int, int],
+               max_steps: Any, render_mode: Any) -> None:
+        self.max_steps = _check_int("max_steps", max_steps, 1)
+        self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
+        self.walls, self.start, self.goal = walls, start, goal
+        self.action_space = spaces.Discrete(4)
+        self._pos, self._t = start, 0
+
+    def _obs(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _hazard(self, pos: tuple[int, int]) -> bool:
+        return False
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._pos, self._t = self.start, 0
+        return self._obs(), {}
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"action must be in 0..3, got {action!r}")
+        self._t += 1
+        dr, dc = self._MOVES[int(action)]
+        r, c = self._pos[0] + dr, self._pos[1] + dc
+        if 0 <= r < self.walls.shape[0] and 0 <= c < self.walls.shape[1] and not self.walls[r, c]:
+            self._pos = (r, c)
+        info: dict[str, Any] = {}
+        reward, terminated = 0.0, False
+        if self._pos == self.goal:
+            reward, terminated = 1.0, True
+        elif self._hazard(self._pos):
+            reward, terminated = -1.0, True
+        truncated = not terminated and self._t >= self.max_steps
+        if terminated or truncated:
+            info["is_success"] = self._pos == self.goal
+        return self._obs(), reward, terminated, truncated, info
+
+    def _picture(self) -> np.ndarray:
+        grid = np.where(self.walls, 0.0, 0.3)
+        grid[self.goal] = 0.6
+        grid[self._pos] = 1.0
+        return grid
+
+    def render(self):
+        if self.render_mode == "rgb_array":
+            return _cells_to_rgb(self._picture())
+        return None
+
+
+class CliffWalkingFailEnv(_GridWorld):
+    """Cliff Walking where falling off is a failure that ends the episode.
+
+    Gymnasium's ``CliffWalking-v1`` sends the agent back to the start when it steps on the
+    cliff; here the episode *terminates* with reward -1 and ``is_success=False``, so failed
+    trajectories exist to learn from (AdaMemento's memory reflection).
+
+    Grid ``rows x cols`` (default 4 x 12). Start at the bottom-left cell ``(rows-1, 0)``, goal
+    at the bottom-right cell ``(rows-1, cols-1)``, the cliff is every cell in between on the
+    bottom row.
+
+    Observation ``Box(0, 1, (rows*cols,), float32)``: one-hot of the agent's cell, index
+    ``row * cols + col``. Actions ``Discrete(4)`` (0 up, 1 right, 2 down, 3 left; moves off
+    the grid leave the agent in place).
+
+    Reward: +1 and termination on reaching the goal (``is_success=True``); -1 and
+    termination on stepping onto the cliff (``is_success=False``); 0 otherwise. After
+    ``max_steps`` (default 100) actions the episode is truncated (``is_success=False``).
+    """
+
+    def __init__(self, rows: int = 4, cols: int = 12, max_steps: int = 100,
+                 render_mode: str | None = None):
+        self.rows = _check_int("rows", rows, 2)
+        self.cols = _check_int("cols", cols, 3)
+        self._setup(np.zeros((self.rows, self.cols), bool), (self.rows - 1, 0),
+                    (self.rows - 1, self.cols - 1), max_steps, render_mode)
+        self.observation_space = spaces.Box(0.0, 1.0, (self.rows * self.cols,), np.float32)
+
+    def _hazard(self, pos: tuple[int, int]) -> bool:
+        return pos[0] == self.rows - 1 and 0 < pos[1] < self.cols - 1
+
+    def _obs(self) -> np.ndarray:
+        obs = np.zeros(self.rows * self.cols, np.float32)
+        obs[self._pos[0] * self.cols + self._pos[1]] = 1.0
+        return obs
+
+    def _picture(self) -> np.ndarray:
+        grid = super()._picture()
+        grid[self.rows - 1, 1:self.cols - 1] = 0.0
+        return grid
+
+
+class DarkChamberEnv(_GridWorld):
+    """A dark ``size x size`` room seen as an image in which the cells barely differ.
+
+    The agent starts in the top-left cell ``(0, 0)``; the goal is the far bottom-right cell
+    ``(size-1, size-1)``, which looks like every other cell.
+
+    Observation ``Box(0, 255, (size*cell_pixels, size*cell_pixels, 1), uint8)``: every pixel
+    is ``background`` (default 24) except the ``cell_pixels x cell_pixels`` block of the
+    agent's cell, which is ``background + contrast`` (default 24 + 6 = 30, i.e. 2.4% of the
+    intensity range). Observations therefore differ only by a faint intensity change at one
+    cell -- the setting for AdaMemento's fine-grained (latent) state distinction.
+
+    Actions ``Discrete(4)`` (0 up, 1 right, 2 down, 3 left; moves into the outer wall leave
+    the agent in place). Reward +1 and termination on reaching the goal
+    (``is_success=True``), 0 otherwise; after ``max_steps`` (default ``4 * size``) actions
+    the episode is truncated (``is_success=False``).
+    """
+
+    def __init__(self, size: int = 8, cell_pixels: int = 2, background: int = 24, contrast: int = 6,
+                 max_steps: int | None = None, render_mode: str | None = None):
+        self.size = _check_int("size", size, 2)
+        self.cell_pixels = _check_int("cell_pixels", cell_pixels, 1)
+        self.background = _check_int("background", background, 0)
+        self.contrast = _check_int("contrast", contrast, 1)
+        if self.background + self.contrast > 255:
+            raise ValueError(f"background + contrast must be <= 255, got {self.background + self.contrast!r}")
+        self._setup(np.zeros((self.size, self.size), bool), (0, 0), (self.size - 1, self.size - 1),
+                    4 * self.size if max_steps is None else max_steps, render_mode)
+        side = self.size * self.cell_pixels
+        self.observation_space = spaces.Box(0, 255, (side, side, 1), np.uint8)
+
+    def _obs(self) -> np.ndarray:
+        p = self.cell_pixels
+        img = np.full(self.observation_space.shape, self.background, np.uint8)
+        r, c = self._pos
+        img[r * p:(r + 1) * p, c * p:(c + 1) * p] = self.background + self.contrast
+        return img
+
+
+class FourRoomsEnv(_GridWorld):
+    """Sutton, Precup & Singh's (1999) four-rooms grid world with a sparse goal.
+
+    The classic 13 x 13 layout (outer walls included; 104 free cells in four rooms joined by
+    four one-cell doorways). The agent starts in the top-left corner cell ``(1, 1)``; the goal
+    is the far bottom-right corner cell ``(11, 11)`` (shortest path: 20 steps).
+
+    Observation ``Box(0, 1, (169,), float32)``: one-hot of the agent's cell, index
+    ``row * 13 + col``. Actions ``Discrete(4)`` (0 up, 1 right, 2 down, 3 left;
+    deterministic, moves into walls leave the agent in place).
+
+    Reward +1 and termination on reaching the goal (``is_success=True``), 0 otherwise; after
+    ``max_steps`` (default 100) actions the episode is truncated (``is_success=False``).
+    """
+
+    LAYOUT = ("wwwwwwwwwwwww",
+              "w     w     w",
+              "w     w     w",
+              "w           w",
+              "w     w     w",
+              "w     w     w",
+              "ww wwww     w",
+              "w     www www",
+              "w     w     w",
+              "w     w     w",
+              "w           w",
+              "w     w     w",
+              "wwwwwwwwwwwww")
+
+    def __init__(self, max_steps: int = 100, render_mode: str | None = None):
+        walls = np.array([[ch == "w" for ch in row] for row in self.LAYOUT])
+        self._setup(walls, (1, 1), (11, 11), max_steps, render_mode)
+        self.observation_space = spaces.Box(0.0, 1.0, (walls.size,), np.float32)
+
+    def _obs(self) -> np.ndarray:
+        obs = np.zeros(self.walls.size, np.float32)
+        obs[self._pos[0] * self.walls.shape[1] + self._pos[1]] = 1.0
+        return obs
+
+
+# ---------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------
 def _register(env_id: str, entry_point: str, **kwargs) -> None:
@@ -271,6 +461,9 @@ def _register(env_id: str, entry_point: str, **kwargs) -> None:
 
 _register("MemoryTask-v0", "memory_envs:MemoryTaskEnv", kwargs={"delay": 8, "difficulty": 0})
 _register("PassiveTMaze-v0", "memory_envs:PassiveTMazeEnv", kwargs={"length": 10})
+_register("CliffWalkingFail-v0", "memory_envs:CliffWalkingFailEnv")
+_register("DarkChamber-v0", "memory_envs:DarkChamberEnv")
+_register("FourRooms-v0", "memory_envs:FourRoomsEnv")
 
 
 # =======================================================================================
