@@ -53,7 +53,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> Any:
-    if isinstance(value, (bool, np.bool_)) or value not in choices:
+    if isinstance(value, (bool, np.bool_, float, np.floating)) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
@@ -165,7 +165,7 @@ class PassiveTMazeEnv(gym.Env):
         self.length = _check_int("length", length, 1)
         if penalty is None:
             penalty = -1.0 / self.length
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty > 0:
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty <= 0:
             raise ValueError(f"penalty must be a number <= 0, got {penalty!r}")
         self.penalty = float(penalty)
         self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
@@ -546,7 +546,7 @@ def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | No
     try:
         return gym.make(env_id, **kwargs)
     except ModuleNotFoundError as exc:
-        raise UserError(f"--env-id {env_id!r}: cannot import module {exc.name!r}") from None
+        raise UserError(f"--env-id {env_id!r}: cannot import module {exc.name or env_id.partition(':')[0]!r}") from None
     except gym.error.Error as exc:
         raise UserError(f"--env-id {env_id!r}: {exc}") from None
     except (ValueError, TypeError) as exc:
