@@ -1,0 +1,672 @@
+"""PPO with an LSTM core: the recurrent baseline (CleanRL ppo_atari_lstm style, one file).
+
+The encoder is picked from the spaces and always feeds one LSTM whose output drives the
+actor and critic heads:
+  - vector observations -> a 64-unit tanh layer -> LSTM,
+  - ``ALE/...`` ids -> standard Atari preprocessing (frame-skip 4, 84x84 grayscale, frame
+    stack 4, sticky actions 0.25, no episodic life, reward clipping) and the Nature CNN -> LSTM,
+  - other image observations -> a CNN sized to the image -> LSTM,
+  - ``Box`` actions -> diagonal Gaussian policy with observation and reward normalisation.
+
+Recurrent bookkeeping (the parts that are easy to get subtly wrong):
+  - ``starts[t]`` = "obs[t] begins a new episode". The LSTM state is multiplied by
+    ``(1 - starts[t])`` before obs[t] is processed, in the rollout, in the update and in
+    evaluation alike, so no memory leaks across episodes.
+  - The LSTM state is snapshotted at the start of every rollout (and, with ``--bptt-len``,
+    at the start of every chunk); the update re-runs whole per-env sequences (or chunks) from
+    those snapshots, with minibatches split by environment/chunk, never by time step.
+  - The update runs the LSTM over episode segments packed into one ``nn.LSTM`` call instead
+    of a Python loop over time; the rollout's step-by-step outputs are reproduced to float
+    precision (tests/test_recurrent_ppo.py checks this to 1e-5).
+  - Vector envs use gymnasium 1.x SAME_STEP autoreset; a truncated episode is bootstrapped
+    with V(final_obs), computed with one extra LSTM step from that env's state *before* it
+    is reset; a terminated one is not bootstrapped.
+  - Observation normalisation is applied when an observation is stored, so the update sees
+    exactly what the rollout saw; the statistics live in the agent/checkpoint.
+  - Evaluation is greedy on fresh seeded envs and carries the LSTM state through each
+    episode (resetting it at episode starts). Evaluating an LSTM without its state, as the
+    original Strategic Memory benchmark did, forces it to chance on recall tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+from gymnasium import spaces
+from torch.distributions import Categorical, Normal
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils.tensorboard import SummaryWriter
+
+import memory_envs  # noqa: F401  (registers MemoryTask-v0, PassiveTMaze-v0)
+from memory_envs import (FlattenObservation, finished_episode, Progress, TrainingDiverged, UserError, check_spaces,
+                         default_run_name, is_atari, make_base_env, parse_env_kwargs, resolve_resume,
+                         run_cli, save_atomic, write_eval_json)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    env_id: str = "MemoryTask-v0"
+    """any registered gymnasium id, also `module:EnvId` and `ALE/...`"""
+    env_kwargs: tuple[str, ...] = ()
+    """keyword arguments for gym.make as key=value pairs, values parsed as Python literals"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    threads: int = 1
+    """torch CPU threads (one per run is best when several runs share the cores)"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "memory-ppo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, videos of the first training env are saved to runs/<run-name>/videos"""
+    save_model: bool = False
+    """if toggled, the final model (with its normalisation statistics) is saved as model.pt"""
+    resume: Optional[str] = None
+    """checkpoint file, run directory or run name to continue; its saved arguments are used"""
+    run_name: Optional[str] = None
+    """name of the run directory under runs/ (default: {env}__{exp_name}__{seed}__{time})"""
+    eval_episodes: int = 100
+    """episodes of greedy evaluation on fresh seeded envs after training (0 to skip)"""
+    checkpoint_interval: float = 60.0
+    """seconds between checkpoints (runs/<run-name>/checkpoint.pt); 0 = after every update"""
+
+    # Algorithm specific arguments. `None` means the domain default given in brackets:
+    # [vector / Atari / continuous actions].
+    total_timesteps: int = 500_000
+    """total timesteps of the experiment"""
+    learning_rate: Optional[float] = None
+    """the learning rate of the optimizer [2.5e-4 / 2.5e-4 / 3e-4]"""
+    num_envs: Optional[int] = None
+    """the number of parallel game environments [4 / 8 / 1]"""
+    num_steps: Optional[int] = None
+    """the number of steps to run in each environment per policy rollout [128 / 128 / 2048]"""
+    anneal_lr: bool = True
+    """toggle learning rate annealing for policy and value networks"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: Optional[int] = None
+    """the number of mini-batches; must divide the number of sequences, num_envs * num_steps / bptt_len
+    [4 / 4 / 32]"""
+    update_epochs: Optional[int] = None
+    """the K epochs to update the policy [4 / 4 / 10]"""
+    norm_adv: bool = True
+    """toggles advantages normalization"""
+    clip_coef: Optional[float] = None
+    """the surrogate clipping coefficient [0.2 / 0.1 / 0.2]"""
+    clip_vloss: bool = True
+    """toggles whether or not to use a clipped loss for the value function"""
+    ent_coef: Optional[float] = None
+    """coefficient of the entropy [0.01 / 0.01 / 0.0]"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: Optional[float] = None
+    """the target KL divergence threshold"""
+    normalize: Optional[bool] = None
+    """observation and reward normalisation [off / off / on]"""
+    lstm_size: int = 128
+    """hidden size of the LSTM"""
+    bptt_len: Optional[int] = None
+    """truncated BPTT: sequence length in steps (must divide num_steps); 0 = whole rollout [0 / 0 / 64]"""
+
+
+PRESETS = {
+    "vector": dict(learning_rate=2.5e-4, num_envs=4, num_steps=128, num_minibatches=4,
+                   update_epochs=4, clip_coef=0.2, ent_coef=0.01, normalize=False, bptt_len=0),
+    "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4,
+                  update_epochs=4, clip_coef=0.1, ent_coef=0.01, normalize=False, bptt_len=0),
+    # One env cannot be split into 32 minibatches by environment, so the continuous preset
+    # cuts its 2048-step rollout into 32 chunks of 64 (the same minibatch size as ppo_baseline).
+    "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32,
+                       update_epochs=10, clip_coef=0.2, ent_coef=0.0, normalize=True, bptt_len=64),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------
+def env_kind(env_id: str, probe: gym.Env) -> str:
+    if is_atari(env_id):
+        return "atari"
+    return "continuous" if isinstance(probe.action_space, spaces.Box) else "vector"
+
+
+def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = False,
+             video_dir: str = ""):
+    def thunk():
+        extra = dict(frameskip=1, repeat_action_probability=0.25) if kind == "atari" else {}
+        env = make_base_env(env_id, env_kwargs, "rgb_array" if capture_video else None, **extra)
+        if capture_video:
+            env = gym.wrappers.RecordVideo(env, video_dir)
+        # Statistics are recorded before any reward clipping, so charts show the true score.
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        if kind == "atari":
+            env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84,
+                                                  terminal_on_life_loss=False, grayscale_obs=True)
+            env = gym.wrappers.FrameStackObservation(env, 4)
+        elif not isinstance(env.observation_space, spaces.Box) or len(env.observation_space.shape) == 2:
+            env = FlattenObservation(env)
+        if kind == "continuous":
+            env = gym.wrappers.ClipAction(env)
+        return env
+
+    return thunk
+
+
+def make_vector_env(args: Args, env_kwargs: dict, kind: str, num_envs: int, video_dir: str = ""):
+    fns = [make_env(args.env_id, env_kwargs, kind, args.capture_video and i == 0 and bool(video_dir),
+                    video_dir) for i in range(num_envs)]
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+# ---------------------------------------------------------------------------------------
+# Agent
+# ---------------------------------------------------------------------------------------
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class RunningMeanStd(nn.Module):
+    """Running mean/variance (parallel algorithm); buffers, so they are saved with the model."""
+
+    def __init__(self, shape=()):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double().reshape(-1, *self.mean.shape)
+        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        m2 = self.var * self.count + batch_var * n + delta.pow(2) * self.count * n / total
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+
+def is_image(space: spaces.Space) -> bool:
+    return isinstance(space, spaces.Box) and len(space.shape) == 3
+
+
+def image_encoder(shape: tuple[int, ...]) -> tuple[nn.Module, int, bool]:
+    """Nature CNN for images of at least 36x36 pixels, a 3x3 conv stack for smaller ones.
+
+    Returns the encoder, its output size and whether input is channels-last (HWC).
+    """
+    channels_last = shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
+    c, h, w = (shape[2], shape[0], shape[1]) if channels_last else shape
+    if min(h, w) >= 36:
+        convs = [layer_init(nn.Conv2d(c, 32, 8, stride=4)), nn.ReLU(),
+                 layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+                 layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU()]
+    else:
+        convs = [layer_init(nn.Conv2d(c, 32, 3, padding=1)), nn.ReLU(),
+                 layer_init(nn.Conv2d(32, 64, 3, stride=2 if min(h, w) >= 8 else 1, padding=1)), nn.ReLU()]
+    conv = nn.Sequential(*convs, nn.Flatten())
+    with torch.no_grad():
+        n_flat = conv(torch.zeros(1, c, h, w)).shape[1]
+    return nn.Sequential(conv, layer_init(nn.Linear(n_flat, 512)), nn.ReLU()), 512, channels_last
+
+
+LSTMState = tuple[torch.Tensor, torch.Tensor]
+
+
+class Agent(nn.Module):
+    """encoder -> LSTM -> actor/critic heads.
+
+    Sequences are passed time-major and flattened, as in CleanRL: ``x`` holds T*B
+    observations (step t of sequence b at index t*B + b), ``lstm_state`` is the (h, c) pair
+    of shape (1, B, H) *before* x[0], and ``starts`` (T*B,) is 1 where an observation begins
+    a new episode.
+    """
+
+    def __init__(self, obs_space: spaces.Box, action_space: spaces.Space, normalize_obs: bool,
+                 lstm_size: int = 128):
+        super().__init__()
+        self.continuous = isinstance(action_space, spaces.Box)
+        self.image = is_image(obs_space)
+        n_out = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
+        self.obs_rms = RunningMeanStd(obs_space.shape) if normalize_obs else None
+        if self.image:
+            self.encoder, n_feat, self.channels_last = image_encoder(obs_space.shape)
+        else:
+            n_feat, self.channels_last = 64, False
+            self.encoder = nn.Sequential(nn.Flatten(), layer_init(nn.Linear(int(np.prod(obs_space.shape)), n_feat)),
+                                         nn.Tanh())
+        self.lstm = nn.LSTM(n_feat, lstm_size)
+        for name, param in self.lstm.named_parameters():
+            if "bias" in name:
+                nn.init.constant_(param, 0)
+            else:
+                nn.init.orthogonal_(param, 1.0)
+        self.actor = layer_init(nn.Linear(lstm_size, n_out), std=0.01)
+        self.critic = layer_init(nn.Linear(lstm_size, 1), std=1.0)
+        if self.continuous:
+            self.actor_logstd = nn.Parameter(torch.zeros(1, n_out))
+
+    def initial_state(self, batch: int, device: torch.device | str = "cpu") -> LSTMState:
+        shape = (self.lstm.num_layers, batch, self.lstm.hidden_size)
+        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+
+    @torch.no_grad()
+    def normalize_obs(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
+        """What the network consumes; applied once, when an observation is stored, so the
+        update recomputes exactly the rollout's outputs even though the statistics move."""
+        if self.obs_rms is None:
+            return x
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.double()
+        if update:
+            self.obs_rms.update(x)
+        return ((x - self.obs_rms.mean) / torch.sqrt(self.obs_rms.var + 1e-8)).clamp(-10, 10).float()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if self.image:
+            return self.encoder(x.permute(0, 3, 1, 2) if self.channels_last else x)
+        return self.encoder(x)
+
+    def get_states(self, x: torch.Tensor, lstm_state: LSTMState, starts: torch.Tensor):
+        """LSTM outputs (T*B, H) for a time-major batch and the state after its last step."""
+        feats = self.features(x)
+        batch = lstm_state[0].shape[1]
+        steps = feats.shape[0] // batch
+        feats, starts = feats.view(steps, batch, -1), starts.view(steps, batch)
+        if steps == 1:  # rollout / evaluation: one step per env
+            keep = (1.0 - starts).view(1, batch, 1)
+            out, state = self.lstm(feats, (keep * lstm_state[0], keep * lstm_state[1]))
+            return out.view(batch, -1), state
+        # Sequence pass: a reset inside a sequence just means a new sequence begins there, so
+        # cut every env's sequence at its episode starts into segments and run all segments as
+        # one packed batch. A segment that opens the sequence continues from the stored state
+        # unless it begins an episode (state * (1 - start)); every other segment starts at 0.
+        begins = starts.t().bool()                                    # (B, T), env-major
+        cut = begins.clone()
+        cut[:, 0] = True
+        cut = cut.reshape(-1)
+        seg = torch.cumsum(cut.long(), 0) - 1                         # segment of every step
+        t = torch.arange(steps, device=feats.device).repeat(batch)
+        seg_t0 = t[cut]                                               # first step of each segment
+        pos = t - seg_t0[seg]                                         # position inside its segment
+        lengths = torch.bincount(seg)
+        env = torch.arange(batch, device=feats.device).repeat_interleave(steps)[cut]
+        keep = ((seg_t0 == 0) & ~begins[env, 0]).to(feats.dtype).view(1, -1, 1)
+        h0, c0 = lstm_state[0][:, env] * keep, lstm_state[1][:, env] * keep
+        padded = feats.new_zeros(int(lengths.max()), len(lengths), feats.shape[-1])
+        padded[pos, seg] = feats.transpose(0, 1).reshape(batch * steps, -1)
+        packed = pack_padded_sequence(padded, lengths.cpu(), enforce_sorted=False)
+        out, (hn, cn) = self.lstm(packed, (h0, c0))
+        out, _ = pad_packed_sequence(out)
+        hidden = out[pos, seg].view(batch, steps, -1).transpose(0, 1).reshape(steps * batch, -1)
+        last = seg.view(batch, steps)[:, -1]
+        return hidden, (hn[:, last], cn[:, last])
+
+    def get_value(self, x: torch.Tensor, lstm_state: LSTMState, starts: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.get_states(x, lstm_state, starts)
+        return self.critic(hidden)
+
+    def get_action_and_value(self, x, lstm_state, starts, action=None, greedy: bool = False):
+        hidden, lstm_state = self.get_states(x, lstm_state, starts)
+        out = self.actor(hidden)
+        if self.continuous:
+            dist = Normal(out, self.actor_logstd.expand_as(out).exp())
+            if action is None:
+                action = out if greedy else dist.sample()
+            return action, dist.log_prob(action).sum(1), dist.entropy().sum(1), self.critic(hidden), lstm_state
+        dist = Categorical(logits=out)
+        if action is None:
+            action = out.argmax(1) if greedy else dist.sample()
+        return action, dist.log_prob(action), dist.entropy(), self.critic(hidden), lstm_state
+
+
+def to_sequences(x: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(T, N, ...) rollout -> (seq_len, T // seq_len * N, ...): chunk k of env n is sequence k*N + n."""
+    chunks = x.shape[0] // seq_len
+    return x.reshape(chunks, seq_len, *x.shape[1:]).transpose(0, 1).reshape(seq_len, chunks * x.shape[1],
+                                                                            *x.shape[2:])
+
+
+# ---------------------------------------------------------------------------------------
+# Returns
+# ---------------------------------------------------------------------------------------
+class RewardScaler:
+    """Divide rewards by the running std of the discounted return (as gymnasium's NormalizeReward).
+
+    Kept outside the env wrappers so its statistics go into the checkpoint with the model.
+    """
+
+    def __init__(self, num_envs: int, gamma: float):
+        self.gamma = gamma
+        self.returns = np.zeros(num_envs)
+        self.rms = RunningMeanStd(())
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + rewards
+        self.rms.update(torch.as_tensor(self.returns))
+        self.returns[dones] = 0.0
+        return np.clip(rewards / np.sqrt(self.rms.var.item() + 1e-8), -10, 10)
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
+                last_value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation over a (T, N) rollout.
+
+    ``dones[t]`` marks that the episode ended with action t (terminated *or* truncated);
+    truncated episodes already carry ``gamma * V(final_obs)`` inside ``rewards[t]``, so
+    nothing is ever bootstrapped across an episode boundary. ``last_value`` is V of the
+    observation that follows the rollout.
+    """
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(last_value)
+    next_value = last_value
+    for t in reversed(range(rewards.shape[0])):
+        not_done = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * not_done - values[t]
+        last_gae = delta + gamma * lam * not_done * last_gae
+        advantages[t] = last_gae
+        next_value = values[t]
+    return advantages
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: int,
+             device: torch.device) -> dict:
+    """Greedy evaluation on fresh envs seeded apart from training; every env runs a fixed
+    quota of episodes so short episodes are not over-represented. The LSTM state is carried
+    from step to step and reset only where an episode starts."""
+    n_envs = max(1, min(episodes, 8))
+    quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
+    envs = make_vector_env(args, env_kwargs, kind, n_envs)
+    obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
+    lstm_state, starts = agent.initial_state(n_envs, device), torch.ones(n_envs, device=device)
+    returns, successes, done_count = [], [], [0] * n_envs
+    while any(d < q for d, q in zip(done_count, quota)):
+        x = agent.normalize_obs(torch.as_tensor(obs, device=device))
+        action, _, _, _, lstm_state = agent.get_action_and_value(x, lstm_state, starts, greedy=True)
+        obs, _, term, trunc, info = envs.step(action.cpu().numpy())
+        starts = torch.as_tensor(term | trunc, dtype=torch.float32, device=device)
+        for i in np.flatnonzero(term | trunc):
+            if done_count[i] < quota[i]:
+                ep_r, _, success = finished_episode(info, i)
+                returns.append(ep_r)
+                if success is not None:
+                    successes.append(float(success))
+                done_count[i] += 1
+    envs.close()
+    return dict(mean_return=float(np.mean(returns)), std_return=float(np.std(returns)),
+                success_rate=float(np.mean(successes)) if successes else None)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    resume_state = None
+    if args.resume:
+        ckpt_path, run_dir = resolve_resume(args.resume)
+        resume_state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        args = Args(**dict(resume_state["args"], resume=args.resume))
+    env_kwargs = parse_env_kwargs(args.env_kwargs)
+    probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
+    check_spaces(probe, (spaces.Discrete, spaces.Box))
+    kind = env_kind(args.env_id, probe)
+    probe.close()
+    for key, value in PRESETS[kind].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "lstm_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_episodes < 0:
+        raise UserError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
+    if args.bptt_len < 0 or (args.bptt_len and args.num_steps % args.bptt_len):
+        raise UserError(f"--bptt-len must be 0 or a divisor of --num-steps {args.num_steps}, got {args.bptt_len}")
+    seq_len = args.bptt_len or args.num_steps
+    num_chunks = args.num_steps // seq_len
+    num_seqs = num_chunks * args.num_envs
+    if num_seqs % args.num_minibatches:
+        raise UserError(f"--num-minibatches {args.num_minibatches} must divide the number of sequences "
+                        f"num_envs*num_steps/bptt_len={num_seqs} (minibatches are split by env and chunk)")
+    batch_size = args.num_envs * args.num_steps
+    seqs_per_minibatch = num_seqs // args.num_minibatches
+    num_iterations = max(1, args.total_timesteps // batch_size)
+
+    if resume_state is None:
+        args.run_name = args.run_name or default_run_name(args.env_id, args.exp_name, args.seed)
+        run_dir = os.path.join("runs", args.run_name)
+        os.makedirs(run_dir, exist_ok=True)
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--track needs wandb: pip install wandb") from None
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=args.run_name, monitor_gym=True, save_code=True,
+                   resume="allow", id=args.run_name)
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            raise UserError("--capture-video needs moviepy: pip install moviepy") from None
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    envs = make_vector_env(args, env_kwargs, kind, args.num_envs, os.path.join(run_dir, "videos"))
+    agent = Agent(envs.single_observation_space, envs.single_action_space, args.normalize,
+                  args.lstm_size).to(device)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
+
+    start_iteration, global_step, elapsed_before = 1, 0, 0.0
+    if resume_state is not None:
+        agent.load_state_dict(resume_state["agent"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if reward_scaler is not None:
+            reward_scaler.rms.load_state_dict(resume_state["reward_rms"])
+        start_iteration = resume_state["iteration"] + 1
+        global_step, elapsed_before = resume_state["global_step"], resume_state["wall_time_s"]
+        random.setstate(resume_state["rng"]["python"])
+        np.random.set_state(resume_state["rng"]["numpy"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        print(f"resuming {run_dir} at step {global_step}", flush=True)
+
+    writer = SummaryWriter(run_dir, purge_step=global_step if resume_state else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    obs_space, act_space = envs.single_observation_space, envs.single_action_space
+    # Stored observations are what the network consumes (normalised when --normalize is on).
+    obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 and not args.normalize else torch.float32
+    obs = torch.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=obs_dtype, device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs) + act_space.shape, device=device)
+    logprobs, rewards, dones, starts, values = (torch.zeros((args.num_steps, args.num_envs), device=device)
+                                                for _ in range(5))
+    # LSTM state at the start of every chunk (the whole rollout is one chunk without --bptt-len).
+    chunk_h, chunk_c = (torch.zeros((num_chunks, agent.lstm.num_layers, args.num_envs, args.lstm_size),
+                                    device=device) for _ in range(2))
+
+    def checkpoint(iteration: int, wall: float) -> None:
+        save_atomic(dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
+                         global_step=global_step, wall_time_s=wall, args=asdict(args),
+                         reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
+                         rng=dict(python=random.getstate(), numpy=np.random.get_state(),
+                                  torch=torch.get_rng_state())), ckpt_path)
+
+    # Resumed runs restart their envs with a different seed so they do not replay old episodes;
+    # every env then begins an episode, so a zero LSTM state is exact.
+    next_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
+    next_obs = torch.as_tensor(next_obs, device=device)
+    next_start = torch.ones(args.num_envs, device=device)
+    lstm_state = agent.initial_state(args.num_envs, device)
+    progress = Progress(args.total_timesteps)
+    start_time, start_step, last_ckpt = time.time(), global_step, time.time()
+    for iteration in range(start_iteration, num_iterations + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+
+        for step in range(args.num_steps):
+            if step % seq_len == 0:
+                chunk_h[step // seq_len], chunk_c[step // seq_len] = lstm_state
+            global_step += args.num_envs
+            x = agent.normalize_obs(next_obs, update=True)
+            obs[step], starts[step] = x, next_start
+            with torch.no_grad():
+                action, logprob, _, value, lstm_state = agent.get_action_and_value(x, lstm_state, next_start)
+            values[step], actions[step], logprobs[step] = value.flatten(), action, logprob
+            next_obs_np, reward, term, trunc, info = envs.step(action.cpu().numpy())
+            done = term | trunc
+            if kind == "atari":
+                reward = np.sign(reward)
+            if reward_scaler is not None:
+                reward = reward_scaler(reward, done)
+            reward = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            # Truncation is not termination: bootstrap the cut-off return with V(final_obs), one
+            # more LSTM step from the state that episode had reached (it is reset only afterwards).
+            cut = np.flatnonzero(trunc & ~term)
+            if len(cut):
+                final = agent.normalize_obs(torch.as_tensor(np.stack(info["final_obs"][cut]), device=device))
+                with torch.no_grad():
+                    final_value = agent.get_value(final, (lstm_state[0][:, cut], lstm_state[1][:, cut]),
+                                                  torch.zeros(len(cut), device=device))
+                reward[cut] += args.gamma * final_value.flatten()
+            rewards[step] = reward
+            dones[step] = next_start = torch.as_tensor(done, dtype=torch.float32, device=device)
+            next_obs = torch.as_tensor(next_obs_np, device=device)
+
+            for i in np.flatnonzero(done):
+                ep_r, ep_l, success = finished_episode(info, i)
+                writer.add_scalar("charts/episodic_return", ep_r, global_step)
+                writer.add_scalar("charts/episodic_length", ep_l, global_step)
+                if success is not None:
+                    writer.add_scalar("charts/episodic_success", float(success), global_step)
+                progress.episode(ep_r, success)
+
+        with torch.no_grad():
+            last_value = agent.get_value(agent.normalize_obs(next_obs), lstm_state, next_start).flatten()
+        advantages = compute_gae(rewards, values, dones, last_value, args.gamma, args.gae_lambda)
+        returns = advantages + values
+
+        # Sequences of seq_len steps: (seq_len, num_seqs, ...), each with its stored initial state.
+        s_obs, s_actions, s_starts = (to_sequences(t, seq_len) for t in (obs, actions, starts))
+        s_logprobs, s_advantages, s_returns, s_values = (to_sequences(t, seq_len)
+                                                         for t in (logprobs, advantages, returns, values))
+        s_h, s_c = (s.transpose(0, 1).reshape(agent.lstm.num_layers, num_seqs, -1) for s in (chunk_h, chunk_c))
+        if not agent.continuous:
+            s_actions = s_actions.long()
+
+        seq_inds = np.arange(num_seqs)
+        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
+        for epoch in range(args.update_epochs):
+            np.random.shuffle(seq_inds)
+            for start in range(0, num_seqs, seqs_per_minibatch):
+                mb = seq_inds[start:start + seqs_per_minibatch]
+
+                def take(t: torch.Tensor) -> torch.Tensor:  # minibatch sequences, flattened time-major
+                    return t[:, mb].reshape(-1, *t.shape[2:])
+
+                _, newlogprob, entropy, newvalue, _ = agent.get_action_and_value(
+                    take(s_obs), (s_h[:, mb], s_c[:, mb]), take(s_starts), take(s_actions))
+                logratio = newlogprob - take(s_logprobs)
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+                mb_adv = take(s_advantages)
+                if args.norm_adv:
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                pg_loss = torch.max(-mb_adv * ratio,
+                                    -mb_adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                newvalue = newvalue.view(-1)
+                mb_values, mb_returns = take(s_values), take(s_returns)
+                if args.clip_vloss:
+                    v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
+                    v_loss = 0.5 * torch.max((newvalue - mb_returns) ** 2, (v_clipped - mb_returns) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"non-finite loss ({loss.item()}) at step {global_step}; stopped, last good "
+                        f"checkpoint kept at {ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+                for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy_loss),
+                             ("old_approx_kl", old_approx_kl), ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
+                    stats[k].append(v.item())
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        y_pred, y_true = values.cpu().numpy(), returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        sps = (global_step - start_step) / (time.time() - start_time)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        for k, v in stats.items():
+            writer.add_scalar(f"losses/{k}", float(np.mean(v)), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        progress.maybe_print(global_step, sps, force=iteration == num_iterations)
+        if time.time() - last_ckpt >= args.checkpoint_interval or iteration == num_iterations:
+            checkpoint(iteration, elapsed_before + time.time() - start_time)
+            last_ckpt = time.time()
+    envs.close()
+
+    wall_time = elapsed_before + time.time() - start_time
+    sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
+    if args.save_model:
+        model_path = os.path.join(run_dir, "model.pt")
+        torch.save(dict(agent=agent.state_dict(), args=asdict(args)), model_path)
+        print(f"model saved to {model_path}")
+    result = dict(mean_return=None, std_return=None, success_rate=None)
+    if args.eval_episodes > 0:
+        agent.eval()
+        result = evaluate(agent, args, env_kwargs, kind, args.eval_episodes, device)
+        for k, v in result.items():
+            if v is not None:
+                writer.add_scalar(f"eval/{k}", v, global_step)
+    path = write_eval_json(run_dir, dict(
+        algo=args.exp_name, env_id=args.env_id, env_kwargs=env_kwargs, seed=args.seed,
+        total_timesteps=args.total_timesteps, global_step=global_step, eval_episodes=args.eval_episodes,
+        **result, sps=sps, wall_time_s=wall_time, run_name=args.run_name, args=asdict(args)))
+    print(f"eval: return {result['mean_return']} success {result['success_rate']} -> {path}", flush=True)
+    writer.close()
+
+
+if __name__ == "__main__":
+    run_cli(main, Args)
