@@ -452,6 +452,77 @@ class FourRoomsEnv(_GridWorld):
 
 
 # ---------------------------------------------------------------------------------------
+# RecallAcrossEpisodes-v0
+# ---------------------------------------------------------------------------------------
+class RecallAcrossEpisodesEnv(gym.Env):
+    """Recall across episode resets: a target bit fixed for a block of episodes, shown only once.
+
+    Episodes come in blocks of ``block`` consecutive episodes that share one random target bit. The
+    bit is shown only at the first step of the block's first episode; every episode of the block is
+    rewarded for reporting it. Only an agent whose memory survives ``reset()`` can answer in the
+    later episodes of a block.
+
+    Observation ``Box(0, 1, (3,), float32)``: ``[target, 1, 0]`` at the first step of the block's
+    first episode, ``[0, 0, 0]`` everywhere else. Actions ``Discrete(2)``; an episode is exactly
+    ``length`` actions and only the last is rewarded, +1 if it equals the target bit, -1 otherwise.
+    The last step is a termination and its info holds ``is_success``; every info holds
+    ``block_episode`` (index of the episode within its block) and, in the block's first episode
+    only, ``cue_step`` = 0 (for logging only).
+
+    An agent without cross-episode memory can answer only the first episode of each block, so its
+    best success rate is ``(1 + (block - 1) / 2) / block`` (0.625 for ``block=4``), i.e. chance on
+    the episodes that do not show the cue. ``reset(seed=...)`` reseeds and starts a new block;
+    ``reset()`` without a seed moves on to the next episode.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(self, block: int = 4, length: int = 4, render_mode: str | None = None):
+        self.block = _check_int("block", block, 1)
+        self.length = _check_int("length", length, 1)
+        self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
+        self.observation_space = spaces.Box(0.0, 1.0, (3,), np.float32)
+        self.action_space = spaces.Discrete(2)
+        self._target = 0
+        self._episode = -1  # index of the current episode since the last seeded reset
+        self._t = 0
+        self._obs = np.zeros(3, np.float32)
+
+    def _info(self) -> dict[str, Any]:
+        k = self._episode % self.block
+        return {"block_episode": k, "cue_step": 0} if k == 0 else {"block_episode": k}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._episode = 0 if seed is not None else self._episode + 1
+        if self._episode % self.block == 0:
+            self._target = int(self.np_random.integers(0, 2))
+            self._obs = np.array([self._target, 1.0, 0.0], np.float32)
+        else:
+            self._obs = np.zeros(3, np.float32)
+        self._t = 0
+        return self._obs.copy(), self._info()
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"action must be 0 or 1, got {action!r}")
+        self._t += 1
+        self._obs = np.zeros(3, np.float32)
+        info = self._info()
+        reward, terminated = 0.0, False
+        if self._t >= self.length:
+            success = int(action) == self._target
+            reward, terminated = (1.0 if success else -1.0), True
+            info["is_success"] = success
+        return self._obs.copy(), reward, terminated, False, info
+
+    def render(self):
+        if self.render_mode == "rgb_array":
+            return _cells_to_rgb(self._obs[None, :])
+        return None
+
+
+# ---------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------
 def _register(env_id: str, entry_point: str, **kwargs) -> None:
@@ -464,6 +535,7 @@ _register("PassiveTMaze-v0", "memory_envs:PassiveTMazeEnv", kwargs={"length": 10
 _register("CliffWalkingFail-v0", "memory_envs:CliffWalkingFailEnv")
 _register("DarkChamber-v0", "memory_envs:DarkChamberEnv")
 _register("FourRooms-v0", "memory_envs:FourRoomsEnv")
+_register("RecallAcrossEpisodes-v0", "memory_envs:RecallAcrossEpisodesEnv", kwargs={"block": 4, "length": 4})
 
 
 # =======================================================================================
