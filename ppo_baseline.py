@@ -407,7 +407,9 @@ def main(args: Args) -> None:
         torch.set_rng_state(resume_state["rng"]["torch"])
         print(f"resuming {run_dir} at step {global_step}", flush=True)
 
-    writer = SummaryWriter(run_dir, purge_step=global_step if resume_state else None)
+    # A resumed run hides the killed run's events *after* the checkpoint; the checkpointed
+    # update's own scalars (logged at global_step) stay.
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume_state else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
