@@ -1,0 +1,340 @@
+"""Tests of trace_ppo.py: memory invariants, exact rollout replay, gradients, end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import memory_envs  # noqa: E402,F401
+import trace_ppo  # noqa: E402
+from trace_ppo import Actor, Agent, Args, Memory  # noqa: E402
+
+
+class ImageMemoryTask(gym.ObservationWrapper):
+    """MemoryTask-v0 rendered as a 6x6x1 uint8 image (bits painted in the first row)."""
+
+    def __init__(self, delay: int = 6, difficulty: int = 1):
+        super().__init__(memory_envs.MemoryTaskEnv(delay=delay, difficulty=difficulty))
+        self.observation_space = spaces.Box(0, 255, (6, 6, 1), np.uint8)
+
+    def observation(self, obs):
+        img = np.zeros((6, 6, 1), np.uint8)
+        img[0, :3, 0] = (obs * 255).astype(np.uint8)
+        return img
+
+
+if "TraceImageMemory-v0" not in gym.registry:
+    gym.register("TraceImageMemory-v0", entry_point=ImageMemoryTask)
+
+
+def small_args(**kw) -> Args:
+    base = dict(num_envs=3, num_steps=16, num_minibatches=2, update_epochs=2, learning_rate=2.5e-4,
+                clip_coef=0.2, ent_coef=0.001, normalize=False, norm_adv=False, memory_slots=4,
+                hidden_size=16, num_heads=2)
+    base.update(kw)
+    return Args(**base)
+
+
+def make_actor(args: Args, env_id="MemoryTask-v0", env_kwargs=None, seed=0):
+    torch.manual_seed(seed)
+    envs = trace_ppo.make_vector_env(args, env_kwargs or {}, "vector", args.num_envs)
+    agent = Agent(envs.single_observation_space, envs.single_action_space, args)
+    actor = Actor(agent, args.num_envs, args, envs.single_observation_space, torch.device("cpu"),
+                  torch.Generator().manual_seed(seed))
+    actor.new_noise(list(range(args.num_envs)))
+    actor.sigma = 1.0
+    return envs, agent, actor
+
+
+def run_rollout(envs, actor: Actor, steps: int, seed: int = 0, on_step=None, obs=None):
+    """The rollout loop of trace_ppo.main (recording what the update needs). Starts from reset unless
+    ``obs`` (the envs' current observation) is given. Returns the record, the pool and the last obs."""
+    n, s = actor.n, actor.mem.s
+    carry = actor.refresh()
+    rec = {k: [] for k in ("obs", "pact", "prew", "tau", "src", "tag", "logits", "value", "w", "action")}
+    if obs is None:
+        obs = torch.as_tensor(envs.reset(seed=seed)[0])
+    for step in range(steps):
+        rec["obs"].append(obs); rec["pact"].append(actor.pact); rec["prew"].append(actor.prew)
+        rec["tau"].append(actor.tau.clone()); rec["src"].append(actor.mem.src.clone())
+        rec["tag"].append(actor.mem.tags())
+        with torch.no_grad():
+            (action, _, _, value, _, logits), w, e, _ = actor.act(obs)
+        rec["logits"].append(logits); rec["value"].append(value); rec["w"].append(w); rec["action"].append(action)
+        nxt, reward, term, trunc, info = envs.step(action.numpy())
+        with torch.no_grad():
+            actor.write(e, obs, s + step)
+        actor.advance(action, reward)
+        done = np.flatnonzero(term | trunc)
+        if on_step is not None:
+            on_step(step, done)
+        if len(done):
+            actor.end_episodes(done)
+        obs = torch.as_tensor(nxt)
+    out = {k: torch.stack(v) for k, v in rec.items()}
+    pool = {k: torch.cat([carry[k], out[k].transpose(0, 1)], 1) for k in ("obs", "pact", "prew", "tau")}
+    return out, pool, obs
+
+
+# ---------------------------------------------------------------------------------------
+# Memory invariants
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("retention", ["learned", "fifo", "random"])
+def test_never_more_than_m_entries_and_cleared_at_episode_start(retention):
+    args = small_args(retention=retention, memory_slots=3)
+    envs, agent, actor = make_actor(args, env_kwargs={"delay": 7})
+    checked = []
+
+    def on_step(step, done):
+        occ = actor.mem.occupied
+        assert occ[:, 3:].sum() == 0 and occ.sum(1).max() <= 3
+        # After t + 1 writes in an episode, min(t + 1, M) slots are used (nothing lost, nothing extra).
+        assert torch.equal(occ.sum(1), torch.clamp(actor.tau, max=3))
+        if len(done):
+            checked.append(step)
+
+    run_rollout(envs, actor, 30, on_step=on_step)
+    # Reads at episode starts see an empty memory.
+    out, _, _ = run_rollout(envs, actor, 20)
+    starts = out["tau"] == 0
+    assert starts.sum() > 0
+    assert (out["src"][starts] < 0).all()
+    assert checked
+
+
+def test_learned_evicts_lowest_score_including_new_entry():
+    mem = Memory(n=2, m=3, k=0, d=4, obs_shape=(3,), obs_dtype=torch.float32, n_act=2, device="cpu")
+    z = lambda *s: torch.zeros(*s)  # noqa: E731
+    scores = [torch.tensor([0.5, 2.0]), torch.tensor([-1.0, 1.0]), torch.tensor([3.0, 0.0])]
+    for j, sc in enumerate(scores):
+        mem.write(z(2, 4), z(2, 3), z(2, 2), z(2), torch.tensor([j, j]), sc, sc, 10 + j, j, "learned")
+    assert mem.occupied.all()
+    written, evicted = mem.write(z(2, 4), z(2, 3), z(2, 2), z(2), torch.tensor([3, 3]),
+                                 torch.tensor([0.0, -5.0]), torch.tensor([0.0, -5.0]), 13, 3, "learned")
+    # env 0: scores [0.5, -1, 3] + new 0.0 -> slot 1 (score -1) evicted, new entry written there.
+    assert evicted[0] == 1 and written[0] == 1 and mem.src[0].tolist() == [10, 13, 12]
+    # env 1: scores [2, 1, 0] + new -5 -> the new entry is the lowest and is not kept.
+    assert evicted[1] == 3 and written[1] == -1 and mem.src[1].tolist() == [10, 11, 12]
+
+
+def test_learned_eviction_in_the_actor_drops_the_lowest_clean_score():
+    args = small_args(retention="learned", memory_slots=3, num_envs=2)
+    envs, agent, actor = make_actor(args, env_kwargs={"delay": 20, "difficulty": 1})
+    with torch.no_grad():
+        agent.ret_out.weight.normal_(0, 3.0)  # make scores spread
+    obs, _ = envs.reset(seed=1)
+    obs = torch.as_tensor(obs)
+    for step in range(10):
+        with torch.no_grad():
+            (action, *_), w, e, _ = actor.act(obs)
+            new_score, _ = agent.retention(e, actor.pact, actor.prew, actor.tau)
+        before_src, before_score = actor.mem.src.clone(), actor.mem.score.clone()
+        with torch.no_grad():
+            actor.write(e, obs, 100 + step, deterministic=True)
+        for i in range(2):
+            if (before_src[i, :3] >= 0).all():
+                cand = torch.cat([before_score[i, :3], new_score[i:i + 1]])
+                kept = set(actor.mem.src[i, :3].tolist())
+                dropped = (set(before_src[i, :3].tolist()) | {100 + step}) - kept
+                lowest = int(cand.argmin())
+                assert dropped == {before_src[i, lowest].item() if lowest < 3 else 100 + step}
+        nxt, r, term, trunc, _ = envs.step(action.numpy())
+        actor.advance(action, r)
+        obs = torch.as_tensor(nxt)
+
+
+def test_fifo_evicts_oldest():
+    args = small_args(retention="fifo", memory_slots=4, num_envs=2)
+    envs, agent, actor = make_actor(args, env_kwargs={"delay": 30})
+
+    def on_step(step, done):
+        # The memory holds exactly the last M steps of the episode.
+        for i in range(2):
+            taus = sorted(actor.mem.tau[i, :4][actor.mem.occupied[i, :4]].tolist())
+            t = int(actor.tau[i]) - 1  # tau already advanced
+            assert taus == list(range(max(0, t - 3), t + 1))
+
+    run_rollout(envs, actor, 25, on_step=on_step)
+
+
+def test_attention_weights_sum_to_one_over_occupied_and_zero_on_empty():
+    args = small_args(memory_slots=5)
+    envs, agent, actor = make_actor(args, env_kwargs={"delay": 9, "difficulty": 1})
+    out, _, _ = run_rollout(envs, actor, 24)
+    w, occ = out["w"], (out["src"] >= 0).unsqueeze(2).expand_as(out["w"])  # T N H S
+    assert torch.all(w[~occ] == 0.0)
+    sums = w.sum(-1)
+    has = occ.any(-1)
+    assert torch.allclose(sums[has], torch.ones_like(sums[has]), atol=1e-6)
+    assert torch.all(sums[~has] == 0.0) and (~has).any() and has.any()
+
+
+def test_persistent_slots_survive_reset_with_outcome_tag():
+    args = small_args(memory_slots=3, persistent_slots=2, num_envs=2)
+    _, agent, actor = make_actor(args)
+    envs = trace_ppo.make_vector_env(Args(env_id="RecallAcrossEpisodes-v0"), {"block": 2, "length": 3}, "vector", 2)
+    seen = []
+
+    def on_step(step, done):
+        if len(done):
+            seen.append((actor.mem.occupied[:, 3:].sum(1).clone(), actor.ep_return.copy()))
+
+    out, _, _ = run_rollout(envs, actor, 12, on_step=on_step)
+    starts = out["tau"] == 0
+    # After the first episode, every episode starts with its 3 episodic slots empty but 2 persistent entries.
+    later = starts & (torch.arange(12).unsqueeze(1) >= 3)
+    assert later.any()
+    assert (out["src"][later][:, :3] < 0).all() and (out["src"][later][:, 3:] >= 0).all()
+    tags = out["tag"][later][:, 3:]  # [persistent, symlog(outcome), log1p(episodes ago)]
+    assert torch.all(tags[..., 0] == 1.0) and torch.all(tags[..., 1].abs() == np.log(2.0))
+    assert torch.all(tags[..., 2] > 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Exact replay and gradients
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("persistent", [0, 2])
+def test_update_reproduces_rollout_logits_and_values(persistent):
+    args = small_args(memory_slots=3, persistent_slots=persistent, num_envs=3)
+    envs, agent, actor = make_actor(args, env_kwargs={"delay": 5, "difficulty": 1})
+    T = 14
+    # Two rollouts: the second starts with entries carried over from the first (mid-episode).
+    _, _, obs = run_rollout(envs, actor, T, seed=0)
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # parameters change between rollouts, as after an update
+    out, pool, _ = run_rollout(envs, actor, T, obs=obs)
+    S = actor.mem.s
+    assert (out["tau"] == 0).any() and (out["tau"][0] > 0).any(), "episode boundaries inside and across rollouts"
+    t_idx, i_idx = torch.meshgrid(torch.arange(T), torch.arange(3), indexing="ij")
+    t_idx, i_idx = t_idx.reshape(-1), i_idx.reshape(-1)
+    pool_e = trace_ppo.pool_embed(agent, pool)
+    e, read, w, _ = trace_ppo.replay(agent, pool, pool_e, out["src"], out["tag"], t_idx, i_idx, S)
+    _, _, _, value, _, logits = agent.heads(e, read, out["action"].reshape(-1))
+    assert torch.allclose(logits, out["logits"].reshape(-1, 2), atol=1e-5)
+    assert torch.allclose(value, out["value"].reshape(-1), atol=1e-5)
+    assert torch.allclose(w, out["w"].reshape(T * 3, *out["w"].shape[2:]), atol=1e-5)
+
+
+def test_gradients_reach_encoder_attention_and_retention():
+    args = small_args(memory_slots=3, num_envs=2)
+    envs, agent, actor = make_actor(args, env_kwargs={"delay": 6, "difficulty": 1})
+    T = 12
+    out, pool, _ = run_rollout(envs, actor, T)
+    S = actor.mem.s
+    t_idx, i_idx = torch.meshgrid(torch.arange(T), torch.arange(2), indexing="ij")
+    t_idx, i_idx = t_idx.reshape(-1), i_idx.reshape(-1)
+    pool_e = trace_ppo.pool_embed(agent, pool)
+    e, read, w, _ = trace_ppo.replay(agent, pool, pool_e, out["src"], out["tag"], t_idx, i_idx, S)
+    _, logp, _, value, _, _ = agent.heads(e, read, out["action"].reshape(-1))
+    # Gradient of the policy through the READ only (current features detached): must reach the
+    # encoder via the re-encoded memory entries.
+    _, logp_read, _, _, _, _ = agent.heads(e.detach(), read, out["action"].reshape(-1))
+    agent.zero_grad()
+    logp_read.sum().backward(retain_graph=True)
+    assert agent.embed_net[0].weight.grad.abs().sum() > 0
+    assert agent.k_proj.weight.grad.abs().sum() > 0 and agent.q_proj.weight.grad.abs().sum() > 0
+    assert agent.ret_out.weight.grad is None or agent.ret_out.weight.grad.abs().sum() == 0
+    ep_id = torch.cumsum((out["tau"] == 0).long(), 0)
+    visible = trace_ppo.visible_entries(out["src"], ep_id, t_idx, i_idx, S)
+    loss = trace_ppo.hindsight_retention_loss(agent, pool, pool_e, visible, e, i_idx, torch.ones(len(t_idx)))
+    agent.zero_grad()
+    loss.backward()
+    assert agent.ret_out.weight.grad.abs().sum() > 0 and agent.ret_hidden[0].weight.grad.abs().sum() > 0
+    # The retention objective shapes only the scorer, never the encoder the policy reads.
+    assert agent.embed_net[0].weight.grad is None or agent.embed_net[0].weight.grad.abs().sum() == 0
+
+
+def test_hindsight_visibility_covers_evicted_steps_of_own_episode_only():
+    src = torch.full((6, 1, 2), -1)
+    src[3, 0] = torch.tensor([2 + 1, 2 + 2])  # at t=3 the memory holds steps 1 and 2 (pool offset 2)
+    tau = torch.tensor([[0], [1], [2], [3], [0], [1]])
+    ep_id = torch.cumsum((tau == 0).long(), 0)
+    vis = trace_ppo.visible_entries(src, ep_id, torch.tensor([3, 5]), torch.tensor([0, 0]), 2)
+    assert vis[0].tolist() == [False, False, True, True, True, False, False, False]
+    assert vis[1].tolist() == [False, False, False, False, False, False, True, False]
+
+
+def test_time_encoding_distinguishes_long_episodes():
+    enc = trace_ppo.time_encoding(torch.tensor([0, 1, 1000, 1001, 100000]))
+    assert torch.isfinite(enc).all() and enc.abs().max() <= 2.0
+    d = torch.cdist(enc, enc)
+    assert d[0, 1] > 0.1 and d[2, 3] > 1e-3 and d[3, 4] > 0.1
+
+
+# ---------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------
+def run_main(tmp_path, monkeypatch, **kw):
+    monkeypatch.chdir(tmp_path)
+    args = Args(**dict(dict(total_timesteps=256, num_envs=2, num_steps=32, eval_episodes=4, hidden_size=16,
+                            num_heads=2, memory_slots=4, run_name="t", checkpoint_interval=0.0), **kw))
+    trace_ppo.main(args)
+    run_dir = tmp_path / "runs" / "t"
+    from conftest import read_tb_scalars
+    return json.loads((run_dir / "eval.json").read_text()), read_tb_scalars(run_dir), run_dir
+
+
+def test_main_vector_env_replays_exactly_and_logs(tmp_path, monkeypatch):
+    result, tb, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=7", "difficulty=1"),
+                                   aux_recon_coef=0.1, heatmap_interval=1)
+    assert result["success_rate"] is not None and result["algo"] == "trace_ppo"
+    errs = [v for _, v in tb["debug/replay_max_error"]]
+    assert len(errs) == 4 and max(errs) < 1e-5
+    for key in ("charts/episodic_return", "charts/SPS", "losses/policy_loss", "losses/retention_loss",
+                "losses/aux_recon_loss", "memory/retention_score_spread", "memory/mean_age_evicted",
+                "memory/mean_age_kept", "memory/attention_entropy", "memory/cue_in_memory_at_decision"):
+        assert key in tb, key
+    assert (run_dir / "attention.png").stat().st_size > 0
+    assert (run_dir / "checkpoint.pt").exists()
+
+
+def test_main_image_env(tmp_path, monkeypatch):
+    result, tb, _ = run_main(tmp_path, monkeypatch, env_id="TraceImageMemory-v0", env_kwargs=("delay=5",),
+                             aux_recon_coef=0.1)
+    assert max(v for _, v in tb["debug/replay_max_error"]) < 1e-5
+    assert result["success_rate"] is not None
+
+
+def test_main_persistent_memory_and_rnd(tmp_path, monkeypatch):
+    result, tb, _ = run_main(tmp_path, monkeypatch, env_id="RecallAcrossEpisodes-v0", persistent_slots=2,
+                             rnd=True, env_kwargs=("block=3", "length=4"))
+    assert max(v for _, v in tb["debug/replay_max_error"]) < 1e-5
+    assert "losses/rnd_loss" in tb and "intrinsic/reward_mean" in tb
+    assert result["success_rate"] is not None
+
+
+def test_main_box_actions_fifo(tmp_path, monkeypatch):
+    result, tb, _ = run_main(tmp_path, monkeypatch, env_id="Pendulum-v1", retention="fifo", num_steps=64,
+                             num_minibatches=4, update_epochs=2, total_timesteps=128, eval_episodes=1)
+    assert max(v for _, v in tb["debug/replay_max_error"]) < 1e-5
+    assert np.isfinite(result["mean_return"])
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(memory_envs.UserError, match="memory-slots"):
+        trace_ppo.main(Args(memory_slots=0, run_name="bad"))
+    with pytest.raises(memory_envs.UserError, match="delay"):
+        trace_ppo.main(Args(env_kwargs=("delay=0",), run_name="bad"))
+
+
+# ---------------------------------------------------------------------------------------
+# Learning (slow)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_learns_memory_task_delay_64(tmp_path, monkeypatch):
+    result, _, _ = run_main(tmp_path, monkeypatch, env_kwargs=("delay=64", "difficulty=1"),
+                            total_timesteps=2000 * 64, num_envs=8, num_steps=128, hidden_size=64, num_heads=4,
+                            memory_slots=16, eval_episodes=100)
+    assert result["success_rate"] >= 0.99

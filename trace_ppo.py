@@ -1,0 +1,1214 @@
+"""Strategic Memory agent: PPO with an episodic slot memory, learned retention and attention reads.
+
+One file, CleanRL style, diffable against ppo_baseline.py (same CLI contract, presets, make_env,
+checkpoint/resume, NaN guard, evaluation, eval.json, TB keys).
+
+Memory (per environment)
+  - Every step writes one entry, the embedding e_t = Embed(obs_t, a_{t-1}, r_{t-1}, tau_t) of the
+    current observation, the previous action and reward and the agent's own episode time tau_t
+    (steps since its episode began, encoded with log-scaled and absolute sinusoids so that it stays
+    informative for episodes of any length). Nothing else is taken from the environment.
+  - The policy first READS, then WRITES: the read at step t is multi-head scaled dot-product
+    attention (Vaswani et al. 2017) from a query built from e_t over the occupied slots (empty
+    slots are masked, their weight is exactly 0); the actor and critic read [e_t, read_t].
+  - At most M = --memory-slots episodic entries. When the memory is full the entry to drop is chosen
+    by --retention: `learned` (lowest learned retention score among the M entries AND the new one),
+    `fifo` (oldest) or `random`. Episodic slots are cleared at every episode start.
+  - --persistent-slots K > 0 adds K slots that survive episode resets: when an episode ends, its
+    entries and the current persistent entries compete for the K slots (same retention policy);
+    persistent entries are tagged with their episode's outcome (symlog of the return the agent
+    received) and how many episodes ago they were written, and are read together with the episode's
+    own slots.
+
+Learned retention: objective and why it works
+  The retention network r(entry) -> score sees only the entry's content (its embedding, episode time,
+  previous action and reward). It is trained to predict where attention will go, by HINDSIGHT
+  USEFULNESS: in the update, each query of the rollout also attends (with the current query/key
+  networks, for this target only, never for acting) over ALL entries of its episode that are in
+  the rollout window, kept or evicted. softmax(r) over those entries is trained by cross-entropy
+  towards that hindsight attention distribution, each query weighted by |advantage| of its step
+  (queries whose decision mattered count, queries at steps where the action was irrelevant do not):
+      L_ret = mean_q |A_q| / mean|A| * CE(stopgrad(attn_hindsight_q), softmax(r(visible entries of q)))
+  So r becomes a query-independent log-prior of "how much attention will this entry receive once
+  decisions that matter look back". Evicting the lowest r keeps what future decisions will read.
+  Because the target covers evicted entries too, an entry the scorer currently drops still gets
+  credit as soon as the query network has learned (in any episode where it survived) to look for it.
+
+  The bootstrapping problem (an entry that never survives is never read, so the query never learns to
+  look for it) is broken by PARAMETER-SPACE EXPLORATION of retention (Plappert et al. 2018; NoisyNets,
+  Fortunato et al. 2018): during training each episode draws a fresh random perturbation of the
+  scorer's output weights, score_explore = r(e) + sigma * <eps_episode, hidden(e)>, held fixed for
+  the whole episode. Per-step stochastic eviction (softmax over -scores) does not work at delay >> M:
+  an entry must win ~delay/M independent draws in a row, so survival decays exponentially. A
+  per-episode perturbation instead gives each episode one CONSISTENT retention strategy; random
+  directions are symmetric (as likely to favour recent as old entries, or any content feature), so
+  this is exploration, not an age rule, and entries that are extreme in some feature -- like the
+  first step of an episode -- survive a whole episode in a sizeable fraction of episodes. sigma is
+  annealed linearly to 0 (--retention-noise, --retention-noise-anneal); evaluation uses the clean
+  scores and deterministic eviction.
+
+End to end, exactly reproduced
+  The rollout stores the raw inputs of every step and, for every step, which source occupies each
+  slot (slot -> pool index; the pool of an env is [entries carried in from the previous rollout,
+  this rollout's steps]). The update re-encodes the whole pool with the current parameters and
+  gathers the slot sources for all T x N queries at once (no Python loop over time), so the PPO loss
+  backpropagates through attention into the encoder and the first epoch reproduces the rollout's
+  logits and values exactly (tests/test_trace_ppo.py). Carried-in entries are re-encoded with the
+  current parameters at the start of each rollout so the rollout and the update agree.
+
+PPO when one action in a thousand matters (defaults of this script, see PRESETS)
+  - No per-minibatch advantage normalisation: with one rewarded decision per episode most minibatches
+    hold no decision step, and normalising would blow their value-noise advantages up to unit scale.
+    Rewards of memory tasks are already O(1) and Adam is invariant to the gradient scale.
+  - Entropy bonus 1e-3: the entropy term is averaged over every step while the policy gradient of
+    the single decision is divided by the episode length; a CleanRL-size bonus (0.01) outweighs the
+    decision's signal ~10:1 at delay 1024.
+  - Observation normalisation statistics are frozen during a rollout (updated after the update), so
+    the rollout's log-probabilities are exactly reproduced by the first update epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.optim as optim
+from gymnasium import spaces
+from torch.distributions import Categorical, Normal
+from torch.utils.tensorboard import SummaryWriter
+
+import memory_envs  # noqa: F401  (registers the memory environments)
+from memory_envs import (FlattenObservation, finished_episode, Progress, TrainingDiverged, UserError, check_spaces,
+                         default_run_name, is_atari, make_base_env, parse_env_kwargs, resolve_resume,
+                         run_cli, save_atomic, write_eval_json)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    env_id: str = "MemoryTask-v0"
+    """any registered gymnasium id, also `module:EnvId` and `ALE/...`"""
+    env_kwargs: tuple[str, ...] = ()
+    """keyword arguments for gym.make as key=value pairs, values parsed as Python literals"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    threads: int = 1
+    """torch CPU threads (one per run is best when several runs share the cores)"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "memory-ppo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, videos of the first training env are saved to runs/<run-name>/videos"""
+    save_model: bool = False
+    """if toggled, the final model (with its normalisation statistics) is saved as model.pt"""
+    resume: Optional[str] = None
+    """checkpoint file, run directory or run name to continue; its saved arguments are used"""
+    run_name: Optional[str] = None
+    """name of the run directory under runs/ (default: {env}__{exp_name}__{seed}__{time})"""
+    eval_episodes: int = 100
+    """episodes of greedy evaluation on fresh seeded envs after training (0 to skip)"""
+    checkpoint_interval: float = 60.0
+    """seconds between checkpoints (runs/<run-name>/checkpoint.pt); 0 = after every update"""
+
+    # Algorithm specific arguments. `None` means the domain default given in brackets:
+    # [vector / Atari / continuous actions].
+    total_timesteps: int = 500_000
+    """total timesteps of the experiment"""
+    learning_rate: Optional[float] = None
+    """the learning rate of the optimizer [2.5e-4 / 2.5e-4 / 3e-4]"""
+    num_envs: Optional[int] = None
+    """the number of parallel game environments [8 / 8 / 1]"""
+    num_steps: Optional[int] = None
+    """the number of steps to run in each environment per policy rollout [128 / 128 / 2048]"""
+    anneal_lr: bool = True
+    """toggle learning rate annealing for policy and value networks"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: Optional[int] = None
+    """the number of mini-batches [4 / 4 / 32]"""
+    update_epochs: Optional[int] = None
+    """the K epochs to update the policy [4 / 4 / 10]"""
+    norm_adv: Optional[bool] = None
+    """per-minibatch advantage normalisation [off / on / on] (off for sparse single-decision tasks)"""
+    clip_coef: Optional[float] = None
+    """the surrogate clipping coefficient [0.2 / 0.1 / 0.2]"""
+    clip_vloss: bool = True
+    """toggles whether or not to use a clipped loss for the value function"""
+    ent_coef: Optional[float] = None
+    """coefficient of the entropy [0.001 / 0.01 / 0.0]"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: Optional[float] = None
+    """the target KL divergence threshold"""
+    normalize: Optional[bool] = None
+    """observation and reward normalisation [off / off / on]"""
+
+    # Memory
+    memory_slots: int = 16
+    """M: episodic memory slots per environment (cleared at episode start)"""
+    persistent_slots: int = 0
+    """K: slots that survive episode resets, tagged with their episode's outcome (0 = off)"""
+    retention: Literal["learned", "fifo", "random"] = "learned"
+    """which entry to evict when the memory is full"""
+    retention_coef: float = 0.1
+    """coefficient of the hindsight-usefulness loss that trains the retention scorer"""
+    retention_noise: float = 1.0
+    """std of the per-episode parameter noise on the retention scorer (exploration of what to keep)"""
+    retention_noise_anneal: float = 0.75
+    """fraction of training over which the retention noise is annealed linearly to 0"""
+    hidden_size: int = 64
+    """width of entry embeddings, attention and heads"""
+    num_heads: int = 4
+    """attention heads of the memory read"""
+    aux_recon_coef: float = 0.0
+    """coefficient of the self-supervised loss reconstructing a stored observation from the read (0 = off)"""
+    heatmap_interval: int = 25
+    """updates between attention heatmaps written to TensorBoard (0 = never)"""
+
+    # Random Network Distillation (Burda et al. 2018)
+    rnd: bool = False
+    """if toggled, add RND intrinsic rewards (separate intrinsic value head, non-episodic)"""
+    rnd_int_coef: float = 1.0
+    """weight of the intrinsic advantage"""
+    rnd_ext_coef: float = 2.0
+    """weight of the extrinsic advantage"""
+    rnd_gamma: float = 0.99
+    """discount of the (non-episodic) intrinsic return"""
+    rnd_update_proportion: float = 0.25
+    """fraction of each minibatch the RND predictor is trained on"""
+
+
+PRESETS = {
+    "vector": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4,
+                   clip_coef=0.2, ent_coef=0.001, normalize=False, norm_adv=False),
+    "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4,
+                  clip_coef=0.1, ent_coef=0.01, normalize=False, norm_adv=True),
+    "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32,
+                       update_epochs=10, clip_coef=0.2, ent_coef=0.0, normalize=True, norm_adv=True),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------
+def env_kind(env_id: str, probe: gym.Env) -> str:
+    if is_atari(env_id):
+        return "atari"
+    return "continuous" if isinstance(probe.action_space, spaces.Box) else "vector"
+
+
+def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = False,
+             video_dir: str = ""):
+    def thunk():
+        extra = dict(frameskip=1, repeat_action_probability=0.25) if kind == "atari" else {}
+        env = make_base_env(env_id, env_kwargs, "rgb_array" if capture_video else None, **extra)
+        if capture_video:
+            env = gym.wrappers.RecordVideo(env, video_dir)
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        if kind == "atari":
+            env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84,
+                                                  terminal_on_life_loss=False, grayscale_obs=True)
+            env = gym.wrappers.FrameStackObservation(env, 4)
+        elif not isinstance(env.observation_space, spaces.Box) or len(env.observation_space.shape) == 2:
+            env = FlattenObservation(env)
+        if kind == "continuous":
+            env = gym.wrappers.ClipAction(env)
+        return env
+
+    return thunk
+
+
+def make_vector_env(args: Args, env_kwargs: dict, kind: str, num_envs: int, video_dir: str = ""):
+    fns = [make_env(args.env_id, env_kwargs, kind, args.capture_video and i == 0 and bool(video_dir),
+                    video_dir) for i in range(num_envs)]
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+# ---------------------------------------------------------------------------------------
+# Agent
+# ---------------------------------------------------------------------------------------
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    if layer.bias is not None:
+        torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class RunningMeanStd(nn.Module):
+    """Running mean/variance (parallel algorithm); buffers, so they are saved with the model."""
+
+    def __init__(self, shape=()):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double().reshape(-1, *self.mean.shape)
+        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        m2 = self.var * self.count + batch_var * n + delta.pow(2) * self.count * n / total
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+
+def is_image(space: spaces.Space) -> bool:
+    return isinstance(space, spaces.Box) and len(space.shape) == 3
+
+
+def image_encoder(shape: tuple[int, ...]) -> tuple[nn.Module, int, bool]:
+    """Nature CNN for images of at least 36x36 pixels, a 3x3 conv stack for smaller ones.
+
+    Returns the encoder, its output size and whether input is channels-last (HWC).
+    """
+    channels_last = shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
+    c, h, w = (shape[2], shape[0], shape[1]) if channels_last else shape
+    if min(h, w) >= 36:
+        convs = [layer_init(nn.Conv2d(c, 32, 8, stride=4)), nn.ReLU(),
+                 layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+                 layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU()]
+    else:
+        convs = [layer_init(nn.Conv2d(c, 16, 3, padding=1)), nn.ReLU(),
+                 layer_init(nn.Conv2d(16, 32, 3, stride=2 if min(h, w) >= 8 else 1, padding=1)), nn.ReLU()]
+    conv = nn.Sequential(*convs, nn.Flatten())
+    with torch.no_grad():
+        n_flat = conv(torch.zeros(1, c, h, w)).shape[1]
+    return nn.Sequential(conv, layer_init(nn.Linear(n_flat, 256)), nn.ReLU()), 256, channels_last
+
+
+TIME_FREQS = (0.5, 1.0, 2.0, 4.0)      # per unit of log(1 + tau): scale-free, any episode length
+TIME_PERIODS = (1.0, 10.0, 100.0, 1000.0)  # absolute phase, for counting steps
+TIME_DIM = 1 + 2 * len(TIME_FREQS) + 2 * len(TIME_PERIODS)
+
+
+def time_encoding(tau: torch.Tensor) -> torch.Tensor:
+    """Encoding of the agent's own episode time tau (steps since its episode began).
+
+    log(1 + tau) with sinusoids of it (transformer-style positional features on a log axis, so
+    the first steps are resolved finely and tau = 10^5 is still in range), plus sinusoids of tau
+    itself with periods up to 1000 steps.
+    """
+    tau = tau.float().unsqueeze(-1)
+    u = torch.log1p(tau)
+    f = u.new_tensor(TIME_FREQS)
+    p = u.new_tensor(TIME_PERIODS)
+    return torch.cat([u / 8.0, torch.sin(u * f), torch.cos(u * f),
+                      torch.sin(2 * math.pi * tau / p), torch.cos(2 * math.pi * tau / p)], -1)
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+TAG_DIM = 3  # [persistent, symlog(outcome of its episode), log(1 + episodes ago)]
+RET_HIDDEN = 32
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_space: spaces.Box, action_space: spaces.Space, args: Args):
+        super().__init__()
+        d, self.num_heads = args.hidden_size, args.num_heads
+        if d % self.num_heads:
+            raise UserError(f"--hidden-size {d} must be divisible by --num-heads {self.num_heads}")
+        self.continuous = isinstance(action_space, spaces.Box)
+        self.image = is_image(obs_space)
+        self.scale = 255.0 if obs_space.dtype == np.uint8 else 1.0
+        self.n_act = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
+        self.obs_rms = RunningMeanStd(obs_space.shape) if args.normalize else None
+        if self.image:
+            self.cnn, n_feat, self.channels_last = image_encoder(obs_space.shape)
+        else:
+            self.cnn, n_feat = None, int(np.prod(obs_space.shape))
+        # Entry/current-input embedding: the same network encodes what is written and what queries.
+        self.embed_net = nn.Sequential(layer_init(nn.Linear(n_feat + self.n_act + 1 + TIME_DIM, d)), nn.Tanh(),
+                                       layer_init(nn.Linear(d, d)), nn.Tanh())
+        self.tag_proj = layer_init(nn.Linear(TAG_DIM, d, bias=False), std=1.0)
+        self.q_proj, self.k_proj, self.v_proj = (layer_init(nn.Linear(d, d), std=1.0) for _ in range(3))
+        self.o_proj = layer_init(nn.Linear(d, d), std=1.0)
+
+        def head(out: int, std: float) -> nn.Sequential:
+            return nn.Sequential(layer_init(nn.Linear(2 * d, 64)), nn.Tanh(), layer_init(nn.Linear(64, out), std=std))
+
+        self.actor, self.critic = head(self.n_act, 0.01), head(1, 1.0)
+        self.critic_int = head(1, 1.0) if args.rnd else None
+        if self.continuous:
+            self.actor_logstd = nn.Parameter(torch.zeros(1, self.n_act))
+        # Retention scorer: content of an entry -> score (higher = keep). The embedding is detached so
+        # the retention objective shapes only this network, never what the policy reads.
+        self.ret_hidden = nn.Sequential(layer_init(nn.Linear(d + TIME_DIM + self.n_act + 1, RET_HIDDEN)), nn.Tanh())
+        self.ret_out = layer_init(nn.Linear(RET_HIDDEN, 1), std=0.01)
+        self.recon_dim = self._recon_target_dim(obs_space)
+        self.recon = (nn.Sequential(layer_init(nn.Linear(d + TIME_DIM, 64)), nn.Tanh(),
+                                    layer_init(nn.Linear(64, self.recon_dim), std=1.0))
+                      if args.aux_recon_coef > 0 else None)
+
+    # --- inputs ---------------------------------------------------------------------------
+    def _recon_target_dim(self, obs_space) -> int:
+        return int(obs_space.shape[-1 if self.channels_last else 0]) * 16 if self.image else int(np.prod(obs_space.shape))
+
+    def recon_target(self, obs: torch.Tensor) -> torch.Tensor:
+        """What the auxiliary loss reconstructs: the observation (images: 4x4 average-pooled)."""
+        x = self.normalize_obs(obs)
+        if self.image:
+            x = x.permute(0, 3, 1, 2) if self.channels_last else x
+            return F.adaptive_avg_pool2d(x, 4).flatten(1)
+        return x.flatten(1)
+
+    def normalize_obs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / self.scale
+        if self.obs_rms is not None:
+            x = ((x - self.obs_rms.mean) / torch.sqrt(self.obs_rms.var + 1e-8)).clamp(-10, 10).float()
+        return x
+
+    def embed(self, obs, prev_act, prev_rew, tau) -> torch.Tensor:
+        """Entry embedding e = Embed(obs, previous action, previous reward, episode time)."""
+        x = self.normalize_obs(obs)
+        if self.image:
+            x = self.cnn(x.permute(0, 3, 1, 2) if self.channels_last else x)
+        x = torch.cat([x.flatten(1), prev_act, prev_rew.unsqueeze(-1), time_encoding(tau)], -1)
+        return self.embed_net(x)
+
+    # --- memory read ------------------------------------------------------------------------
+    def heads_split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, -1)
+
+    def attend(self, e: torch.Tensor, mem: torch.Tensor, tags: torch.Tensor, occupied: torch.Tensor):
+        """Multi-head scaled dot-product attention of queries e (B, D) over slots mem (B, S, D).
+
+        Empty slots get weight exactly 0; with no occupied slot the read is 0. Returns the read
+        (B, D) and the weights (B, H, S).
+        """
+        mem = mem + self.tag_proj(tags)
+        q = self.heads_split(self.q_proj(e))                      # B H dh
+        k, v = self.heads_split(self.k_proj(mem)), self.heads_split(self.v_proj(mem))  # B S H dh
+        logits = torch.einsum("bhd,bshd->bhs", q, k) / math.sqrt(q.shape[-1])
+        # A large finite negative (not -inf) keeps all-empty rows finite in the backward pass.
+        logits = logits.masked_fill(~occupied.unsqueeze(1), -1e30)
+        w = torch.softmax(logits, -1) * occupied.any(-1).float()[:, None, None]
+        read = torch.einsum("bhs,bshd->bhd", w, v).flatten(1)
+        return self.o_proj(read), w
+
+    # --- retention ----------------------------------------------------------------------------
+    def retention(self, e, prev_act, prev_rew, tau):
+        """Retention score of entries (and the scorer's hidden features, used by the exploration noise)."""
+        h = self.ret_hidden(torch.cat([e.detach(), time_encoding(tau), prev_act, prev_rew.unsqueeze(-1)], -1))
+        return self.ret_out(h).squeeze(-1), h
+
+    # --- policy -------------------------------------------------------------------------------
+    def heads(self, e, read, action=None, greedy: bool = False):
+        z = torch.cat([e, read], -1)
+        out = self.actor(z)
+        value = self.critic(z).squeeze(-1)
+        value_int = self.critic_int(z).squeeze(-1) if self.critic_int is not None else None
+        if self.continuous:
+            dist = Normal(out, self.actor_logstd.expand_as(out).exp())
+            if action is None:
+                action = out if greedy else dist.sample()
+            return action, dist.log_prob(action).sum(1), dist.entropy().sum(1), value, value_int, out
+        dist = Categorical(logits=out)
+        if action is None:
+            action = out.argmax(1) if greedy else dist.sample()
+        return action, dist.log_prob(action), dist.entropy(), value, value_int, out
+
+    def action_input(self, action: torch.Tensor) -> torch.Tensor:
+        """The previous action as an input: one-hot for discrete, the (clipped) vector for Box."""
+        if self.continuous:
+            return action.float().reshape(action.shape[0], -1)
+        return F.one_hot(action.long(), self.n_act).float()
+
+
+# ---------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------
+class Memory:
+    """Slot memory of N environments: M episodic slots then K persistent slots (S = M + K).
+
+    Each slot keeps the embedding used for reading (computed with the current rollout's
+    parameters), its raw inputs (to re-encode it later), its retention score, its write step, its
+    episode time, its persistent tag and ``src``: the index of its source in this rollout's pool
+    (-1 = empty), which the rollout records at every step for the update.
+    """
+
+    def __init__(self, n: int, m: int, k: int, d: int, obs_shape, obs_dtype, n_act: int, device):
+        self.n, self.m, self.k, self.s = n, m, k, m + k
+        s = self.s
+        self.src = torch.full((n, s), -1, dtype=torch.long, device=device)
+        self.emb = torch.zeros((n, s, d), device=device)
+        self.score = torch.zeros((n, s), device=device)
+        self.xscore = torch.zeros((n, s), device=device)
+        self.wstep = torch.zeros((n, s), dtype=torch.long, device=device)
+        self.tau = torch.zeros((n, s), dtype=torch.long, device=device)
+        self.outcome = torch.zeros((n, s), device=device)
+        self.epis_ago = torch.zeros((n, s), device=device)
+        self.obs = torch.zeros((n, s) + tuple(obs_shape), dtype=obs_dtype, device=device)
+        self.pact = torch.zeros((n, s, n_act), device=device)
+        self.prew = torch.zeros((n, s), device=device)
+        self._fields = ("src", "emb", "score", "xscore", "wstep", "tau", "outcome", "epis_ago",
+                        "obs", "pact", "prew")
+
+    @property
+    def occupied(self) -> torch.Tensor:
+        return self.src >= 0
+
+    def tags(self) -> torch.Tensor:
+        persistent = torch.zeros_like(self.score)
+        persistent[:, self.m:] = 1.0
+        occ = self.occupied.float()
+        return torch.stack([persistent, symlog(self.outcome), torch.log1p(self.epis_ago)], -1) * occ.unsqueeze(-1)
+
+    def write(self, e, obs, pact, prew, tau, score, xscore, pool_index, wstep, policy: str,
+              generator: Optional[torch.Generator] = None):
+        """Write one entry per env into the episodic slots; evict by ``policy`` when full.
+
+        learned: the lowest ``xscore`` among the M entries and the new one is dropped (so the new
+        entry itself may be the one not kept); fifo: the oldest entry; random: a uniform one.
+        Returns (slot written or -1 per env, evicted slot or -1 per env).
+        """
+        m, n = self.m, self.n
+        occ = self.occupied[:, :m]
+        full = occ.all(1)
+        first_free = (~occ).float().argmax(1)
+        if policy == "learned":
+            cand = torch.cat([self.xscore[:, :m], xscore.unsqueeze(1)], 1)
+            victim = cand.argmin(1)
+        elif policy == "fifo":
+            victim = self.wstep[:, :m].argmin(1)
+        else:
+            victim = torch.randint(0, m, (n,), generator=generator, device=e.device)
+        target = torch.where(full, victim, first_free)
+        evicted = torch.where(full, victim, torch.full_like(victim, -1))  # == m: new entry dropped
+        rows = torch.nonzero(target < m).squeeze(1)
+        slot = target[rows]
+        self.src[rows, slot] = pool_index
+        self.emb[rows, slot] = e[rows]
+        self.score[rows, slot] = score[rows]
+        self.xscore[rows, slot] = xscore[rows]
+        self.wstep[rows, slot] = wstep
+        self.tau[rows, slot] = tau[rows]
+        self.outcome[rows, slot] = 0.0
+        self.epis_ago[rows, slot] = 0.0
+        self.obs[rows, slot] = obs[rows]
+        self.pact[rows, slot] = pact[rows]
+        self.prew[rows, slot] = prew[rows]
+        written = torch.where(target < m, target, torch.full_like(target, -1))
+        return written, evicted
+
+    def end_episode(self, i: int, outcome: float, policy: str, generator: Optional[torch.Generator] = None) -> None:
+        """Env ``i``'s episode ended: promote entries to the persistent slots, clear the episodic ones."""
+        if self.k > 0:
+            occ = torch.nonzero(self.src[i] >= 0).squeeze(1)
+            if policy == "learned":
+                order = occ[self.xscore[i, occ].argsort(descending=True)]
+            elif policy == "fifo":
+                order = occ[self.wstep[i, occ].argsort(descending=True)]
+            else:
+                order = occ[torch.randperm(len(occ), generator=generator, device=occ.device)]
+            keep = order[: self.k]
+            from_episode = keep < self.m
+            dest = torch.arange(self.m, self.m + len(keep), device=keep.device)
+            for name in self._fields:
+                field = getattr(self, name)
+                vals = field[i, keep].clone()
+                field[i, self.m:] = -1 if name == "src" else 0
+                field[i, dest] = vals
+            self.outcome[i, dest[from_episode]] = outcome
+            self.epis_ago[i, self.m:] += 1.0
+        self.src[i, : self.m] = -1
+
+
+# ---------------------------------------------------------------------------------------
+# RND (Burda et al. 2018, "Exploration by Random Network Distillation")
+# ---------------------------------------------------------------------------------------
+class RND(nn.Module):
+    """Fixed random target net and trained predictor on normalised, clipped observations."""
+
+    def __init__(self, obs_space: spaces.Box):
+        super().__init__()
+        self.obs_rms = RunningMeanStd(obs_space.shape)
+        self.image = is_image(obs_space)
+
+        def net(extra: bool) -> nn.Module:
+            if self.image:
+                enc, n_feat, self.channels_last = image_encoder(obs_space.shape)
+            else:
+                enc, n_feat = nn.Sequential(layer_init(nn.Linear(int(np.prod(obs_space.shape)), 64)), nn.LeakyReLU()), 64
+            tail = [layer_init(nn.Linear(n_feat, 64)), nn.ReLU(), layer_init(nn.Linear(64, 64))] if extra \
+                else [layer_init(nn.Linear(n_feat, 64))]
+            return nn.Sequential(enc, *tail)
+
+        self.target, self.predictor = net(False), net(True)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+
+    def error(self, obs: torch.Tensor) -> torch.Tensor:
+        x = ((obs.double() - self.obs_rms.mean) / torch.sqrt(self.obs_rms.var + 1e-8)).clamp(-5, 5).float()
+        if self.image:
+            x = x.permute(0, 3, 1, 2) if self.channels_last else x
+        else:
+            x = x.flatten(1)
+        return (self.predictor(x) - self.target(x)).pow(2).mean(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Returns
+# ---------------------------------------------------------------------------------------
+class RewardScaler:
+    """Divide rewards by the running std of the discounted return (as gymnasium's NormalizeReward)."""
+
+    def __init__(self, num_envs: int, gamma: float):
+        self.gamma = gamma
+        self.returns = np.zeros(num_envs)
+        self.rms = RunningMeanStd(())
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + rewards
+        self.rms.update(torch.as_tensor(self.returns))
+        self.returns[dones] = 0.0
+        return np.clip(rewards / np.sqrt(self.rms.var.item() + 1e-8), -10, 10)
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
+                last_value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation over a (T, N) rollout.
+
+    ``dones[t]`` marks that the episode ended with action t (terminated *or* truncated);
+    truncated episodes already carry ``gamma * V(final)`` inside ``rewards[t]``. RND's intrinsic
+    return passes ``dones = 0`` (non-episodic).
+    """
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(last_value)
+    next_value = last_value
+    for t in reversed(range(rewards.shape[0])):
+        not_done = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * not_done - values[t]
+        last_gae = delta + gamma * lam * not_done * last_gae
+        advantages[t] = last_gae
+        next_value = values[t]
+    return advantages
+
+
+# ---------------------------------------------------------------------------------------
+# Acting: one step of N envs (read, act) and the write that follows it
+# ---------------------------------------------------------------------------------------
+class Actor:
+    """Per-env acting state around the Memory: previous action/reward, episode time, noise."""
+
+    def __init__(self, agent: Agent, n: int, args: Args, obs_space, device, generator=None):
+        self.agent, self.n, self.args, self.device = agent, n, args, device
+        obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
+        self.mem = Memory(n, args.memory_slots, args.persistent_slots, args.hidden_size, obs_space.shape,
+                          obs_dtype, agent.n_act, device)
+        self.pact = torch.zeros((n, agent.n_act), device=device)
+        self.prew = torch.zeros(n, device=device)
+        self.tau = torch.zeros(n, dtype=torch.long, device=device)
+        self.ep_return = np.zeros(n)
+        self.noise = torch.zeros((n, RET_HIDDEN), device=device)
+        self.sigma = 0.0
+        self.generator = generator
+        self.wstep = 0
+        self.stats = dict(evicted_age=0.0, evicted_n=0, kept_age=0.0, kept_n=0)
+
+    def new_noise(self, rows) -> None:
+        self.noise[rows] = torch.randn((len(rows), RET_HIDDEN), generator=self.generator,
+                                       device=self.device) / math.sqrt(RET_HIDDEN)
+
+    def explore_scores(self, score, hidden, noise):
+        return score + self.sigma * (hidden * noise).sum(-1)
+
+    @torch.no_grad()
+    def refresh(self, pool_offset: int = 0):
+        """Re-encode the stored entries with the current parameters (start of a rollout); their pool
+        indices become their slot numbers (the 'carry-in' part of the next pool)."""
+        mem, s = self.mem, self.mem.s
+        occ = mem.occupied
+        flat = lambda x: x.reshape(self.n * s, *x.shape[2:])  # noqa: E731
+        e = self.agent.embed(flat(mem.obs), flat(mem.pact), flat(mem.prew), flat(mem.tau))
+        score, hidden = self.agent.retention(e, flat(mem.pact), flat(mem.prew), flat(mem.tau))
+        xs = self.explore_scores(score, hidden, self.noise.repeat_interleave(s, 0))
+        mem.emb = e.view(self.n, s, -1).clone()
+        mem.score, mem.xscore = score.view(self.n, s).clone(), xs.view(self.n, s).clone()
+        slots = torch.arange(s, device=self.device).expand(self.n, s) + pool_offset
+        mem.src = torch.where(occ, slots, torch.full_like(mem.src, -1))
+        return dict(obs=mem.obs.clone(), pact=mem.pact.clone(), prew=mem.prew.clone(), tau=mem.tau.clone())
+
+    def act(self, obs: torch.Tensor, greedy: bool = False):
+        """Read memory and act for all envs. Returns the policy outputs, the read's weights and the
+        embedding of this step (written by ``write`` after the env step)."""
+        e = self.agent.embed(obs, self.pact, self.prew, self.tau)
+        read, w = self.agent.attend(e, self.mem.emb, self.mem.tags(), self.mem.occupied)
+        out = self.agent.heads(e, read, greedy=greedy)
+        return out, w, e, read
+
+    def write(self, e, obs, pool_index: int, deterministic: bool = False) -> None:
+        agent, mem = self.agent, self.mem
+        score, hidden = agent.retention(e, self.pact, self.prew, self.tau)
+        xs = score if deterministic else self.explore_scores(score, hidden, self.noise)
+        old_tau = mem.tau[:, : mem.m].clone()
+        occ_before = mem.occupied[:, : mem.m].clone()
+        _, evicted = mem.write(e, obs, self.pact, self.prew, self.tau, score, xs, pool_index, self.wstep,
+                               self.args.retention, self.generator)
+        self.wstep += 1
+        # Interpretability: age (in episode steps) of evicted vs kept entries.
+        ev_rows = torch.nonzero(evicted >= 0).squeeze(1)
+        if len(ev_rows):
+            ages = (self.tau.unsqueeze(1) - old_tau).float()
+            ev = evicted[ev_rows]
+            new_dropped = ev == mem.m
+            ev_age = torch.where(new_dropped, torch.zeros_like(ev, dtype=torch.float),
+                                 ages[ev_rows, ev.clamp(max=mem.m - 1)])
+            self.stats["evicted_age"] += ev_age.sum().item()
+            self.stats["evicted_n"] += len(ev_rows)
+            kept = occ_before[ev_rows].float()
+            kept[torch.arange(len(ev_rows)), ev.clamp(max=mem.m - 1)] *= new_dropped.float()
+            self.stats["kept_age"] += (ages[ev_rows] * kept).sum().item()
+            self.stats["kept_n"] += int(kept.sum().item())
+
+    def advance(self, action: torch.Tensor, reward_raw: np.ndarray) -> None:
+        """Inputs of the next step: previous action (clipped to the action space for Box), reward, time."""
+        self.pact = self.agent.action_input(action)
+        self.prew = symlog(torch.as_tensor(reward_raw, dtype=torch.float32, device=self.device))
+        self.tau = self.tau + 1
+        self.ep_return += reward_raw
+
+    def end_episodes(self, rows, deterministic: bool = False) -> None:
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
+        for i in rows.tolist():
+            self.mem.end_episode(int(i), float(self.ep_return[i]), self.args.retention, self.generator)
+        self.pact[rows] = 0.0
+        self.prew[rows] = 0.0
+        self.tau[rows] = 0
+        self.ep_return[rows.cpu().numpy()] = 0.0
+        if not deterministic:
+            self.new_noise(rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Update-time recomputation (batched over all T x N queries)
+# ---------------------------------------------------------------------------------------
+def pool_embed(agent: Agent, pool: dict) -> torch.Tensor:
+    """Embeddings (N, P, D) of every pool entry with the current parameters."""
+    n, p = pool["prew"].shape
+    flat = lambda x: x.reshape(n * p, *x.shape[2:])  # noqa: E731
+    return agent.embed(flat(pool["obs"]), flat(pool["pact"]), flat(pool["prew"]), flat(pool["tau"])).view(n, p, -1)
+
+
+def replay(agent: Agent, pool: dict, pool_e: torch.Tensor, slot_src, slot_tag, t_idx, i_idx, s_off: int):
+    """Reproduce the rollout's read for the queries (t_idx, i_idx) from the recorded slot sources."""
+    src = slot_src[t_idx, i_idx]                                  # B S
+    occupied = src >= 0
+    mem = pool_e[i_idx.unsqueeze(1), src.clamp(min=0)]            # B S D
+    e = pool_e[i_idx, s_off + t_idx]
+    read, w = agent.attend(e, mem, slot_tag[t_idx, i_idx], occupied)
+    return e, read, w, src
+
+
+def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, visible: torch.Tensor,
+                             e: torch.Tensor, i_idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy from the hindsight attention of each query over every visible entry of its
+    episode (kept or evicted; stop-gradient) to softmax of the retention scores of those entries."""
+    n, p = pool["prew"].shape
+    flat = lambda x: x.reshape(n * p, *x.shape[2:])  # noqa: E731
+    score, _ = agent.retention(flat(pool_e), flat(pool["pact"]), flat(pool["prew"]), flat(pool["tau"]))
+    score = score.view(n, p)[i_idx]                               # B P
+    with torch.no_grad():
+        q = agent.heads_split(agent.q_proj(e))                    # B H dh
+        k = agent.heads_split(agent.k_proj(pool_e))[i_idx]        # B P H dh
+        logits = torch.einsum("bhd,bphd->bhp", q, k) / math.sqrt(q.shape[-1])
+        target = torch.softmax(logits.masked_fill(~visible.unsqueeze(1), -1e30), -1).mean(1)
+    has = visible.any(1)
+    logp = torch.log_softmax(score.masked_fill(~visible, -1e30), -1)
+    ce = -(target * logp * visible.float()).sum(-1)
+    return (weight * ce * has.float()).sum() / has.float().sum().clamp(min=1.0)
+
+
+def visible_entries(slot_src, ep_id, t_idx, i_idx, s_off: int) -> torch.Tensor:
+    """(B, P) mask of pool entries a query may look back at in hindsight: what its memory held, and
+    every earlier step of its own episode in this rollout (whether kept or evicted)."""
+    t_len = ep_id.shape[0]
+    p = s_off + t_len
+    src = slot_src[t_idx, i_idx]
+    marks = torch.zeros((len(t_idx), p), dtype=torch.long, device=src.device)
+    vis = marks.scatter_add_(1, src.clamp(min=0), (src >= 0).long()) > 0
+    steps = torch.arange(t_len, device=src.device)
+    same = (ep_id[:, i_idx].T == ep_id[t_idx, i_idx].unsqueeze(1)) & (steps.unsqueeze(0) < t_idx.unsqueeze(1))
+    vis[:, s_off:] |= same
+    return vis
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------
+def attention_picture(rows: list[tuple[np.ndarray, np.ndarray]], length: int) -> np.ndarray:
+    """(decision step x source step) matrix of attention weights for one episode."""
+    mat = np.zeros((len(rows), max(length, 1)), np.float32)
+    for t, (taus, w) in enumerate(rows):
+        np.add.at(mat[t], taus, w)
+    return mat
+
+
+def save_attention_png(mat: np.ndarray, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("source step (episode time of the entry read)")
+    ax.set_ylabel("decision step")
+    ax.set_title("episodic attention weight (mean over heads)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: int,
+             device: torch.device) -> tuple[dict, Optional[np.ndarray]]:
+    """Greedy evaluation with deterministic eviction on fresh envs seeded apart from training; memory
+    (episodic and persistent) is carried exactly as in training. Also returns the attention matrix of
+    the first episode of env 0."""
+    n_envs = max(1, min(episodes, 8))
+    quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
+    envs = make_vector_env(args, env_kwargs, kind, n_envs)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 100_000)
+    actor = Actor(agent, n_envs, args, envs.single_observation_space, device, gen)
+    obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
+    returns, successes, done_count = [], [], [0] * n_envs
+    rows, picture = [], None
+    while any(d < q for d, q in zip(done_count, quota)):
+        obs_t = torch.as_tensor(obs, device=device)
+        (action, *_), w, e, _ = actor.act(obs_t, greedy=True)
+        if picture is None:
+            epi = actor.mem.occupied[0, : actor.mem.m]
+            rows.append((actor.mem.tau[0, : actor.mem.m][epi].cpu().numpy(),
+                         w[0].mean(0)[: actor.mem.m][epi].cpu().numpy()))
+        obs, reward, term, trunc, info = envs.step(action.cpu().numpy())
+        actor.write(e, obs_t, 0, deterministic=True)
+        actor.advance(clip_action(action, envs.single_action_space), reward)
+        done = np.flatnonzero(term | trunc)
+        if len(done):
+            if picture is None and 0 in done:
+                picture = attention_picture(rows, len(rows))
+            actor.end_episodes(done, deterministic=True)
+        for i in done:
+            if done_count[i] < quota[i]:
+                ep_r, _, success = finished_episode(info, i)
+                returns.append(ep_r)
+                if success is not None:
+                    successes.append(float(success))
+                done_count[i] += 1
+    envs.close()
+    return dict(mean_return=float(np.mean(returns)), std_return=float(np.std(returns)),
+                success_rate=float(np.mean(successes)) if successes else None), picture
+
+
+def clip_action(action: torch.Tensor, space: spaces.Space) -> torch.Tensor:
+    if isinstance(space, spaces.Box):
+        return action.clamp(torch.as_tensor(space.low, device=action.device),
+                            torch.as_tensor(space.high, device=action.device))
+    return action
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    resume_state = None
+    if args.resume:
+        ckpt_path, run_dir = resolve_resume(args.resume)
+        resume_state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        args = Args(**dict(resume_state["args"], resume=args.resume))
+    env_kwargs = parse_env_kwargs(args.env_kwargs)
+    probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
+    check_spaces(probe, (spaces.Discrete, spaces.Box))
+    kind = env_kind(args.env_id, probe)
+    probe.close()
+    for key, value in PRESETS[kind].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+                 "memory_slots", "hidden_size", "num_heads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("persistent_slots", "eval_episodes", "retention_coef", "retention_noise", "aux_recon_coef",
+                 "heatmap_interval"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.rnd_update_proportion <= 1.0:
+        raise UserError(f"--rnd-update-proportion must be in (0, 1], got {args.rnd_update_proportion}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        raise UserError(f"--num-minibatches {args.num_minibatches} must divide num_envs*num_steps={batch_size}")
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = max(1, args.total_timesteps // batch_size)
+
+    if resume_state is None:
+        args.run_name = args.run_name or default_run_name(args.env_id, args.exp_name, args.seed)
+        run_dir = os.path.join("runs", args.run_name)
+        os.makedirs(run_dir, exist_ok=True)
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--track needs wandb: pip install wandb") from None
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=args.run_name, monitor_gym=True, save_code=True,
+                   resume="allow", id=args.run_name)
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            raise UserError("--capture-video needs moviepy: pip install moviepy") from None
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    envs = make_vector_env(args, env_kwargs, kind, args.num_envs, os.path.join(run_dir, "videos"))
+    obs_space, act_space = envs.single_observation_space, envs.single_action_space
+    agent = Agent(obs_space, act_space, args).to(device)
+    rnd = RND(obs_space).to(device) if args.rnd else None
+    params = list(agent.parameters()) + (list(rnd.predictor.parameters()) if rnd else [])
+    optimizer = optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
+
+    start_iteration, global_step, elapsed_before = 1, 0, 0.0
+    if resume_state is not None:
+        agent.load_state_dict(resume_state["agent"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if rnd is not None:
+            rnd.load_state_dict(resume_state["rnd"])
+        if reward_scaler is not None:
+            reward_scaler.rms.load_state_dict(resume_state["reward_rms"])
+        start_iteration = resume_state["iteration"] + 1
+        global_step, elapsed_before = resume_state["global_step"], resume_state["wall_time_s"]
+        random.setstate(resume_state["rng"]["python"])
+        np.random.set_state(resume_state["rng"]["numpy"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        print(f"resuming {run_dir} at step {global_step} (memory contents start empty)", flush=True)
+
+    writer = SummaryWriter(run_dir, purge_step=global_step if resume_state else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    T, N, S = args.num_steps, args.num_envs, args.memory_slots + args.persistent_slots
+    obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
+    obs = torch.zeros((T, N) + obs_space.shape, dtype=obs_dtype, device=device)
+    actions = torch.zeros((T, N) + act_space.shape, device=device)
+    pacts = torch.zeros((T, N, agent.n_act), device=device)
+    logprobs, rewards, dones, values, prews = (torch.zeros((T, N), device=device) for _ in range(5))
+    taus = torch.zeros((T, N), dtype=torch.long, device=device)
+    slot_src = torch.zeros((T, N, S), dtype=torch.long, device=device)
+    slot_tag = torch.zeros((T, N, S, TAG_DIM), device=device)
+    attn = torch.zeros((T, N, S), device=device)
+    if rnd is not None:
+        rewards_int, values_int = torch.zeros((T, N), device=device), torch.zeros((T, N), device=device)
+        next_obs_buf = torch.zeros((T, N) + obs_space.shape, dtype=obs_dtype, device=device)
+        int_ret_rms, int_ret = RunningMeanStd(()), torch.zeros(N, device=device)
+
+    def checkpoint(iteration: int, wall: float) -> None:
+        save_atomic(dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
+                         global_step=global_step, wall_time_s=wall, args=asdict(args),
+                         rnd=rnd.state_dict() if rnd else None,
+                         reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
+                         rng=dict(python=random.getstate(), numpy=np.random.get_state(),
+                                  torch=torch.get_rng_state())), ckpt_path)
+
+    next_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
+    if rnd is not None and resume_state is None:
+        # RND: observation normalisation initialised from random-policy steps (Burda et al.).
+        init_obs = []
+        for _ in range(args.num_steps):
+            o, *_ = envs.step(np.stack([act_space.sample() for _ in range(N)]))
+            init_obs.append(o)
+        rnd.obs_rms.update(torch.as_tensor(np.stack(init_obs), device=device))
+        next_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
+    next_obs = torch.as_tensor(next_obs, device=device)
+    actor = Actor(agent, N, args, obs_space, device)
+    actor.new_noise(list(range(N)))
+    progress = Progress(args.total_timesteps)
+    mstats = dict(cue_in=0, cue_n=0)
+    start_time, start_step, last_ckpt = time.time(), global_step, time.time()
+    for iteration in range(start_iteration, num_iterations + 1):
+        frac = (iteration - 1.0) / num_iterations
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - frac) * args.learning_rate
+        anneal = args.retention_noise_anneal
+        actor.sigma = args.retention_noise * max(0.0, 1.0 - frac / anneal) if anneal > 0 else 0.0
+
+        carry = actor.refresh()
+        for step in range(T):
+            global_step += N
+            obs[step], pacts[step], prews[step], taus[step] = next_obs, actor.pact, actor.prew, actor.tau
+            slot_src[step], slot_tag[step] = actor.mem.src, actor.mem.tags()
+            read_tau, read_occ = actor.mem.tau.clone(), actor.mem.occupied.clone()
+            with torch.no_grad():
+                (action, logprob, _, value, value_int, _), w, e, _ = actor.act(next_obs)
+            attn[step] = w.mean(1)
+            values[step], actions[step], logprobs[step] = value, action, logprob
+            if rnd is not None:
+                values_int[step] = value_int
+            next_obs_np, reward, term, trunc, info = envs.step(action.cpu().numpy())
+            done = term | trunc
+            raw_reward = np.asarray(reward, dtype=np.float64)
+            if kind == "atari":
+                reward = np.sign(reward)
+            if reward_scaler is not None:
+                reward = reward_scaler(reward, done)
+            reward = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            with torch.no_grad():
+                actor.write(e, obs[step], S + step)
+            actor.advance(clip_action(action, act_space), raw_reward)
+            done_rows = np.flatnonzero(done)
+            if len(done_rows):
+                real_next = next_obs_np.copy()
+                real_next[done_rows] = np.stack(info["final_obs"][done_rows])
+            else:
+                real_next = next_obs_np
+            # Truncation is not termination: bootstrap with V(final obs) read from the memory that
+            # includes the episode's last entry.
+            cut = np.flatnonzero(trunc & ~term)
+            if len(cut):
+                with torch.no_grad():
+                    final = torch.as_tensor(real_next, device=device)
+                    (*_, v_final, _, _), _, _, _ = actor.act(final)
+                reward[cut] += args.gamma * v_final[cut]
+            if rnd is not None:
+                nxt = torch.as_tensor(real_next, device=device)
+                next_obs_buf[step] = nxt
+                with torch.no_grad():
+                    rewards_int[step] = rnd.error(nxt)
+                # Intrinsic return accumulated along the time axis, never cut at episode ends.
+                int_ret = int_ret * args.rnd_gamma + rewards_int[step]
+                int_ret_rms.update(int_ret)
+            rewards[step], dones[step] = reward, torch.as_tensor(done, dtype=torch.float32, device=device)
+            for i in done_rows:
+                ep_r, ep_l, success = finished_episode(info, i)
+                writer.add_scalar("charts/episodic_return", ep_r, global_step)
+                writer.add_scalar("charts/episodic_length", ep_l, global_step)
+                if success is not None:
+                    writer.add_scalar("charts/episodic_success", float(success), global_step)
+                progress.episode(ep_r, success)
+                fin = info["final_info"]
+                if "cue_step" in fin and fin.get("_cue_step", np.ones(N, bool))[i]:
+                    # Logging only: was the cue (by the env's own index) in memory at the decision?
+                    epi = read_occ[i, : args.memory_slots]
+                    mstats["cue_in"] += int((read_tau[i, : args.memory_slots][epi] == int(fin["cue_step"][i])).any())
+                    mstats["cue_n"] += 1
+            if len(done_rows):
+                actor.end_episodes(done_rows)
+            next_obs = torch.as_tensor(next_obs_np, device=device)
+
+        with torch.no_grad():
+            (*_, last_value, last_value_int, _), _, _, _ = actor.act(next_obs)
+        advantages = compute_gae(rewards, values, dones, last_value, args.gamma, args.gae_lambda)
+        returns = advantages + values
+        if rnd is not None:
+            r_int = rewards_int / torch.sqrt(int_ret_rms.var.float() + 1e-8)
+            adv_int = compute_gae(r_int, values_int, torch.zeros_like(dones), last_value_int,
+                                  args.rnd_gamma, args.gae_lambda)
+            returns_int = adv_int + values_int
+            b_adv = (args.rnd_ext_coef * advantages + args.rnd_int_coef * adv_int).reshape(-1)
+            b_returns_int, b_values_int = returns_int.reshape(-1), values_int.reshape(-1)
+            b_next_obs = next_obs_buf.reshape((-1,) + obs_space.shape)
+        else:
+            b_adv = advantages.reshape(-1)
+
+        pool = dict(obs=torch.cat([carry["obs"], obs.transpose(0, 1)], 1),
+                    pact=torch.cat([carry["pact"], pacts.transpose(0, 1)], 1),
+                    prew=torch.cat([carry["prew"], prews.transpose(0, 1)], 1),
+                    tau=torch.cat([carry["tau"], taus.transpose(0, 1)], 1))
+        ep_id = torch.cumsum((taus == 0).long(), 0)
+        b_actions = actions.reshape((-1,) + act_space.shape)
+        if not agent.continuous:
+            b_actions = b_actions.long()
+        b_logprobs, b_returns, b_values = logprobs.reshape(-1), returns.reshape(-1), values.reshape(-1)
+
+        b_inds = np.arange(batch_size)
+        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl",
+                                 "clipfrac", "retention_loss")}
+        if args.aux_recon_coef > 0:
+            stats["aux_recon_loss"] = []
+        if rnd is not None:
+            stats["rnd_loss"] = []
+        for epoch in range(args.update_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, batch_size, minibatch_size):
+                mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
+                t_idx, i_idx = mb // N, mb % N
+                pool_e = pool_embed(agent, pool)
+                e, read, _, src = replay(agent, pool, pool_e, slot_src, slot_tag, t_idx, i_idx, S)
+                _, newlogprob, entropy, newvalue, newvalue_int, _ = agent.heads(e, read, b_actions[mb])
+                logratio = newlogprob - b_logprobs[mb]
+                if epoch == 0 and start == 0:
+                    # Before any gradient step the update must reproduce the rollout exactly.
+                    replay_error = max(logratio.abs().max().item(), (newvalue - b_values[mb]).abs().max().item())
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+                mb_adv = b_adv[mb]
+                if args.norm_adv:
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                pg_loss = torch.max(-mb_adv * ratio,
+                                    -mb_adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                if args.clip_vloss:
+                    v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -args.clip_coef, args.clip_coef)
+                    v_loss = 0.5 * torch.max((newvalue - b_returns[mb]) ** 2, (v_clipped - b_returns[mb]) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
+                if rnd is not None:
+                    v_loss = v_loss + 0.5 * ((newvalue_int - b_returns_int[mb]) ** 2).mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                # Hindsight usefulness: decisions that mattered (large |A|) vote for the entries
+                # they would attend to among everything their episode saw.
+                absadv = b_adv[mb].abs()
+                weight = absadv / absadv.mean().clamp(min=1e-8)
+                visible = visible_entries(slot_src, ep_id, t_idx, i_idx, S)
+                if args.retention == "learned" and args.retention_coef > 0:
+                    ret_loss = hindsight_retention_loss(agent, pool, pool_e, visible, e, i_idx, weight)
+                    loss = loss + args.retention_coef * ret_loss
+                    stats["retention_loss"].append(ret_loss.item())
+                if args.aux_recon_coef > 0:
+                    # Reconstruct a random stored observation from the read and that entry's time.
+                    occupied = src >= 0
+                    has = occupied.any(1)
+                    pick = torch.multinomial(occupied.float() + (~has).float().unsqueeze(1), 1).squeeze(1)
+                    j = src[torch.arange(len(mb)), pick].clamp(min=0)
+                    target = agent.recon_target(pool["obs"][i_idx, j])
+                    pred = agent.recon(torch.cat([read, time_encoding(pool["tau"][i_idx, j])], -1))
+                    recon = (((pred - target) ** 2).mean(-1) * has.float()).sum() / has.float().sum().clamp(min=1)
+                    loss = loss + args.aux_recon_coef * recon
+                    stats["aux_recon_loss"].append(recon.item())
+                if rnd is not None:
+                    sub = mb[torch.rand(len(mb), device=device) < args.rnd_update_proportion]
+                    rnd_loss = rnd.error(b_next_obs[sub]).mean() if len(sub) else torch.zeros((), device=device)
+                    loss = loss + rnd_loss
+                    stats["rnd_loss"].append(rnd_loss.item())
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"non-finite loss ({loss.item()}) at step {global_step}; stopped, last good "
+                        f"checkpoint kept at {ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy_loss),
+                             ("old_approx_kl", old_approx_kl), ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
+                    stats[k].append(v.item())
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+        # Normalisation statistics change between rollouts, never inside one (exact replay).
+        if agent.obs_rms is not None:
+            agent.obs_rms.update(obs.float())
+        if rnd is not None:
+            rnd.obs_rms.update(next_obs_buf.float())
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        sps = (global_step - start_step) / (time.time() - start_time)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        for k, v in stats.items():
+            if v:
+                writer.add_scalar(f"losses/{k}", float(np.mean(v)), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("debug/replay_max_error", replay_error, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        log_memory(writer, actor, attn, slot_src, mstats, global_step)
+        if rnd is not None:
+            writer.add_scalar("intrinsic/reward_mean", rewards_int.mean().item(), global_step)
+            writer.add_scalar("intrinsic/return_std", float(int_ret_rms.var.sqrt()), global_step)
+        if args.heatmap_interval and iteration % args.heatmap_interval == 0:
+            heat = torch.zeros((T, S + T), device=device)
+            heat.scatter_add_(1, slot_src[:, 0].clamp(min=0), attn[:, 0] * (slot_src[:, 0] >= 0).float())
+            writer.add_image("memory/attention_env0", (heat / heat.max().clamp(min=1e-8)).unsqueeze(0).cpu(),
+                             global_step)
+        progress.maybe_print(global_step, sps, force=iteration == num_iterations)
+        if time.time() - last_ckpt >= args.checkpoint_interval or iteration == num_iterations:
+            checkpoint(iteration, elapsed_before + time.time() - start_time)
+            last_ckpt = time.time()
+    envs.close()
+
+    wall_time = elapsed_before + time.time() - start_time
+    sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
+    if args.save_model:
+        model_path = os.path.join(run_dir, "model.pt")
+        torch.save(dict(agent=agent.state_dict(), args=asdict(args)), model_path)
+        print(f"model saved to {model_path}")
+    result = dict(mean_return=None, std_return=None, success_rate=None)
+    if args.eval_episodes > 0:
+        agent.eval()
+        result, picture = evaluate(agent, args, env_kwargs, kind, args.eval_episodes, device)
+        for k, v in result.items():
+            if v is not None:
+                writer.add_scalar(f"eval/{k}", v, global_step)
+        if picture is not None:
+            save_attention_png(picture, os.path.join(run_dir, "attention.png"))
+    path = write_eval_json(run_dir, dict(
+        algo=args.exp_name, env_id=args.env_id, env_kwargs=env_kwargs, seed=args.seed,
+        total_timesteps=args.total_timesteps, global_step=global_step, eval_episodes=args.eval_episodes,
+        **result, sps=sps, wall_time_s=wall_time, run_name=args.run_name, args=asdict(args)))
+    print(f"eval: return {result['mean_return']} success {result['success_rate']} -> {path}", flush=True)
+    writer.close()
+
+
+def log_memory(writer, actor: Actor, attn, slot_src, mstats: dict, global_step: int) -> None:
+    """memory/* scalars: retention score spread, ages of evicted vs kept, attention entropy, cue kept."""
+    mem = actor.mem
+    occ = mem.occupied[:, : mem.m]
+    if occ.any():
+        scores = mem.score[:, : mem.m]
+        n = occ.float().sum(1).clamp(min=1)
+        mean = (scores * occ).sum(1) / n
+        spread = torch.sqrt(((scores - mean.unsqueeze(1)) ** 2 * occ).sum(1) / n)
+        writer.add_scalar("memory/retention_score_spread", spread.mean().item(), global_step)
+    st = actor.stats
+    if st["evicted_n"]:
+        writer.add_scalar("memory/mean_age_evicted", st["evicted_age"] / st["evicted_n"], global_step)
+    if st["kept_n"]:
+        writer.add_scalar("memory/mean_age_kept", st["kept_age"] / st["kept_n"], global_step)
+    actor.stats = dict(evicted_age=0.0, evicted_n=0, kept_age=0.0, kept_n=0)
+    has = (slot_src >= 0).any(-1)
+    if has.any():
+        ent = -(attn * torch.log(attn.clamp(min=1e-12))).sum(-1)
+        writer.add_scalar("memory/attention_entropy", ent[has].mean().item(), global_step)
+    writer.add_scalar("memory/occupancy", (slot_src >= 0).float().sum(-1).mean().item(), global_step)
+    if mstats["cue_n"]:
+        writer.add_scalar("memory/cue_in_memory_at_decision", mstats["cue_in"] / mstats["cue_n"], global_step)
+        mstats["cue_in"], mstats["cue_n"] = 0, 0
+
+
+if __name__ == "__main__":
+    run_cli(main, Args)
