@@ -1,0 +1,194 @@
+"""The common CLI contract, end to end, for every algorithm script in SCRIPTS.
+
+Adding a script to SCRIPTS is all it takes to hold it to the contract: tiny-budget runs on a vector
+env, an ALE id and a MuJoCo env (eval.json + TensorBoard keys), --resume of a killed run, one-line
+errors for bad input, and the NaN guard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import describe, popen_script_at, read_tb_scalars, run_script_at
+
+SCRIPTS = ["ppo_baseline.py"]
+# Extra flags a script needs in every run here (e.g. to keep one of its own options tiny).
+EXTRA_ARGS: dict[str, list[str]] = {}
+
+EVAL_KEYS = {"algo", "env_id", "env_kwargs", "seed", "total_timesteps", "eval_episodes", "mean_return",
+             "std_return", "success_rate", "sps", "wall_time_s"}
+TB_KEYS = {"charts/episodic_return", "charts/SPS", "losses/value_loss", "losses/policy_loss",
+           "losses/entropy", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
+           "charts/learning_rate"}
+
+# Tiny budgets: two updates each; `max_episode_steps` (a gym.make argument, so a valid
+# --env-kwargs entry) makes episodes end inside the budget, so episodic returns and evaluation
+# exist. For ALE it counts raw frames (frame-skip 4 happens in the preprocessing wrapper).
+TINY = {
+    "vector": dict(env_id="MemoryTask-v0", env_kwargs={"delay": 4}, eval_episodes=8,
+                   flags=["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128",
+                          "--num-minibatches", "2", "--update-epochs", "2"]),
+    "atari": dict(env_id="ALE/Pong-v5", env_kwargs={"max_episode_steps": 80}, eval_episodes=1,
+                  flags=["--num-envs", "2", "--num-steps", "16", "--total-timesteps", "64",
+                         "--num-minibatches", "2", "--update-epochs", "1"]),
+    "mujoco": dict(env_id="HalfCheetah-v5", env_kwargs={"max_episode_steps": 50}, eval_episodes=1,
+                   flags=["--num-envs", "2", "--num-steps", "64", "--total-timesteps", "256",
+                          "--num-minibatches", "2", "--update-epochs", "2"]),
+}
+
+
+def run(cwd, script, *args, **kwargs):
+    return run_script_at(cwd, script, *args, *EXTRA_ARGS.get(script, []), **kwargs)
+
+
+def kwargs_flags(env_kwargs: dict) -> list[str]:
+    return ["--env-kwargs", *(f"{k}={v!r}" for k, v in env_kwargs.items())] if env_kwargs else []
+
+
+def flag_value(flags: list[str], name: str) -> int:
+    return int(flags[flags.index(name) + 1])
+
+
+# ---------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(TINY))
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_end_to_end(tmp_path, script, kind):
+    cfg = TINY[kind]
+    total = flag_value(cfg["flags"], "--total-timesteps")
+    proc = run(tmp_path, script, "--env-id", cfg["env_id"], *kwargs_flags(cfg["env_kwargs"]), "--seed", "3",
+               "--eval-episodes", str(cfg["eval_episodes"]), "--run-name", "e2e", *cfg["flags"])
+    assert proc.returncode == 0, describe(proc)
+    run_dir = tmp_path / "runs" / "e2e"
+    assert (run_dir / "checkpoint.pt").is_file()
+    # the one-line progress report reaches the final step
+    assert re.search(rf"\b{total}/{total}\b.*SPS", proc.stdout), proc.stdout
+
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert EVAL_KEYS <= set(record), EVAL_KEYS - set(record)
+    assert record["algo"] == Path(script).stem
+    assert (record["env_id"], record["env_kwargs"], record["seed"]) == (cfg["env_id"], cfg["env_kwargs"], 3)
+    assert (record["total_timesteps"], record["eval_episodes"]) == (total, cfg["eval_episodes"])
+    assert math.isfinite(record["mean_return"]) and record["std_return"] >= 0
+    assert record["sps"] > 0 and record["wall_time_s"] > 0
+    if kind == "vector":
+        # every MemoryTask episode returns +1 or -1, so return and success rate determine each other
+        p = record["success_rate"]
+        assert 0 <= p <= 1 and p * cfg["eval_episodes"] == round(p * cfg["eval_episodes"])
+        assert record["mean_return"] == pytest.approx(2 * p - 1)
+        assert record["std_return"] == pytest.approx(2 * math.sqrt(p * (1 - p)))
+    else:
+        assert record["success_rate"] is None  # these envs report no is_success
+
+    scalars = read_tb_scalars(run_dir)
+    assert TB_KEYS <= set(scalars), TB_KEYS - set(scalars)
+    for key in TB_KEYS - {"losses/explained_variance"}:
+        assert all(math.isfinite(v) for _, v in scalars[key]), key
+    assert max(s for s, _ in scalars["charts/SPS"]) == total
+    assert len(scalars["losses/value_loss"]) == 2  # one point per update, averaged over minibatches
+    assert all(0 < v for _, v in scalars["charts/learning_rate"])
+
+
+# ---------------------------------------------------------------------------------------
+# Resume a killed run
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_continues_a_killed_run(tmp_path, script):
+    total, num_steps = 2048, 16
+    args = ["--env-kwargs", "delay=4", "--num-envs", "1", "--num-steps", str(num_steps), "--total-timesteps",
+            str(total), "--num-minibatches", "1", "--update-epochs", "2", "--checkpoint-interval", "0",
+            "--eval-episodes", "4", "--run-name", "killed", *EXTRA_ARGS.get(script, [])]
+    run_dir = tmp_path / "runs" / "killed"
+    proc = popen_script_at(tmp_path, script, *args)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoint.pt").exists():
+            assert proc.poll() is None, (tmp_path / f"{Path(script).stem}.stderr").read_text()
+            assert time.time() < deadline, "no checkpoint.pt after 240 s"
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run finished before it could be killed; raise `total`"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < killed_at < total
+    assert not (run_dir / "eval.json").exists()
+
+    resumed = run(tmp_path, script, "--resume", str(run_dir))
+    assert resumed.returncode == 0, describe(resumed)
+    assert "resum" in resumed.stdout.lower()
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == total
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert record["total_timesteps"] == total and record["eval_episodes"] == 4
+    assert record.get("global_step", total) == total
+    assert math.isfinite(record["mean_return"])
+    scalars = read_tb_scalars(run_dir)
+    steps = [s for s, _ in scalars["losses/value_loss"]]
+    assert len(steps) == len(set(steps)), "an update logged twice"
+    # every update after the checkpoint is in the log, up to the total
+    assert set(range(killed_at + num_steps, total + 1, num_steps)) <= set(steps)
+    assert max(s for s, _ in scalars["charts/SPS"]) == total
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: exactly one line on stderr naming the bad value, non-zero exit, no traceback
+# ---------------------------------------------------------------------------------------
+BAD_INPUT = [
+    ("seed-not-int", ["--seed", "x"], ["--seed", "x"]),
+    ("unknown-flag", ["--bogus"], ["--bogus"]),
+    ("unknown-env", ["--env-id", "NoSuchEnv-v0"], ["NoSuchEnv-v0"]),
+    ("missing-module", ["--env-id", "no_such_module:Foo-v0"], ["no_such_module"]),
+    ("delay-0", ["--env-kwargs", "delay=0"], ["delay", "0"]),
+    ("not-key-value", ["--env-kwargs", "notkv"], ["notkv"]),
+    ("text-observation", ["--env-id", "helper_envs:TextObs-v0"], ["Text"]),
+    ("multibinary-action", ["--env-id", "helper_envs:MultiBinaryAction-v0"], ["MultiBinary"]),
+    ("resume-nothing", ["--resume", "no_such_run"], ["no_such_run"]),
+]
+
+
+@pytest.mark.parametrize("case,flags,named", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_is_one_line(tmp_path, script, case, flags, named):
+    proc = run(tmp_path, script, *flags, "--total-timesteps", "64", "--eval-episodes", "0", timeout=120)
+    assert proc.returncode not in (0, None), describe(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, describe(proc)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for word in named:
+        assert word in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------
+# NaN guard
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, script):
+    # NaNReward-v0 turns its rewards into NaN after 64 steps, i.e. during the 5th rollout of 16.
+    proc = run(tmp_path, script, "--env-id", "helper_envs:NaNReward-v0", "--env-kwargs", "nan_after=64",
+               "--num-envs", "1", "--num-steps", "16", "--num-minibatches", "1", "--update-epochs", "2",
+               "--total-timesteps", "512", "--checkpoint-interval", "0", "--eval-episodes", "2",
+               "--run-name", "nan")
+    assert proc.returncode not in (0, None), describe(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, describe(proc)
+    assert re.search(r"non-finite|nan", lines[0], re.IGNORECASE) and "checkpoint" in lines[0], lines[0]
+    run_dir = tmp_path / "runs" / "nan"
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 64  # the last update with finite rewards
+    for name, tensor in ckpt["agent"].items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point():
+            assert torch.isfinite(tensor).all(), name
+    assert not (run_dir / "eval.json").exists()
