@@ -145,3 +145,17 @@ def test_resume_keeps_the_checkpointed_iterations_scalars(tmp_path):
     # steps after the checkpoint are replaced, the checkpointed iteration's own are kept
     assert [s for s, _ in scalars["losses/value_loss"]] == [16, 32, 48, 64]
     assert [s for s, _ in scalars["charts/SPS"]] == [16, 32, 48, 64]
+
+
+# ---------------------------------------------------------------------------------------
+# Learning check (slow: minutes; `python -m pytest -m slow`)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cartpole_reaches_475_at_500k_steps(tmp_path):
+    # CleanRL's ppo.py reports 490.0 +- 6.1 on CartPole-v1 at 500k steps.
+    proc = run_script_at(tmp_path, "ppo_baseline.py", "--env-id", "CartPole-v1", "--seed", "1",
+                         "--total-timesteps", "500000", "--eval-episodes", "20", "--checkpoint-interval", "600",
+                         "--run-name", "cartpole", timeout=3600)
+    assert proc.returncode == 0, describe(proc)
+    record = json.loads((tmp_path / "runs" / "cartpole" / "eval.json").read_text())
+    assert record["mean_return"] >= 475, record
