@@ -160,6 +160,8 @@ def cell(values, fmt, resamples: int, seed: int) -> str:
     if not values:
         return "n/a"
     m, lo, hi = bootstrap_ci(values, resamples, seed)
+    if len(values) == 1:
+        return fmt(m)  # one seed: no interval to show
     return f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]"
 
 
@@ -234,12 +236,32 @@ def curve_band(curves: np.ndarray, seed: int):
     return mean, low, high
 
 
+def table_order(directory: str, suite: str) -> dict[str, int]:
+    """Position of each setting and agent in benchmark.sh's tables, read from the suite's job
+    script (DIR/<suite>.jobs.sh) when there is one, so rows follow the suite definition."""
+    order: dict[str, int] = {}
+    path = os.path.join(directory, f"{suite}.jobs.sh")
+    if os.path.exists(path):
+        with open(path) as f:
+            for name in re.findall(r"^\s+\d+\) run (\S+)", f.read(), re.M):
+                parts = name.split("__")
+                if len(parts) == 4:
+                    order.setdefault("setting:" + parts[1], len(order))
+                    order.setdefault("agent:" + parts[2], len(order))
+    return order
+
+
 def summarize_suite(suite: str, runs: list[Run], out_dir: str, window: int, resamples: int,
-                    seed: int) -> str:
+                    seed: int, order: dict[str, int] | None = None) -> str:
+    order = order or {}
     groups: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         groups[r.setting][r.agent].append(r)
-    settings = sorted(groups, key=natural_key)
+
+    def ordered(names, kind):  # suite-table order first, then natural order
+        return sorted(names, key=lambda n: (order.get(f"{kind}:{n}", len(order)), natural_key(n)))
+
+    settings = ordered(groups, "setting")
     lines = [f"## {suite}", "",
              f"Mean over seeds [95% bootstrap CI, {resamples} resamples]. Return and success rate: "
              f"final evaluation (eval.json). Steps to 90%: first env step at which the trailing "
@@ -250,7 +272,7 @@ def summarize_suite(suite: str, runs: list[Run], out_dir: str, window: int, resa
              "| steps to 90% success | SPS |",
              "|---|---|---|---|---|---|---|---|---|"]
     for setting in settings:
-        for agent in sorted(groups[setting], key=natural_key):
+        for agent in ordered(groups[setting], "agent"):
             rs = sorted(groups[setting][agent], key=lambda r: r.seed)
             budget = sorted({int(r.record.get("total_timesteps") or 0) for r in rs})
             episodes = sorted({int(r.record.get("eval_episodes") or 0) for r in rs})
@@ -263,7 +285,7 @@ def summarize_suite(suite: str, runs: list[Run], out_dir: str, window: int, resa
                 cell([r.record.get("sps") for r in rs], lambda v: f"{v:.0f}", resamples, seed),
             ]) + " |")
 
-    agents = sorted({r.agent for r in runs}, key=natural_key)
+    agents = ordered({r.agent for r in runs}, "agent")
     lines += ["", f"### {suite}: SPS (training env steps per second, mean [95% CI])", "",
               "| agent | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
     for agent in agents:
@@ -311,7 +333,8 @@ def main(argv=None) -> int:
     for r in runs:
         by_suite[r.suite].append(r)
     for suite in sorted(by_suite, key=natural_key):
-        print(summarize_suite(suite, by_suite[suite], out_dir, args.window, args.resamples, args.bootstrap_seed))
+        print(summarize_suite(suite, by_suite[suite], out_dir, args.window, args.resamples, args.bootstrap_seed,
+                              table_order(args.dir, suite)))
         print(f"(written to {os.path.join(out_dir, suite + '.md')})\n")
     return 0
 

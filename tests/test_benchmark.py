@@ -156,12 +156,15 @@ def test_summarize_tables_curves_and_sps_on_synthetic_runs(tmp_path, capsys):
                  ret=0.5, success=0.75, sps=2000.0, switch_episode=100 if seed < 3 else None)
     fake_run(tmp_path, "cp_1", algo="ppo_baseline", seed=4, ret=0.0, success=None, sps=1.0,
              switch_episode=None, env_kwargs={})  # not a benchmark name: suite "other"
+    # Rows follow the suite table, as recorded in benchmark.sh's job script.
+    (tmp_path / "memory.jobs.sh").write_text("".join(
+        f"  {i}) run memory__{setting}__{a}__1 x.py ;;\n" for i, a in enumerate(["ppo", "lstm-ppo", "trace-learned"])))
     out = tmp_path / "summary"
     assert summarize.main([str(tmp_path), "--out", str(out), "--resamples", "3000"]) == 0
     md = (out / "memory.md").read_text()
     assert md in capsys.readouterr().out
     rows = table_rows(md)
-    assert set(rows) == {(setting, a) for a in ("trace-learned", "ppo", "lstm-ppo")}
+    assert list(rows) == [(setting, a) for a in ("ppo", "lstm-ppo", "trace-learned")]
 
     trace = rows[setting, "trace-learned"]
     assert trace["seeds"] == "3" and trace["budget (steps)"] == "4.8k" and trace["eval episodes"] == "200"
