@@ -129,8 +129,12 @@ def load_runs(directory: str) -> list[Run]:
     runs = []
     for path in sorted(glob.glob(os.path.join(directory, "*", "eval.json"))):
         run_dir = os.path.dirname(path)
-        with open(path) as f:
-            record = json.load(f)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:  # e.g. a run killed while writing it
+            print(f"summarize.py: warning: skipping unreadable {path}: {exc}", file=sys.stderr)
+            continue
         parts = os.path.basename(run_dir).split("__")
         if len(parts) == 4 and parts[3].isdigit():
             suite, setting, agent, seed = parts[0], parts[1], parts[2], int(parts[3])
