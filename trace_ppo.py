@@ -132,7 +132,7 @@ class Args:
     total_timesteps: int = 500_000
     """total timesteps of the experiment"""
     learning_rate: Optional[float] = None
-    """the learning rate of the optimizer [2.5e-4 / 2.5e-4 / 3e-4]"""
+    """the learning rate of the optimizer [1e-3 / 2.5e-4 / 3e-4]"""
     num_envs: Optional[int] = None
     """the number of parallel game environments [8 / 8 / 1]"""
     num_steps: Optional[int] = None
@@ -200,7 +200,7 @@ class Args:
 
 
 PRESETS = {
-    "vector": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4,
+    "vector": dict(learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4,
                    clip_coef=0.2, ent_coef=0.001, normalize=False, norm_adv=False),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4,
                   clip_coef=0.1, ent_coef=0.01, normalize=False, norm_adv=True),
@@ -404,11 +404,11 @@ class Agent(nn.Module):
         mem = mem + self.tag_proj(tags)
         q = self.heads_split(self.q_proj(e))                      # B H dh
         k, v = self.heads_split(self.k_proj(mem)), self.heads_split(self.v_proj(mem))  # B S H dh
-        logits = torch.einsum("bhd,bshd->bhs", q, k) / math.sqrt(q.shape[-1])
+        logits = (q.unsqueeze(2) @ k.permute(0, 2, 3, 1)).squeeze(2) / math.sqrt(q.shape[-1])  # B H S
         # A large finite negative (not -inf) keeps all-empty rows finite in the backward pass.
         logits = logits.masked_fill(~occupied.unsqueeze(1), -1e30)
         w = torch.softmax(logits, -1) * occupied.any(-1).float()[:, None, None]
-        read = torch.einsum("bhs,bshd->bhd", w, v).flatten(1)
+        read = (w.unsqueeze(2) @ v.transpose(1, 2)).squeeze(2).flatten(1)  # B H dh -> B D
         return self.o_proj(read), w
 
     # --- retention ----------------------------------------------------------------------------
@@ -424,11 +424,11 @@ class Agent(nn.Module):
         value = self.critic(z).squeeze(-1)
         value_int = self.critic_int(z).squeeze(-1) if self.critic_int is not None else None
         if self.continuous:
-            dist = Normal(out, self.actor_logstd.expand_as(out).exp())
+            dist = Normal(out, self.actor_logstd.expand_as(out).exp(), validate_args=False)
             if action is None:
                 action = out if greedy else dist.sample()
             return action, dist.log_prob(action).sum(1), dist.entropy().sum(1), value, value_int, out
-        dist = Categorical(logits=out)
+        dist = Categorical(logits=out, validate_args=False)
         if action is None:
             action = out.argmax(1) if greedy else dist.sample()
         return action, dist.log_prob(action), dist.entropy(), value, value_int, out
@@ -725,19 +725,28 @@ def replay(agent: Agent, pool: dict, pool_e: torch.Tensor, slot_src, slot_tag, t
     return e, read, w, src
 
 
-def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, visible: torch.Tensor,
-                             e: torch.Tensor, i_idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy from the hindsight attention of each query over every visible entry of its
-    episode (kept or evicted; stop-gradient) to softmax of the retention scores of those entries."""
+@torch.no_grad()
+def hindsight_targets(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, s_off: int) -> torch.Tensor:
+    """Hindsight attention (T, N, P) of every query of the rollout over every entry it may look back
+    at (``visible``, kept or evicted), mean over heads: the target of the retention scorer. Computed
+    once per update from the rollout's parameters (a stop-gradient target), batched per env."""
+    t_len = visible.shape[0]
+    e = pool_e[:, s_off:]                                          # N T D (the queries' inputs)
+    q = agent.heads_split(agent.q_proj(e)).transpose(1, 2)         # N H T dh
+    k = agent.heads_split(agent.k_proj(pool_e)).transpose(1, 2)    # N H P dh
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])      # N H T P
+    logits = logits.masked_fill(~visible.permute(1, 0, 2).unsqueeze(1), -1e30)
+    return torch.softmax(logits, -1).mean(1).transpose(0, 1) * visible.any(-1, keepdim=True).float()
+
+
+def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, target: torch.Tensor,
+                             visible: torch.Tensor, i_idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy from the hindsight attention of each query (B, P) to softmax of the retention
+    scores of the entries visible to it, weighted per query."""
     n, p = pool["prew"].shape
     flat = lambda x: x.reshape(n * p, *x.shape[2:])  # noqa: E731
     score, _ = agent.retention(flat(pool_e), flat(pool["pact"]), flat(pool["prew"]), flat(pool["tau"]))
     score = score.view(n, p)[i_idx]                               # B P
-    with torch.no_grad():
-        q = agent.heads_split(agent.q_proj(e))                    # B H dh
-        k = agent.heads_split(agent.k_proj(pool_e))[i_idx]        # B P H dh
-        logits = torch.einsum("bhd,bphd->bhp", q, k) / math.sqrt(q.shape[-1])
-        target = torch.softmax(logits.masked_fill(~visible.unsqueeze(1), -1e30), -1).mean(1)
     has = visible.any(1)
     logp = torch.log_softmax(score.masked_fill(~visible, -1e30), -1)
     ce = -(target * logp * visible.float()).sum(-1)
@@ -1053,6 +1062,12 @@ def main(args: Args) -> None:
             b_actions = b_actions.long()
         b_logprobs, b_returns, b_values = logprobs.reshape(-1), returns.reshape(-1), values.reshape(-1)
 
+        use_ret = args.retention == "learned" and args.retention_coef > 0
+        if use_ret:
+            all_t, all_i = (x.reshape(-1) for x in torch.meshgrid(torch.arange(T, device=device),
+                                                                  torch.arange(N, device=device), indexing="ij"))
+            visible = visible_entries(slot_src, ep_id, all_t, all_i, S).view(T, N, -1)
+            ret_target = hindsight_targets(agent, pool_embed(agent, pool), visible, S)
         b_inds = np.arange(batch_size)
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl",
                                  "clipfrac", "retention_loss")}
@@ -1093,11 +1108,11 @@ def main(args: Args) -> None:
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
                 # Hindsight usefulness: decisions that mattered (large |A|) vote for the entries
                 # they would attend to among everything their episode saw.
-                absadv = b_adv[mb].abs()
-                weight = absadv / absadv.mean().clamp(min=1e-8)
-                visible = visible_entries(slot_src, ep_id, t_idx, i_idx, S)
-                if args.retention == "learned" and args.retention_coef > 0:
-                    ret_loss = hindsight_retention_loss(agent, pool, pool_e, visible, e, i_idx, weight)
+                if use_ret:
+                    absadv = b_adv[mb].abs()
+                    weight = absadv / absadv.mean().clamp(min=1e-8)
+                    ret_loss = hindsight_retention_loss(agent, pool, pool_e, ret_target[t_idx, i_idx],
+                                                        visible[t_idx, i_idx], i_idx, weight)
                     loss = loss + args.retention_coef * ret_loss
                     stats["retention_loss"].append(ret_loss.item())
                 if args.aux_recon_coef > 0:

@@ -247,7 +247,9 @@ def test_gradients_reach_encoder_attention_and_retention():
     assert agent.ret_out.weight.grad is None or agent.ret_out.weight.grad.abs().sum() == 0
     ep_id = torch.cumsum((out["tau"] == 0).long(), 0)
     visible = trace_ppo.visible_entries(out["src"], ep_id, t_idx, i_idx, S)
-    loss = trace_ppo.hindsight_retention_loss(agent, pool, pool_e, visible, e, i_idx, torch.ones(len(t_idx)))
+    target = trace_ppo.hindsight_targets(agent, pool_e, visible.view(T, 2, -1), S).reshape(T * 2, -1)
+    assert torch.allclose(target.sum(-1)[visible.any(-1)], torch.ones(1)) and torch.all(target[~visible] == 0)
+    loss = trace_ppo.hindsight_retention_loss(agent, pool, pool_e, target, visible, i_idx, torch.ones(len(t_idx)))
     agent.zero_grad()
     loss.backward()
     assert agent.ret_out.weight.grad.abs().sum() > 0 and agent.ret_hidden[0].weight.grad.abs().sum() > 0
