@@ -11,7 +11,8 @@
 #   --out DIR    run directories go to DIR/<run-name> (default: runs)
 #   --slurm      write DIR/<suite>.jobs.sh as an sbatch array (one task per run) and submit it
 #                where `sbatch` exists; --workers W then throttles the array to W tasks at once
-#   --dry-run    print the run list (or, with --slurm, the job script) and run nothing
+#   --dry-run    print the run list with each run's status (todo, done, resume, no-script) --
+#                or, with --slurm, the job script -- and run nothing
 #   --only REGEX keep only runs whose name matches the (bash extended) REGEX,
 #                e.g. --only '__ppo__' or --only 'delay(16|64)'
 #   --scale F    multiply every training budget by F (e.g. 0.05 for a quick partial run);
@@ -25,8 +26,9 @@
 # Resumable: a run whose eval.json exists is skipped; one with a checkpoint.pt but no
 # eval.json is continued with `--resume`. A run whose script is missing or that fails is
 # reported (log: DIR/<run-name>/stdout.log) without stopping the others; the exit status is 1
-# if any run did not finish. A finished local suite is summarised with summarize.py into
-# DIR/summary/. Environment: PYTHON (default python3) is the interpreter the runs use.
+# if any run did not finish. Local runs are started with `nice -n 5`. A finished local suite
+# is summarised with summarize.py into DIR/summary/. PYTHON (default python3) is the
+# interpreter the runs use. Do not run the same suite into the same DIR twice at once.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python3}
