@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import runpy
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import describe, popen_script_at, read_tb_scalars, run_script_at
+from conftest import REPO_ROOT, describe, popen_script_at, read_tb_scalars, run_script_at
 
 SCRIPTS = ["ppo_baseline.py"]
 # Extra flags a script needs in every run here (e.g. to keep one of its own options tiny).
@@ -103,7 +105,7 @@ def test_end_to_end(tmp_path, script, kind):
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_continues_a_killed_run(tmp_path, script):
-    total, num_steps = 2048, 16
+    total, num_steps = 1024, 16
     args = ["--env-kwargs", "delay=4", "--num-envs", "1", "--num-steps", str(num_steps), "--total-timesteps",
             str(total), "--num-minibatches", "1", "--update-epochs", "2", "--checkpoint-interval", "0",
             "--eval-episodes", "4", "--run-name", "killed", *EXTRA_ARGS.get(script, [])]
@@ -146,27 +148,51 @@ def test_resume_continues_a_killed_run(tmp_path, script):
 # ---------------------------------------------------------------------------------------
 # Bad input: exactly one line on stderr naming the bad value, non-zero exit, no traceback
 # ---------------------------------------------------------------------------------------
+# (case, flags, words the error line must contain, run as a real subprocess?) The subprocess cases
+# cover each error path (flag parsing, env construction, spaces) in a real interpreter; the rest
+# run the script in-process with runpy (same code, as __main__) to save interpreter start-ups.
 BAD_INPUT = [
-    ("seed-not-int", ["--seed", "x"], ["--seed", "x"]),
-    ("unknown-flag", ["--bogus"], ["--bogus"]),
-    ("unknown-env", ["--env-id", "NoSuchEnv-v0"], ["NoSuchEnv-v0"]),
-    ("missing-module", ["--env-id", "no_such_module:Foo-v0"], ["no_such_module"]),
-    ("delay-0", ["--env-kwargs", "delay=0"], ["delay", "0"]),
-    ("not-key-value", ["--env-kwargs", "notkv"], ["notkv"]),
-    ("text-observation", ["--env-id", "helper_envs:TextObs-v0"], ["Text"]),
-    ("multibinary-action", ["--env-id", "helper_envs:MultiBinaryAction-v0"], ["MultiBinary"]),
-    ("resume-nothing", ["--resume", "no_such_run"], ["no_such_run"]),
+    ("seed-not-int", ["--seed", "x"], ["--seed", "x"], True),
+    ("unknown-flag", ["--bogus"], ["--bogus"], False),
+    ("unknown-env", ["--env-id", "NoSuchEnv-v0"], ["NoSuchEnv-v0"], False),
+    ("missing-module", ["--env-id", "no_such_module:Foo-v0"], ["no_such_module"], False),
+    ("delay-0", ["--env-kwargs", "delay=0"], ["delay", "0"], True),
+    ("not-key-value", ["--env-kwargs", "notkv"], ["notkv"], False),
+    ("unknown-kwarg", ["--env-kwargs", "bogus_kw=1"], ["bogus_kw"], False),
+    ("text-observation", ["--env-id", "helper_envs:TextObs-v0"], ["Text"], True),
+    ("multibinary-action", ["--env-id", "helper_envs:MultiBinaryAction-v0"], ["MultiBinary"], False),
+    ("zero-envs", ["--num-envs", "0"], ["--num-envs", "0"], False),
+    ("resume-nothing", ["--resume", "no_such_run"], ["no_such_run"], False),
 ]
 
 
-@pytest.mark.parametrize("case,flags,named", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def run_in_process(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """``python script argv...`` executed in this interpreter; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [str(REPO_ROOT / script), *argv])
+    code = 0
+    try:
+        runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("case,flags,named,in_subprocess", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_bad_input_is_one_line(tmp_path, script, case, flags, named):
-    proc = run(tmp_path, script, *flags, "--total-timesteps", "64", "--eval-episodes", "0", timeout=120)
-    assert proc.returncode not in (0, None), describe(proc)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, describe(proc)
-    assert "Traceback" not in proc.stderr + proc.stdout
+def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, script, case, flags, named, in_subprocess):
+    argv = [*flags, "--total-timesteps", "64", "--eval-episodes", "0", *EXTRA_ARGS.get(script, [])]
+    if in_subprocess:
+        proc = run_script_at(tmp_path, script, *argv, timeout=120)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        monkeypatch.chdir(tmp_path)
+        code, out, err = run_in_process(script, argv, monkeypatch, capsys)
+    report = f"rc={code}\n--- stdout ---\n{out[-2000:]}\n--- stderr ---\n{err[-2000:]}"
+    assert code != 0, report
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, report
+    assert "Traceback" not in err + out
     for word in named:
         assert word in lines[0], lines[0]
 

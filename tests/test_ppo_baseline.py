@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import gymnasium as gym
 import numpy as np
@@ -75,12 +76,15 @@ def test_reward_scaler_clips():
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pendulum_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("pendulum")
-    proc = run_script_at(cwd, "ppo_baseline.py", "--env-id", "Pendulum-v1", "--num-steps", "64",
-                         "--num-minibatches", "4", "--update-epochs", "2", "--total-timesteps", "128",
-                         "--eval-episodes", "2", "--save-model",
-                         "--run-name", "pend")
-    assert proc.returncode == 0, describe(proc)
+    """A tiny continuous-action run (observation and reward normalisation on), in-process."""
+    cwd, old = tmp_path_factory.mktemp("pendulum"), os.getcwd()
+    os.chdir(cwd)
+    try:
+        ppo_baseline.main(ppo_baseline.Args(env_id="Pendulum-v1", num_steps=64, num_minibatches=4,
+                                            update_epochs=2, total_timesteps=128, eval_episodes=2,
+                                            save_model=True, run_name="pend", cuda=False))
+    finally:
+        os.chdir(old)
     return cwd / "runs" / "pend"
 
 
@@ -127,11 +131,10 @@ def test_saved_model_reproduces_greedy_actions_and_evaluation(pendulum_run):
 # ---------------------------------------------------------------------------------------
 # Resume: the TensorBoard log of a resumed run has every update exactly once
 # ---------------------------------------------------------------------------------------
-def test_resume_keeps_the_checkpointed_iterations_scalars(tmp_path):
-    common = ["--env-kwargs", "delay=2", "--num-envs", "1", "--num-steps", "16", "--total-timesteps", "64",
-              "--checkpoint-interval", "0", "--eval-episodes", "0", "--run-name", "r"]
-    proc = run_script_at(tmp_path, "ppo_baseline.py", *common)
-    assert proc.returncode == 0, describe(proc)
+def test_resume_keeps_the_checkpointed_iterations_scalars(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ppo_baseline.main(ppo_baseline.Args(env_kwargs=("delay=2",), num_envs=1, num_steps=16, total_timesteps=64,
+                                        checkpoint_interval=0, eval_episodes=0, run_name="r", cuda=False))
     run_dir = tmp_path / "runs" / "r"
     assert [s for s, _ in read_tb_scalars(run_dir)["losses/value_loss"]] == [16, 32, 48, 64]
     # Pretend the run was killed right after checkpointing iteration 2 (its events flushed).
@@ -139,8 +142,7 @@ def test_resume_keeps_the_checkpointed_iterations_scalars(tmp_path):
     assert (ckpt["iteration"], ckpt["global_step"]) == (4, 64)
     ckpt.update(iteration=2, global_step=32)
     torch.save(ckpt, run_dir / "checkpoint.pt")
-    proc = run_script_at(tmp_path, "ppo_baseline.py", "--resume", "r")
-    assert proc.returncode == 0, describe(proc)
+    ppo_baseline.main(ppo_baseline.Args(resume="r"))
     scalars = read_tb_scalars(run_dir)
     # steps after the checkpoint are replaced, the checkpointed iteration's own are kept
     assert [s for s, _ in scalars["losses/value_loss"]] == [16, 32, 48, 64]
