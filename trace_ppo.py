@@ -358,7 +358,7 @@ class Agent(nn.Module):
             self.actor_logstd = nn.Parameter(torch.zeros(1, self.n_act))
         # Retention scorer: content of an entry -> score (higher = keep). The embedding is detached so
         # the retention objective shapes only this network, never what the policy reads.
-        self.ret_hidden = nn.Sequential(layer_init(nn.Linear(d + TIME_DIM + self.n_act + 1, RET_HIDDEN)), nn.Tanh())
+        self.ret_hidden = nn.Sequential(layer_init(nn.Linear(d + TIME_DIM + self.n_act + 1 + TAG_DIM, RET_HIDDEN)), nn.Tanh())
         self.ret_out = layer_init(nn.Linear(RET_HIDDEN, 1), std=0.01)
         self.recon_dim = self._recon_target_dim(obs_space)
         self.recon = (nn.Sequential(layer_init(nn.Linear(d + TIME_DIM, 64)), nn.Tanh(),
@@ -412,9 +412,14 @@ class Agent(nn.Module):
         return self.o_proj(read), w
 
     # --- retention ----------------------------------------------------------------------------
-    def retention(self, e, prev_act, prev_rew, tau):
-        """Retention score of entries (and the scorer's hidden features, used by the exploration noise)."""
-        h = self.ret_hidden(torch.cat([e.detach(), time_encoding(tau), prev_act, prev_rew.unsqueeze(-1)], -1))
+    def retention(self, e, prev_act, prev_rew, tau, tag=None):
+        """Retention score of entries (and the scorer's hidden features, used by the exploration noise).
+
+        ``tag`` is the persistent tag of the slot an entry sits in (zeros for episodic entries), so
+        the scorer can learn, e.g., that stale persistent entries are no longer read."""
+        if tag is None:
+            tag = e.new_zeros(e.shape[:-1] + (TAG_DIM,))
+        h = self.ret_hidden(torch.cat([e.detach(), time_encoding(tau), prev_act, prev_rew.unsqueeze(-1), tag], -1))
         return self.ret_out(h).squeeze(-1), h
 
     # --- policy -------------------------------------------------------------------------------
@@ -516,12 +521,15 @@ class Memory:
         written = torch.where(target < m, target, torch.full_like(target, -1))
         return written, evicted
 
-    def end_episode(self, i: int, outcome: float, policy: str, generator: Optional[torch.Generator] = None) -> None:
-        """Env ``i``'s episode ended: promote entries to the persistent slots, clear the episodic ones."""
+    def end_episode(self, i: int, outcome: float, policy: str, generator: Optional[torch.Generator] = None,
+                    rank: Optional[torch.Tensor] = None) -> None:
+        """Env ``i``'s episode ended: the episode's entries and the persistent ones compete for the K
+        persistent slots (learned: highest ``rank``, the retention scores of the entries with their
+        current tags; fifo: most recent; random), then the episodic slots are cleared."""
         if self.k > 0:
             occ = torch.nonzero(self.src[i] >= 0).squeeze(1)
             if policy == "learned":
-                order = occ[self.xscore[i, occ].argsort(descending=True)]
+                order = occ[rank[occ].argsort(descending=True, stable=True)]
             elif policy == "fifo":
                 order = occ[self.wstep[i, occ].argsort(descending=True)]
             else:
@@ -646,7 +654,7 @@ class Actor:
         occ = mem.occupied
         flat = lambda x: x.reshape(self.n * s, *x.shape[2:])  # noqa: E731
         e = self.agent.embed(flat(mem.obs), flat(mem.pact), flat(mem.prew), flat(mem.tau))
-        score, hidden = self.agent.retention(e, flat(mem.pact), flat(mem.prew), flat(mem.tau))
+        score, hidden = self.agent.retention(e, flat(mem.pact), flat(mem.prew), flat(mem.tau), flat(mem.tags()))
         xs = self.explore_scores(score, hidden, self.noise.repeat_interleave(s, 0))
         mem.emb = e.view(self.n, s, -1).clone()
         mem.score, mem.xscore = score.view(self.n, s).clone(), xs.view(self.n, s).clone()
@@ -693,10 +701,21 @@ class Actor:
         self.tau = self.tau + 1
         self.ep_return += reward_raw
 
+    @torch.no_grad()
     def end_episodes(self, rows, deterministic: bool = False) -> None:
         rows = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
-        for i in rows.tolist():
-            self.mem.end_episode(int(i), float(self.ep_return[i]), self.args.retention, self.generator)
+        mem, rank = self.mem, None
+        if mem.k > 0 and self.args.retention == "learned":
+            s = mem.s
+            pick = lambda x: x[rows].reshape(len(rows) * s, *x.shape[2:])  # noqa: E731
+            score, hidden = self.agent.retention(pick(mem.emb), pick(mem.pact), pick(mem.prew), pick(mem.tau),
+                                                 pick(mem.tags()))
+            if not deterministic:
+                score = self.explore_scores(score, hidden, self.noise[rows].repeat_interleave(s, 0))
+            rank = score.view(len(rows), s)
+        for r, i in enumerate(rows.tolist()):
+            mem.end_episode(i, float(self.ep_return[i]), self.args.retention, self.generator,
+                            None if rank is None else rank[r])
         self.pact[rows] = 0.0
         self.prew[rows] = 0.0
         self.tau[rows] = 0
@@ -726,27 +745,48 @@ def replay(agent: Agent, pool: dict, pool_e: torch.Tensor, slot_src, slot_tag, t
 
 
 @torch.no_grad()
-def hindsight_targets(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, s_off: int) -> torch.Tensor:
+def hindsight_targets(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, slot_src: torch.Tensor,
+                      slot_tag: torch.Tensor, s_off: int) -> torch.Tensor:
     """Hindsight attention (T, N, P) of every query of the rollout over every entry it may look back
-    at (``visible``, kept or evicted), mean over heads: the target of the retention scorer. Computed
-    once per update from the rollout's parameters (a stop-gradient target), batched per env."""
-    t_len = visible.shape[0]
+    at (``visible``, kept or evicted), mean over heads: the target of the retention scorer. Entries in
+    memory at the query's step use their slot's tag, as in the real read. Computed once per update
+    from the rollout's parameters (a stop-gradient target), batched per env."""
+    t_len, n = visible.shape[:2]
     e = pool_e[:, s_off:]                                          # N T D (the queries' inputs)
     q = agent.heads_split(agent.q_proj(e)).transpose(1, 2)         # N H T dh
     k = agent.heads_split(agent.k_proj(pool_e)).transpose(1, 2)    # N H P dh
-    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])      # N H T P
-    logits = logits.masked_fill(~visible.permute(1, 0, 2).unsqueeze(1), -1e30)
-    return torch.softmax(logits, -1).mean(1).transpose(0, 1) * visible.any(-1, keepdim=True).float()
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).permute(2, 0, 1, 3)  # T N H P
+    occupied = slot_src >= 0
+    env = torch.arange(n, device=pool_e.device).view(1, n, 1)
+    mem = pool_e[env, slot_src.clamp(min=0)] + agent.tag_proj(slot_tag)           # T N S D
+    k_slot = agent.heads_split(agent.k_proj(mem))                                   # T N S H dh
+    q_t = q.permute(2, 0, 1, 3).unsqueeze(-2)                                       # T N H 1 dh
+    slot_logits = (q_t @ k_slot.permute(0, 1, 3, 4, 2)).squeeze(-2) / math.sqrt(q.shape[-1])  # T N H S
+    # Empty slots scatter into a spare last column, so they never overwrite a real entry.
+    p = logits.shape[-1]
+    idx = torch.where(occupied, slot_src, p).unsqueeze(2).expand_as(slot_logits)
+    logits = torch.cat([logits, logits.new_zeros(logits.shape[:-1] + (1,))], -1)
+    logits = logits.scatter(3, idx, slot_logits)[..., :p]
+    logits = logits.masked_fill(~visible.unsqueeze(2), -1e30)
+    return torch.softmax(logits, -1).mean(2) * visible.any(-1, keepdim=True).float()
 
 
 def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, target: torch.Tensor,
-                             visible: torch.Tensor, i_idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                             visible: torch.Tensor, src: torch.Tensor, tag: torch.Tensor, i_idx: torch.Tensor,
+                             weight: torch.Tensor) -> torch.Tensor:
     """Cross-entropy from the hindsight attention of each query (B, P) to softmax of the retention
-    scores of the entries visible to it, weighted per query."""
+    scores of the entries visible to it (entries in memory scored with their slot's tag), weighted
+    per query."""
     n, p = pool["prew"].shape
     flat = lambda x: x.reshape(n * p, *x.shape[2:])  # noqa: E731
     score, _ = agent.retention(flat(pool_e), flat(pool["pact"]), flat(pool["prew"]), flat(pool["tau"]))
     score = score.view(n, p)[i_idx]                               # B P
+    j = src.clamp(min=0)
+    ii = i_idx.unsqueeze(1).expand_as(j)
+    slot_score, _ = agent.retention(pool_e[ii, j], pool["pact"][ii, j], pool["prew"][ii, j], pool["tau"][ii, j], tag)
+    # Empty slots scatter into a spare last column, so they never overwrite a real entry.
+    score = torch.cat([score, score.new_zeros(len(src), 1)], 1).scatter(1, torch.where(src >= 0, src, p), slot_score)
+    score = score[:, :p]
     has = visible.any(1)
     logp = torch.log_softmax(score.masked_fill(~visible, -1e30), -1)
     ce = -(target * logp * visible.float()).sum(-1)
@@ -1067,7 +1107,7 @@ def main(args: Args) -> None:
             all_t, all_i = (x.reshape(-1) for x in torch.meshgrid(torch.arange(T, device=device),
                                                                   torch.arange(N, device=device), indexing="ij"))
             visible = visible_entries(slot_src, ep_id, all_t, all_i, S).view(T, N, -1)
-            ret_target = hindsight_targets(agent, pool_embed(agent, pool), visible, S)
+            ret_target = hindsight_targets(agent, pool_embed(agent, pool), visible, slot_src, slot_tag, S)
         b_inds = np.arange(batch_size)
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl",
                                  "clipfrac", "retention_loss")}
@@ -1112,7 +1152,8 @@ def main(args: Args) -> None:
                     absadv = b_adv[mb].abs()
                     weight = absadv / absadv.mean().clamp(min=1e-8)
                     ret_loss = hindsight_retention_loss(agent, pool, pool_e, ret_target[t_idx, i_idx],
-                                                        visible[t_idx, i_idx], i_idx, weight)
+                                                        visible[t_idx, i_idx], src, slot_tag[t_idx, i_idx],
+                                                        i_idx, weight)
                     loss = loss + args.retention_coef * ret_loss
                     stats["retention_loss"].append(ret_loss.item())
                 if args.aux_recon_coef > 0:

@@ -226,8 +226,9 @@ def test_update_reproduces_rollout_logits_and_values(persistent):
     assert torch.allclose(w, out["w"].reshape(T * 3, *out["w"].shape[2:]), atol=1e-5)
 
 
-def test_gradients_reach_encoder_attention_and_retention():
-    args = small_args(memory_slots=3, num_envs=2)
+@pytest.mark.parametrize("persistent", [0, 2])
+def test_gradients_reach_encoder_attention_and_retention(persistent):
+    args = small_args(memory_slots=3, num_envs=2, persistent_slots=persistent)
     envs, agent, actor = make_actor(args, env_kwargs={"delay": 6, "difficulty": 1})
     T = 12
     out, pool, _ = run_rollout(envs, actor, T)
@@ -247,9 +248,13 @@ def test_gradients_reach_encoder_attention_and_retention():
     assert agent.ret_out.weight.grad is None or agent.ret_out.weight.grad.abs().sum() == 0
     ep_id = torch.cumsum((out["tau"] == 0).long(), 0)
     visible = trace_ppo.visible_entries(out["src"], ep_id, t_idx, i_idx, S)
-    target = trace_ppo.hindsight_targets(agent, pool_e, visible.view(T, 2, -1), S).reshape(T * 2, -1)
+    target = trace_ppo.hindsight_targets(agent, pool_e, visible.view(T, 2, -1), out["src"], out["tag"], S)
+    target = target.reshape(T * 2, -1)
     assert torch.allclose(target.sum(-1)[visible.any(-1)], torch.ones(1)) and torch.all(target[~visible] == 0)
-    loss = trace_ppo.hindsight_retention_loss(agent, pool, pool_e, target, visible, i_idx, torch.ones(len(t_idx)))
+    src = out["src"].reshape(T * 2, -1)
+    loss = trace_ppo.hindsight_retention_loss(agent, pool, pool_e, target, visible, src,
+                                              out["tag"].reshape(T * 2, *out["tag"].shape[2:]), i_idx,
+                                              torch.ones(len(t_idx)))
     agent.zero_grad()
     loss.backward()
     assert agent.ret_out.weight.grad.abs().sum() > 0 and agent.ret_hidden[0].weight.grad.abs().sum() > 0
