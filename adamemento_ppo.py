@@ -169,6 +169,8 @@ class Args:
     """number of recent episode returns the quantile is taken over"""
     buffer_size: Optional[int] = None
     """capacity of each of the success and failure buffers, in transitions [20000 / 5000 / 20000]"""
+    loop_erasure: bool = True
+    """store trajectories with loops erased (only the last visit of a repeated observation)"""
     memory_update_interval: int = 1
     """train the prediction and reflection networks every this many PPO iterations"""
     memory_updates: int = 16
@@ -477,6 +479,24 @@ class SuccessRule:
         return True if episode_return > q else (False if episode_return < q else None)
 
 
+def erase_loops(obs: list[np.ndarray]) -> list[int]:
+    """Indices of a trajectory with its loops erased: for every observation that occurs more
+    than once, only its *last* occurrence is kept (the action that finally moved on).
+
+    Without it, a success that spent ten steps pushing into a wall stores that useless action
+    ten times and the prediction network learns to repeat it -- and, once the memory acts,
+    feeds its own mistake back into the buffer. Observations that never repeat (pixels,
+    continuous states) are all kept.
+    """
+    seen, keep = set(), []
+    for i in range(len(obs) - 1, -1, -1):
+        key = obs[i].tobytes()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep[::-1]
+
+
 class MemoryReflection(nn.Module):
     """Prediction network (success buffer -> local policy) and reflection network (confidence)."""
 
@@ -605,8 +625,12 @@ class CoarseFine(nn.Module):
                   frequency with which unit j has been active over all observations so far.
     Near-identical images reconstruct almost equally well, but once the sparse code assigns
     them different units, a state whose units rarely fire is still recognised as novel.
-    Each term is divided by its own running std so ``--coarse-coef``/``--fine-coef`` are
-    relative weights.
+    Each term is standardised by its own running mean and std, so ``--coarse-coef`` and
+    ``--fine-coef`` are relative weights. Subtracting the mean matters: the fine term has a
+    large constant part (every code has some active units), which would otherwise dominate
+    the std of the intrinsic return and shrink the *differences* between states -- the only
+    part that drives exploration -- to nothing. The intrinsic stream is non-episodic, so a
+    negative reward gives no incentive to end episodes.
     """
 
     def __init__(self, shape: tuple, latent_dim: int, coarse_coef: float, fine_coef: float,
@@ -641,10 +665,9 @@ class CoarseFine(nn.Module):
             self.coarse_rms.update(coarse)
             self.fine_rms.update(fine)
         reward = torch.zeros_like(coarse)
-        if self.coarse_coef:
-            reward += self.coarse_coef * coarse / torch.sqrt(self.coarse_rms.var + 1e-8).float()
-        if self.fine_coef:
-            reward += self.fine_coef * fine / torch.sqrt(self.fine_rms.var + 1e-8).float()
+        for coef, term, rms in ((self.coarse_coef, coarse, self.coarse_rms), (self.fine_coef, fine, self.fine_rms)):
+            if coef:
+                reward += coef * ((term - rms.mean) / torch.sqrt(rms.var + 1e-8)).float()
         return reward, dict(coarse=coarse.mean().item(), fine=fine.mean().item(),
                             active_units=active.sum(1).mean().item())
 
@@ -990,7 +1013,10 @@ def main(args: Args) -> None:
                     # Memory reflection: the whole trajectory goes to the buffer of its outcome.
                     outcome = success_rule(ep_r)
                     if outcome is not None:
-                        traj = pending[i][-args.buffer_size:]
+                        traj = pending[i]
+                        if args.loop_erasure:
+                            traj = [traj[j] for j in erase_loops([o for o, _ in traj])]
+                        traj = traj[-args.buffer_size:]
                         buffers["success" if outcome else "failure"].add(
                             np.stack([o for o, _ in traj]), np.stack([a for _, a in traj]))
                     pending[i] = []
