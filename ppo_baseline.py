@@ -220,7 +220,6 @@ class Agent(nn.Module):
         super().__init__()
         self.continuous = isinstance(action_space, spaces.Box)
         self.image = is_image(obs_space)
-        self.scale = 255.0 if obs_space.dtype == np.uint8 else 1.0
         n_out = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
         self.obs_rms = RunningMeanStd(obs_space.shape) if normalize_obs else None
         if self.image:
@@ -240,10 +239,19 @@ class Agent(nn.Module):
         if self.continuous:
             self.actor_logstd = nn.Parameter(torch.zeros(1, n_out))
 
+    @torch.no_grad()
+    def normalize_obs(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
+        """What the network consumes. Applied once, when an observation is stored, so the update
+        recomputes exactly the rollout's log-probabilities although the statistics keep moving."""
+        if self.obs_rms is None:
+            return x
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.double()
+        if update:
+            self.obs_rms.update(x)
+        return ((x - self.obs_rms.mean) / torch.sqrt(self.obs_rms.var + 1e-8)).clamp(-10, 10).float()
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / self.scale
-        if self.obs_rms is not None:
-            x = ((x - self.obs_rms.mean) / torch.sqrt(self.obs_rms.var + 1e-8)).clamp(-10, 10).float()
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         if self.image:
             return self.encoder(x.permute(0, 3, 1, 2) if self.channels_last else x)
         return x.flatten(1)
@@ -321,7 +329,8 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: in
     obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
     returns, successes, done_count = [], [], [0] * n_envs
     while any(d < q for d, q in zip(done_count, quota)):
-        action, _, _, _ = agent.get_action_and_value(torch.as_tensor(obs, device=device), greedy=True)
+        x = agent.normalize_obs(torch.as_tensor(obs, device=device))
+        action, _, _, _ = agent.get_action_and_value(x, greedy=True)
         obs, _, term, trunc, info = envs.step(action.cpu().numpy())
         for i in np.flatnonzero(term | trunc):
             if done_count[i] < quota[i]:
@@ -413,7 +422,8 @@ def main(args: Args) -> None:
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
-    obs_dtype = torch.uint8 if envs.single_observation_space.dtype == np.uint8 else torch.float32
+    raw_images = envs.single_observation_space.dtype == np.uint8 and not args.normalize
+    obs_dtype = torch.uint8 if raw_images else torch.float32
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape,
                       dtype=obs_dtype, device=device)
     actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape, device=device)
@@ -438,9 +448,8 @@ def main(args: Args) -> None:
 
         for step in range(args.num_steps):
             global_step += args.num_envs
+            next_obs = agent.normalize_obs(next_obs, update=True)
             obs[step] = next_obs
-            if agent.obs_rms is not None:
-                agent.obs_rms.update(next_obs.float())
             with torch.no_grad():
                 action, logprob, _, value = agent.get_action_and_value(next_obs)
             values[step], actions[step], logprobs[step] = value.flatten(), action, logprob
@@ -456,7 +465,7 @@ def main(args: Args) -> None:
             if len(cut):
                 final = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
                 with torch.no_grad():
-                    reward[cut] += args.gamma * agent.get_value(final).flatten()
+                    reward[cut] += args.gamma * agent.get_value(agent.normalize_obs(final)).flatten()
             rewards[step], dones[step] = reward, torch.as_tensor(done, dtype=torch.float32, device=device)
             next_obs = torch.as_tensor(next_obs_np, device=device)
 
@@ -469,7 +478,7 @@ def main(args: Args) -> None:
                 progress.episode(ep_r, success)
 
         with torch.no_grad():
-            last_value = agent.get_value(next_obs).flatten()
+            last_value = agent.get_value(agent.normalize_obs(next_obs)).flatten()
         advantages = compute_gae(rewards, values, dones, last_value, args.gamma, args.gae_lambda)
         returns = advantages + values
 

@@ -122,9 +122,9 @@ def test_saved_model_reproduces_greedy_actions_and_evaluation(pendulum_run):
     obs, _ = envs.reset(seed=0)
     batch = torch.as_tensor(np.stack([envs.single_observation_space.sample() for _ in range(32)] + [obs[0]]))
     with torch.no_grad():
-        with_stats = agent.get_action_and_value(batch, greedy=True)[0]
+        with_stats = agent.get_action_and_value(agent.normalize_obs(batch), greedy=True)[0]
         agent.obs_rms.load_state_dict(RunningMeanStd(agent.obs_rms.mean.shape).state_dict())
-        without = agent.get_action_and_value(batch, greedy=True)[0]
+        without = agent.get_action_and_value(agent.normalize_obs(batch), greedy=True)[0]
     assert (with_stats - without).abs().max() > 1e-4
 
 
@@ -161,3 +161,22 @@ def test_cartpole_reaches_475_at_500k_steps(tmp_path):
     assert proc.returncode == 0, describe(proc)
     record = json.loads((tmp_path / "runs" / "cartpole" / "eval.json").read_text())
     assert record["mean_return"] >= 475, record
+
+
+def test_stored_observations_reproduce_the_rollouts_log_probabilities():
+    """Observation statistics move during a rollout; the update must still see exactly the
+    inputs the rollout acted on, or the first PPO ratio is not 1."""
+    torch.manual_seed(0)
+    agent = Agent(gym.spaces.Box(-np.inf, np.inf, (3,), np.float32), gym.spaces.Box(-1, 1, (2,), np.float32),
+                  normalize_obs=True)
+    stored = []
+    for t in range(20):
+        x = agent.normalize_obs(torch.randn(4, 3) * 3 + t, update=True)
+        with torch.no_grad():
+            action, logprob, _, value = agent.get_action_and_value(x)
+        stored.append((x, action, logprob, value))
+    for x, action, logprob, value in stored:
+        with torch.no_grad():
+            _, new_logprob, _, new_value = agent.get_action_and_value(x, action)
+        torch.testing.assert_close(new_logprob, logprob, rtol=0, atol=1e-6)
+        torch.testing.assert_close(new_value, value, rtol=0, atol=1e-6)
