@@ -70,9 +70,12 @@ def rollout(env: gym.Env, seed: int, n_steps: int = 60) -> list:
     return traj
 
 
-@pytest.mark.parametrize("env_id", REGISTERED)
-def test_same_seed_same_trajectory(env_id):
-    assert rollout(make(env_id), 7) == rollout(make(env_id), 7)
+SEED_CASES = [(env_id, {}) for env_id in REGISTERED] + [("MemoryTask-v0", {"difficulty": 1})]
+
+
+@pytest.mark.parametrize("env_id,kwargs", SEED_CASES, ids=[f"{e}-{k}" for e, k in SEED_CASES])
+def test_same_seed_same_trajectory(env_id, kwargs):
+    assert rollout(make(env_id, **kwargs), 7) == rollout(make(env_id, **kwargs), 7)
 
 
 @pytest.mark.parametrize("env_id,kwargs", [("MemoryTask-v0", {}), ("MemoryTask-v0", {"difficulty": 1}),
