@@ -30,6 +30,9 @@
 # is summarised with summarize.py into DIR/summary/. PYTHON (default python3) is the
 # interpreter the runs use. Do not run the same suite into the same DIR twice at once.
 set -euo pipefail
+# The whole script is one { ... } block: bash parses it before running any of it, so editing or
+# updating this file while a long suite runs cannot derail the running copy.
+{
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python3}
 
@@ -279,4 +282,5 @@ for name in "${failed[@]}"; do echo "  not finished: $name (log: $OUT/$name/stdo
 if [[ $((N - ${#failed[@]})) -gt 0 ]]; then
   "$PYTHON" "$HERE/summarize.py" "$OUT" --suite "$LABEL" || echo "benchmark.sh: summarize.py failed" >&2
 fi
-[[ ${#failed[@]} -eq 0 ]]
+if [[ ${#failed[@]} -eq 0 ]]; then exit 0; else exit 1; fi
+}

@@ -300,7 +300,8 @@ def summarize_suite(suite: str, runs: list[Run], out_dir: str, window: int, resa
     lines += ["", f"### {suite}: learning curves", ""]
     for setting in settings:
         png = f"{suite}__{setting}.png"
-        plot_setting(os.path.join(out_dir, png), f"{suite}: {setting}", groups[setting], window, seed)
+        agents_here = {a: groups[setting][a] for a in ordered(groups[setting], "agent")}
+        plot_setting(os.path.join(out_dir, png), f"{suite}: {setting}", agents_here, window, seed)
         if os.path.exists(os.path.join(out_dir, png)):
             lines.append(f"![{suite} {setting}]({png})")
     text = "\n".join(lines) + "\n"
