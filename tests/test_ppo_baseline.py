@@ -142,7 +142,38 @@ def test_resume_keeps_the_checkpointed_iterations_scalars(tmp_path, monkeypatch)
     assert (ckpt["iteration"], ckpt["global_step"]) == (4, 64)
     ckpt.update(iteration=2, global_step=32)
     torch.save(ckpt, run_dir / "checkpoint.pt")
+
+    # Record the agent and optimizer the resumed run trains: at its first GAE call (after one
+    # rollout, before any update) they must hold exactly the checkpoint's state.
+    agents, optimizers, at_first_gae = [], [], {}
+
+    class RecordingAgent(ppo_baseline.Agent):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            agents.append(self)
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            optimizers.append(self)
+
+    original_gae = ppo_baseline.compute_gae
+
+    def recording_gae(*a, **kw):
+        if not at_first_gae:
+            at_first_gae.update(agent={k: v.clone() for k, v in agents[-1].state_dict().items()},
+                                adam_steps=[st["step"].item() for st in optimizers[-1].state.values()])
+        return original_gae(*a, **kw)
+
+    monkeypatch.setattr(ppo_baseline, "Agent", RecordingAgent)
+    monkeypatch.setattr(ppo_baseline.optim, "Adam", RecordingAdam)
+    monkeypatch.setattr(ppo_baseline, "compute_gae", recording_gae)
     ppo_baseline.main(ppo_baseline.Args(resume="r"))
+    assert at_first_gae["agent"].keys() == ckpt["agent"].keys()
+    for key, value in ckpt["agent"].items():
+        assert torch.equal(at_first_gae["agent"][key], value), key
+    saved_steps = [st["step"].item() for st in ckpt["optimizer"]["state"].values()]
+    assert at_first_gae["adam_steps"] == saved_steps and min(saved_steps) > 0
     scalars = read_tb_scalars(run_dir)
     # steps after the checkpoint are replaced, the checkpointed iteration's own are kept
     assert [s for s, _ in scalars["losses/value_loss"]] == [16, 32, 48, 64]
