@@ -9,7 +9,8 @@
 #   --workers W  runs in parallel on this machine, one torch thread each (default: cores;
 #                speed: 1, so SPS numbers do not share cores)
 #   --out DIR    run directories go to DIR/<run-name> (default: runs)
-#   --slurm      write DIR/<suite>.jobs.sh as an sbatch array (one task per run) and submit it
+#   --slurm      write DIR/<suite>.<id>.jobs.sh as an sbatch array (one task per run; <id> is a
+#                checksum of the run list) and submit it
 #                where `sbatch` exists; --workers W then throttles the array to W tasks at once
 #   --dry-run    print the run list with each run's status (todo, done, resume, no-script) --
 #                or, with --slurm, the job script -- and run nothing
@@ -253,7 +254,9 @@ if [[ $DRY == 1 ]]; then
 fi
 
 mkdir -p "$OUT"
-JOB="$OUT/$LABEL.jobs.sh"
+# One job script per distinct run list, so invocations with other --only/--seeds/--peers into
+# the same DIR never renumber each other's tasks.
+JOB="$OUT/$LABEL.$(printf '%s\n' "${NAMES[@]}" | cksum | cut -d' ' -f1).jobs.sh"
 job_script >"$JOB"
 if [[ $SLURM == 1 ]]; then
   if command -v sbatch >/dev/null; then

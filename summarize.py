@@ -242,16 +242,18 @@ def curve_band(curves: np.ndarray, seed: int):
 
 def table_order(directory: str, suite: str) -> dict[str, int]:
     """Position of each setting and agent in benchmark.sh's tables, read from the suite's job
-    script (DIR/<suite>.jobs.sh) when there is one, so rows follow the suite definition."""
+    scripts (DIR/<suite>.<id>.jobs.sh, the longest run list first), so rows follow the suite."""
     order: dict[str, int] = {}
-    path = os.path.join(directory, f"{suite}.jobs.sh")
-    if os.path.exists(path):
+    scripts = []
+    for path in glob.glob(os.path.join(glob.escape(directory), f"{glob.escape(suite)}.*.jobs.sh")):
         with open(path) as f:
-            for name in re.findall(r"^\s+\d+\) run (\S+)", f.read(), re.M):
-                parts = name.split("__")
-                if len(parts) == 4:
-                    order.setdefault("setting:" + parts[1], len(order))
-                    order.setdefault("agent:" + parts[2], len(order))
+            scripts.append(re.findall(r"^\s+\d+\) run (\S+)", f.read(), re.M))
+    for names in sorted(scripts, key=len, reverse=True):
+        for name in names:
+            parts = name.split("__")
+            if len(parts) == 4:
+                order.setdefault("setting:" + parts[1], len(order))
+                order.setdefault("agent:" + parts[2], len(order))
     return order
 
 

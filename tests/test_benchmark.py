@@ -157,7 +157,7 @@ def test_summarize_tables_curves_and_sps_on_synthetic_runs(tmp_path, capsys):
     fake_run(tmp_path, "cp_1", algo="ppo_baseline", seed=4, ret=0.0, success=None, sps=1.0,
              switch_episode=None, env_kwargs={})  # not a benchmark name: suite "other"
     # Rows follow the suite table, as recorded in benchmark.sh's job script.
-    (tmp_path / "memory.jobs.sh").write_text("".join(
+    (tmp_path / "memory.123.jobs.sh").write_text("".join(
         f"  {i}) run memory__{setting}__{a}__1 x.py ;;\n" for i, a in enumerate(["ppo", "lstm-ppo", "trace-learned"])))
     out = tmp_path / "summary"
     assert summarize.main([str(tmp_path), "--out", str(out), "--resamples", "3000"]) == 0
@@ -188,7 +188,8 @@ def test_summarize_tables_curves_and_sps_on_synthetic_runs(tmp_path, capsys):
     assert f"]({png.name})" in md
     assert "MemoryTask-v0 | ppo_baseline | 1 |" in (out / "other.md").read_text()
     # Same inputs, same tables (the bootstrap is seeded).
-    assert summarize.main([str(tmp_path), "--out", str(tmp_path / "again"), "--resamples", "3000"]) == 0
+    assert summarize.main([str(tmp_path), "--out", str(tmp_path / "again"), "--resamples", "3000",
+                           "--suite", "memory"]) == 0
     assert (tmp_path / "again" / "memory.md").read_text() == md
 
 
@@ -303,7 +304,7 @@ def test_smoke_end_to_end_skips_finished_runs_resumes_checkpoints_and_reports_mi
     assert "1/2 runs finished (0 skipped" in first.stdout and f"not finished: {missing}" in first.stdout
     record = json.loads((out / name / "eval.json").read_text())
     assert record["total_timesteps"] == 2048 and record["eval_episodes"] == 20 and record["run_name"] == name
-    assert (out / "summary" / "smoke.md").exists() and (out / "smoke.jobs.sh").exists()
+    assert (out / "summary" / "smoke.md").exists() and len(list(out.glob("smoke.*.jobs.sh"))) == 1
     mtime = (out / name / "eval.json").stat().st_mtime_ns
 
     second = bench("smoke", "--only", only, "--out", out, script=repo / "benchmark.sh", timeout=240)
