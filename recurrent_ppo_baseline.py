@@ -279,8 +279,8 @@ class Agent(nn.Module):
 
     @torch.no_grad()
     def normalize_obs(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
-        """What the network consumes; applied once, when an observation is stored, so the
-        update recomputes exactly the rollout's outputs even though the statistics move."""
+        """What the network consumes. Applied once, when an observation is stored, so the update
+        recomputes exactly the rollout's log-probabilities although the statistics keep moving."""
         if self.obs_rms is None:
             return x
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.double()
@@ -507,15 +507,17 @@ def main(args: Args) -> None:
         torch.set_rng_state(resume_state["rng"]["torch"])
         print(f"resuming {run_dir} at step {global_step}", flush=True)
 
-    writer = SummaryWriter(run_dir, purge_step=global_step if resume_state else None)
+    # A resumed run hides the killed run's events *after* the checkpoint; the checkpointed
+    # update's own scalars (logged at global_step) stay.
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume_state else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
-    obs_space, act_space = envs.single_observation_space, envs.single_action_space
-    # Stored observations are what the network consumes (normalised when --normalize is on).
-    obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 and not args.normalize else torch.float32
-    obs = torch.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=obs_dtype, device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs) + act_space.shape, device=device)
+    raw_images = envs.single_observation_space.dtype == np.uint8 and not args.normalize
+    obs_dtype = torch.uint8 if raw_images else torch.float32
+    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape,
+                      dtype=obs_dtype, device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape, device=device)
     logprobs, rewards, dones, starts, values = (torch.zeros((args.num_steps, args.num_envs), device=device)
                                                 for _ in range(5))
     # LSTM state at the start of every chunk (the whole rollout is one chunk without --bptt-len).
@@ -545,10 +547,10 @@ def main(args: Args) -> None:
             if step % seq_len == 0:
                 chunk_h[step // seq_len], chunk_c[step // seq_len] = lstm_state
             global_step += args.num_envs
-            x = agent.normalize_obs(next_obs, update=True)
-            obs[step], starts[step] = x, next_start
+            next_obs = agent.normalize_obs(next_obs, update=True)
+            obs[step], starts[step] = next_obs, next_start
             with torch.no_grad():
-                action, logprob, _, value, lstm_state = agent.get_action_and_value(x, lstm_state, next_start)
+                action, logprob, _, value, lstm_state = agent.get_action_and_value(next_obs, lstm_state, next_start)
             values[step], actions[step], logprobs[step] = value.flatten(), action, logprob
             next_obs_np, reward, term, trunc, info = envs.step(action.cpu().numpy())
             done = term | trunc
@@ -561,13 +563,13 @@ def main(args: Args) -> None:
             # more LSTM step from the state that episode had reached (it is reset only afterwards).
             cut = np.flatnonzero(trunc & ~term)
             if len(cut):
-                final = agent.normalize_obs(torch.as_tensor(np.stack(info["final_obs"][cut]), device=device))
+                final = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
                 with torch.no_grad():
-                    final_value = agent.get_value(final, (lstm_state[0][:, cut], lstm_state[1][:, cut]),
-                                                  torch.zeros(len(cut), device=device))
+                    final_value = agent.get_value(agent.normalize_obs(final), (lstm_state[0][:, cut],
+                                                  lstm_state[1][:, cut]), torch.zeros(len(cut), device=device))
                 reward[cut] += args.gamma * final_value.flatten()
-            rewards[step] = reward
-            dones[step] = next_start = torch.as_tensor(done, dtype=torch.float32, device=device)
+            next_start = torch.as_tensor(done, dtype=torch.float32, device=device)
+            rewards[step], dones[step] = reward, next_start
             next_obs = torch.as_tensor(next_obs_np, device=device)
 
             for i in np.flatnonzero(done):
