@@ -194,9 +194,9 @@ class Args:
     fine: bool = True
     """fine novelty (rarity of the active latent units); `--no-fine` drops it"""
     coarse_coef: float = 1.0
-    """weight of the (std-normalised) coarse novelty"""
+    """weight of the (standardised) coarse novelty"""
     fine_coef: float = 1.0
-    """weight of the (std-normalised) fine novelty"""
+    """weight of the (standardised) fine novelty"""
     latent_dim: int = 64
     """size of the autoencoder's latent code"""
     sparsity_coef: float = 1e-3
