@@ -209,10 +209,11 @@ def main(args: Args) -> None:
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    # sb3 runs whole rollouts, so it stops at the budget rounded up to a multiple of the batch.
-    steps = -(-args.total_timesteps // batch) * batch
+    # Whole rollouts only, rounded down as in ppo_baseline.py (max(1, total // batch) updates);
+    # sb3 by itself would round up, giving the peers up to one extra rollout.
+    steps = max(1, args.total_timesteps // batch) * batch
     start = time.time()
-    model.learn(args.total_timesteps, callback=episode_callback(writer, Progress(steps), steps))
+    model.learn(steps, callback=episode_callback(writer, Progress(steps), steps))
     wall_time = time.time() - start
     sps = model.num_timesteps / max(wall_time, 1e-9)
     envs.close()
