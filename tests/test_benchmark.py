@@ -369,3 +369,31 @@ def test_peers_run_writes_the_same_eval_json_and_tb_keys(tmp_path):
     assert {"charts/episodic_return", "charts/episodic_success", "charts/SPS"} <= set(tags)
     bad = run_script_at(tmp_path, "peers.py", "--algo", "dqn")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_slurm_submits_the_written_job_script_where_sbatch_exists(tmp_path):
+    # A stand-in sbatch on PATH records what it was asked to submit.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "sbatch").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/submitted"\necho "Submitted batch job 42"\n')
+    (fake_bin / "sbatch").chmod(0o755)
+    out = tmp_path / "runs"
+    env = script_env({"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"})
+    proc = subprocess.run(["bash", str(BENCH), "speed", "--slurm", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "Submitted batch job 42" in proc.stdout, proc
+    job = Path((fake_bin / "submitted").read_text().strip())
+    assert job.parent == out and job.name.startswith("speed.") and job.name.endswith(".jobs.sh")
+    text = job.read_text()
+    # The same script as --dry-run prints (but for the commit line: others may commit meanwhile).
+    def body(script):
+        return [line for line in script.splitlines() if not line.startswith("# Repository")]
+
+    assert body(text) == body(bench("speed", "--slurm", "--dry-run", "--out", out).stdout)
+    assert "#SBATCH --exclusive" in text  # speed runs get a node to themselves
+    # Without sbatch the script is written and the command to submit it is printed.
+    env["PATH"] = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                  if not os.path.exists(os.path.join(p, "sbatch")))
+    proc = subprocess.run(["bash", str(BENCH), "speed", "--slurm", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and f"sbatch {job}" in proc.stdout
