@@ -10,7 +10,8 @@ Memory (per environment)
     informative for episodes of any length). Nothing else is taken from the environment.
   - The policy first READS, then WRITES: the read at step t is multi-head scaled dot-product
     attention (Vaswani et al. 2017) from a query built from e_t over the occupied slots (empty
-    slots are masked, their weight is exactly 0); the actor and critic read [e_t, read_t].
+    slots are masked, their weight is exactly 0); the actor and critic read [e_t, read_t]. The
+    query has no recurrent state, so only the memory can carry information across steps.
   - At most M = --memory-slots episodic entries. When the memory is full the entry to drop is chosen
     by --retention: `learned` (lowest learned retention score among the M entries AND the new one),
     `fifo` (oldest) or `random`. Episodic slots are cleared at every episode start.
@@ -21,12 +22,14 @@ Memory (per environment)
     own slots.
 
 Learned retention: objective and why it works
-  The retention network r(entry) -> score sees only the entry's content (its embedding, episode time,
-  previous action and reward). It is trained to predict where attention will go, by HINDSIGHT
-  USEFULNESS: in the update, each query of the rollout also attends (with the current query/key
-  networks, for this target only, never for acting) over ALL entries of its episode that are in
-  the rollout window, kept or evicted. softmax(r) over those entries is trained by cross-entropy
-  towards that hindsight attention distribution, each query weighted by |advantage| of its step
+  The retention network r(entry) -> score sees only the entry's content (its embedding, episode
+  time, previous action and reward) and, for persistent entries, their slot's tag. It is trained to
+  predict where attention will go, by HINDSIGHT USEFULNESS: in the update, each query of the rollout
+  also attends (with the rollout's query/key networks, for this target only, never for acting) over
+  ALL entries it could look back at: every earlier step of its episode inside the rollout window,
+  kept or evicted, plus whatever its memory held (older entries carried in from earlier rollouts).
+  softmax(r) over those entries is trained by cross-entropy towards that hindsight attention
+  distribution, each query weighted by |advantage| of its step
   (queries whose decision mattered count, queries at steps where the action was irrelevant do not):
       L_ret = mean_q |A_q| / mean|A| * CE(stopgrad(attn_hindsight_q), softmax(r(visible entries of q)))
   So r becomes a query-independent log-prior of "how much attention will this entry receive once
@@ -63,6 +66,10 @@ PPO when one action in a thousand matters (defaults of this script, see PRESETS)
   - Entropy bonus 1e-3: the entropy term is averaged over every step while the policy gradient of
     the single decision is divided by the episode length; a CleanRL-size bonus (0.01) outweighs the
     decision's signal ~10:1 at delay 1024.
+  - Learning rate 1e-3 (not CleanRL's 2.5e-4): the budget is counted in episodes, and with one
+    decision per episode 2.5e-4 barely moves the policy (measured: delay 16, 2,000 episodes,
+    approx_kl ~1e-4, success stayed at chance; 1e-3 solved it). Linear annealing to 0 keeps the end
+    of training stable.
   - Observation normalisation statistics are frozen during a rollout (updated after the update), so
     the rollout's log-probabilities are exactly reproduced by the first update epoch.
 """
@@ -358,7 +365,8 @@ class Agent(nn.Module):
             self.actor_logstd = nn.Parameter(torch.zeros(1, self.n_act))
         # Retention scorer: content of an entry -> score (higher = keep). The embedding is detached so
         # the retention objective shapes only this network, never what the policy reads.
-        self.ret_hidden = nn.Sequential(layer_init(nn.Linear(d + TIME_DIM + self.n_act + 1 + TAG_DIM, RET_HIDDEN)), nn.Tanh())
+        n_ret_in = d + TIME_DIM + self.n_act + 1 + TAG_DIM
+        self.ret_hidden = nn.Sequential(layer_init(nn.Linear(n_ret_in, RET_HIDDEN)), nn.Tanh())
         self.ret_out = layer_init(nn.Linear(RET_HIDDEN, 1), std=0.01)
         self.recon_dim = self._recon_target_dim(obs_space)
         self.recon = (nn.Sequential(layer_init(nn.Linear(d + TIME_DIM, 64)), nn.Tanh(),
@@ -367,7 +375,9 @@ class Agent(nn.Module):
 
     # --- inputs ---------------------------------------------------------------------------
     def _recon_target_dim(self, obs_space) -> int:
-        return int(obs_space.shape[-1 if self.channels_last else 0]) * 16 if self.image else int(np.prod(obs_space.shape))
+        if self.image:
+            return int(obs_space.shape[-1 if self.channels_last else 0]) * 16
+        return int(np.prod(obs_space.shape))
 
     def recon_target(self, obs: torch.Tensor) -> torch.Tensor:
         """What the auxiliary loss reconstructs: the observation (images: 4x4 average-pooled)."""
@@ -562,7 +572,8 @@ class RND(nn.Module):
             if self.image:
                 enc, n_feat, self.channels_last = image_encoder(obs_space.shape)
             else:
-                enc, n_feat = nn.Sequential(layer_init(nn.Linear(int(np.prod(obs_space.shape)), 64)), nn.LeakyReLU()), 64
+                n_in = int(np.prod(obs_space.shape))
+                enc, n_feat = nn.Sequential(layer_init(nn.Linear(n_in, 64)), nn.LeakyReLU()), 64
             tail = [layer_init(nn.Linear(n_feat, 64)), nn.ReLU(), layer_init(nn.Linear(64, 64))] if extra \
                 else [layer_init(nn.Linear(n_feat, 64))]
             return nn.Sequential(enc, *tail)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def make_actor(args: Args, env_id="MemoryTask-v0", env_kwargs=None, seed=0):
 def run_rollout(envs, actor: Actor, steps: int, seed: int = 0, on_step=None, obs=None):
     """The rollout loop of trace_ppo.main (recording what the update needs). Starts from reset unless
     ``obs`` (the envs' current observation) is given. Returns the record, the pool and the last obs."""
-    n, s = actor.n, actor.mem.s
+    s = actor.mem.s
     carry = actor.refresh()
     rec = {k: [] for k in ("obs", "pact", "prew", "tau", "src", "tag", "logits", "value", "w", "action")}
     if obs is None:
