@@ -14,7 +14,7 @@ follows line for line wherever it can):
    (convolutional encoder for images, MLP for vectors) with a non-negative (ReLU), L1-sparse
    latent code. Coarse novelty = reconstruction error (frequent observations are
    reconstructed well). Fine novelty = rarity of the latent units the observation activates
-   (mean of ``-log`` firing frequency over its active units), which separates observations
+   (mean of ``1/sqrt(count)`` over its active units), which separates observations
    that reconstruct equally well but use different, rarely used latent units. Intrinsic
    reward = weighted sum, then, as in RND (Burda et al. 2018), divided by the running std of
    a non-episodic discounted intrinsic return computed along the time axis, with its own
@@ -621,16 +621,16 @@ class CoarseFine(nn.Module):
     Autoencoder with a ReLU (non-negative) latent code made sparse by an L1 penalty. For an
     observation x with code z and reconstruction x':
       coarse(x) = mean squared reconstruction error (low for frequently seen observations);
-      fine(x)   = mean over active units j (z_j > 0) of -log f_j, f_j = Laplace-smoothed
-                  frequency with which unit j has been active over all observations so far.
+      fine(x)   = mean over the active units j (z_j > 0) of 1 / sqrt(n_j + 1), n_j = number of
+                  observations so far in which unit j was active: how rarely the units this
+                  observation uses have fired (a count-based bonus on the sparse code, as
+                  Tang et al. 2017 count hashed codes).
     Near-identical images reconstruct almost equally well, but once the sparse code assigns
-    them different units, a state whose units rarely fire is still recognised as novel.
-    Each term is standardised by its own running mean and std, so ``--coarse-coef`` and
-    ``--fine-coef`` are relative weights. Subtracting the mean matters: the fine term has a
-    large constant part (every code has some active units), which would otherwise dominate
-    the std of the intrinsic return and shrink the *differences* between states -- the only
-    part that drives exploration -- to nothing. The intrinsic stream is non-episodic, so a
-    negative reward gives no incentive to end episodes.
+    them different units, a state whose units rarely fire is still recognised as novel. Both
+    terms shrink as the agent keeps seeing the same states (the autoencoder learns them, the
+    counts grow), so the bonus fades where exploration is done, as RND's does. Each term is
+    divided by its own running std, so ``--coarse-coef`` and ``--fine-coef`` are relative
+    weights.
     """
 
     def __init__(self, shape: tuple, latent_dim: int, coarse_coef: float, fine_coef: float,
@@ -644,7 +644,6 @@ class CoarseFine(nn.Module):
         self.decoder = nn.Sequential(layer_init(nn.Linear(latent_dim, 256)), nn.ReLU(),
                                      layer_init(nn.Linear(256, n_in), std=1.0))
         self.register_buffer("unit_counts", torch.zeros(latent_dim, dtype=torch.float64))
-        self.register_buffer("seen", torch.tensor(0.0, dtype=torch.float64))
         self.coarse_rms, self.fine_rms = RunningMeanStd(()), RunningMeanStd(())
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -657,17 +656,15 @@ class CoarseFine(nn.Module):
         z = self.encoder(x)
         coarse = (self.decoder(z).view_as(x) - x).pow(2).flatten(1).mean(1)
         active = (z > 0).double()
-        freq = (self.unit_counts + 1.0) / (self.seen + 2.0)
-        fine = ((active * -freq.log()).sum(1) / active.sum(1).clamp(min=1.0)).float()
+        fine = ((active * (self.unit_counts + 1.0).rsqrt()).sum(1) / active.sum(1).clamp(min=1.0)).float()
         if update:
             self.unit_counts += active.sum(0)
-            self.seen += x.shape[0]
             self.coarse_rms.update(coarse)
             self.fine_rms.update(fine)
         reward = torch.zeros_like(coarse)
         for coef, term, rms in ((self.coarse_coef, coarse, self.coarse_rms), (self.fine_coef, fine, self.fine_rms)):
             if coef:
-                reward += coef * ((term - rms.mean) / torch.sqrt(rms.var + 1e-8)).float()
+                reward += coef * (term / torch.sqrt(rms.var + 1e-8)).float()
         return reward, dict(coarse=coarse.mean().item(), fine=fine.mean().item(),
                             active_units=active.sum(1).mean().item())
 

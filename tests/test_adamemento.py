@@ -249,9 +249,9 @@ def test_fine_novelty_is_rarity_of_active_units():
     model.novelty(rare)
     _, stats_common = model.novelty(common, update=False)
     _, stats_rare = model.novelty(rare, update=False)
-    # f = (count + 1) / (seen + 2): unit 0 fired 50 times of 51, unit 1 once.
-    assert stats_common["fine"] == pytest.approx(-math.log(51 / 53), rel=1e-5)
-    assert stats_rare["fine"] == pytest.approx(-math.log(2 / 53), rel=1e-5)
+    # Unit 0 fired in 50 observations, unit 1 in one: bonus 1/sqrt(n + 1).
+    assert stats_common["fine"] == pytest.approx(1 / math.sqrt(51), rel=1e-5)
+    assert stats_rare["fine"] == pytest.approx(1 / math.sqrt(2), rel=1e-5)
     # Both reconstruct perfectly (coarse = 0): only the fine term tells them apart.
     assert stats_common["coarse"] == stats_rare["coarse"] == 0.0
 
