@@ -835,8 +835,12 @@ def save_attention_png(mat: np.ndarray, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.colors import PowerNorm
+
     fig, ax = plt.subplots(figsize=(6, 5))
-    im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
+    # A power norm keeps small weights visible next to the single-entry reads of the first steps.
+    im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+                   norm=PowerNorm(0.4, vmin=0.0, vmax=max(float(mat.max()), 1e-8)))
     ax.set_xlabel("source step (episode time of the entry read)")
     ax.set_ylabel("decision step")
     ax.set_title("episodic attention weight (mean over heads)")
