@@ -14,7 +14,7 @@ follows line for line wherever it can):
    (convolutional encoder for images, MLP for vectors) with a non-negative (ReLU), L1-sparse
    latent code. Coarse novelty = reconstruction error (frequent observations are
    reconstructed well). Fine novelty = rarity of the latent units the observation activates
-   (mean of ``1/sqrt(count)`` over its active units), which separates observations
+   (surprisal or count bonus of its active units' firing), which separates observations
    that reconstruct equally well but use different, rarely used latent units. Intrinsic
    reward = weighted sum, then, as in RND (Burda et al. 2018), divided by the running std of
    a non-episodic discounted intrinsic return computed along the time axis, with its own
@@ -193,6 +193,13 @@ class Args:
     """coarse novelty (autoencoder reconstruction error); `--no-coarse` drops it"""
     fine: bool = True
     """fine novelty (rarity of the active latent units); `--no-fine` drops it"""
+    fine_bonus: Literal["surprisal", "count"] = "surprisal"
+    """fine novelty from the firing of the active latent units: mean surprisal -log f_j of their
+    firing frequency (never fades: the policy keeps exploring and the memory exploits), or the
+    count bonus 1/sqrt(n_j + 1) (fades with visitation, like RND's error)"""
+    center_novelty: bool = True
+    """standardise each novelty term by its running mean and std (a zero-mean exploration signal
+    that does not vanish); `--no-center-novelty`: divide by the running std only, as RND"""
     coarse_coef: float = 1.0
     """weight of the (standardised) coarse novelty"""
     fine_coef: float = 1.0
@@ -621,22 +628,29 @@ class CoarseFine(nn.Module):
     Autoencoder with a ReLU (non-negative) latent code made sparse by an L1 penalty. For an
     observation x with code z and reconstruction x':
       coarse(x) = mean squared reconstruction error (low for frequently seen observations);
-      fine(x)   = mean over the active units j (z_j > 0) of 1 / sqrt(n_j + 1), n_j = number of
-                  observations so far in which unit j was active: how rarely the units this
-                  observation uses have fired (a count-based bonus on the sparse code, as
-                  Tang et al. 2017 count hashed codes).
+      fine(x)   = how rarely the units this observation activates (z_j > 0) have fired, as the
+                  mean over its active units of either the surprisal -log f_j, f_j = (n_j + 1) /
+                  (N + 2) the smoothed fraction of observations in which unit j was active
+                  (``--fine-bonus surprisal``), or the count bonus 1 / sqrt(n_j + 1) (``count``,
+                  Tang et al. 2017 count hashed codes the same way).
     Near-identical images reconstruct almost equally well, but once the sparse code assigns
-    them different units, a state whose units rarely fire is still recognised as novel. Both
-    terms shrink as the agent keeps seeing the same states (the autoencoder learns them, the
-    counts grow), so the bonus fades where exploration is done, as RND's does. Each term is
-    divided by its own running std, so ``--coarse-coef`` and ``--fine-coef`` are relative
-    weights.
+    them different units, a state whose units rarely fire is still recognised as novel.
+
+    Each term is standardised by its running mean and std (``--center-novelty``) or divided by
+    its running std only, so ``--coarse-coef``/``--fine-coef`` are relative weights. Centring
+    matters for the surprisal: it has a large constant part (every code has active units)
+    which would otherwise dominate the std of the intrinsic return and shrink the differences
+    between states -- the part that drives exploration -- to nothing. Surprisal + centring
+    gives an exploration drive that never fades (AdaMemento leaves exploitation to the
+    memory); count + std-only fades as states become familiar, as RND's bonus does. The
+    intrinsic stream is non-episodic, so negative rewards give no incentive to end episodes.
     """
 
     def __init__(self, shape: tuple, latent_dim: int, coarse_coef: float, fine_coef: float,
-                 sparsity_coef: float):
+                 sparsity_coef: float, fine_bonus: str = "surprisal", center: bool = True):
         super().__init__()
         self.coarse_coef, self.fine_coef, self.sparsity_coef = coarse_coef, fine_coef, sparsity_coef
+        self.fine_bonus, self.center = fine_bonus, center
         self.encoder = nn.Sequential(novelty_encoder(shape, latent_dim), nn.ReLU())
         # An MLP decoder reconstructs any input size exactly (a transposed-conv stack would
         # have to be fitted to each image size).
@@ -644,6 +658,7 @@ class CoarseFine(nn.Module):
         self.decoder = nn.Sequential(layer_init(nn.Linear(latent_dim, 256)), nn.ReLU(),
                                      layer_init(nn.Linear(256, n_in), std=1.0))
         self.register_buffer("unit_counts", torch.zeros(latent_dim, dtype=torch.float64))
+        self.register_buffer("seen", torch.tensor(0.0, dtype=torch.float64))
         self.coarse_rms, self.fine_rms = RunningMeanStd(()), RunningMeanStd(())
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -656,15 +671,21 @@ class CoarseFine(nn.Module):
         z = self.encoder(x)
         coarse = (self.decoder(z).view_as(x) - x).pow(2).flatten(1).mean(1)
         active = (z > 0).double()
-        fine = ((active * (self.unit_counts + 1.0).rsqrt()).sum(1) / active.sum(1).clamp(min=1.0)).float()
+        if self.fine_bonus == "surprisal":
+            unit_bonus = -((self.unit_counts + 1.0) / (self.seen + 2.0)).log()
+        else:
+            unit_bonus = (self.unit_counts + 1.0).rsqrt()
+        fine = ((active * unit_bonus).sum(1) / active.sum(1).clamp(min=1.0)).float()
         if update:
             self.unit_counts += active.sum(0)
+            self.seen += x.shape[0]
             self.coarse_rms.update(coarse)
             self.fine_rms.update(fine)
         reward = torch.zeros_like(coarse)
         for coef, term, rms in ((self.coarse_coef, coarse, self.coarse_rms), (self.fine_coef, fine, self.fine_rms)):
             if coef:
-                reward += coef * (term / torch.sqrt(rms.var + 1e-8)).float()
+                centred = term - rms.mean if self.center else term
+                reward += coef * (centred / torch.sqrt(rms.var + 1e-8)).float()
         return reward, dict(coarse=coarse.mean().item(), fine=fine.mean().item(),
                             active_units=active.sum(1).mean().item())
 
@@ -809,6 +830,9 @@ def check_args(args: Args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.intrinsic != "coarse-fine" and not (args.coarse and args.fine):
         raise UserError(f"--no-coarse/--no-fine only apply to --intrinsic coarse-fine, got --intrinsic {args.intrinsic}")
+    if args.intrinsic != "coarse-fine" and (args.fine_bonus != "surprisal" or not args.center_novelty):
+        raise UserError(f"--fine-bonus/--no-center-novelty only apply to --intrinsic coarse-fine, "
+                        f"got --intrinsic {args.intrinsic}")
     if args.intrinsic == "coarse-fine" and not (args.coarse or args.fine):
         raise UserError("--no-coarse together with --no-fine leaves no intrinsic reward: use --intrinsic none")
 
@@ -874,7 +898,8 @@ def main(args: Args) -> None:
             novelty = RND(novelty_in.shape).to(device)
         else:
             novelty = CoarseFine(novelty_in.shape, args.latent_dim, args.coarse_coef if args.coarse else 0.0,
-                                 args.fine_coef if args.fine else 0.0, args.sparsity_coef).to(device)
+                                 args.fine_coef if args.fine else 0.0, args.sparsity_coef, args.fine_bonus,
+                                 args.center_novelty).to(device)
         novelty_optimizer = optim.Adam([p for p in novelty.parameters() if p.requires_grad],
                                        lr=args.learning_rate, eps=1e-5)
         int_filter = RewardForwardFilter(args.num_envs, args.int_gamma)

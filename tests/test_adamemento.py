@@ -222,7 +222,7 @@ def _train_novelty(model, frequent, steps=150):
         model.novelty(frequent)  # the frequent observations are also *seen* (counts, statistics)
 
 
-@pytest.mark.parametrize("kind", ["coarse-fine", "coarse", "rnd"])
+@pytest.mark.parametrize("kind", ["coarse-fine", "coarse-fine-count", "coarse", "rnd"])
 def test_intrinsic_reward_higher_for_unseen_observation(kind):
     torch.manual_seed(0)
     frequent = torch.zeros(64, 12)
@@ -232,15 +232,18 @@ def test_intrinsic_reward_higher_for_unseen_observation(kind):
     if kind == "rnd":
         model = am.RND((12,))
     else:
-        model = am.CoarseFine((12,), 16, 1.0, 1.0 if kind == "coarse-fine" else 0.0, 1e-3)
+        model = am.CoarseFine((12,), 16, 1.0, 0.0 if kind == "coarse" else 1.0, 1e-3,
+                              fine_bonus="count" if kind.endswith("count") else "surprisal",
+                              center=not kind.endswith("count"))
     _train_novelty(model, frequent)
     r_frequent, _ = model.novelty(frequent[:1], update=False)
     r_unseen, _ = model.novelty(unseen, update=False)
     assert r_unseen.item() > r_frequent.item()
 
 
-def test_fine_novelty_is_rarity_of_active_units():
-    model = am.CoarseFine((2,), 2, 0.0, 1.0, 0.0)
+@pytest.mark.parametrize("bonus", ["surprisal", "count"])
+def test_fine_novelty_is_rarity_of_active_units(bonus):
+    model = am.CoarseFine((2,), 2, 0.0, 1.0, 0.0, fine_bonus=bonus)
     model.encoder = nn.ReLU()  # latent = input: unit 0 fires for x=[1,0], unit 1 for [0,1]
     model.decoder = nn.Identity()
     common, rare = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
@@ -249,11 +252,18 @@ def test_fine_novelty_is_rarity_of_active_units():
     model.novelty(rare)
     _, stats_common = model.novelty(common, update=False)
     _, stats_rare = model.novelty(rare, update=False)
-    # Unit 0 fired in 50 observations, unit 1 in one: bonus 1/sqrt(n + 1).
-    assert stats_common["fine"] == pytest.approx(1 / math.sqrt(51), rel=1e-5)
-    assert stats_rare["fine"] == pytest.approx(1 / math.sqrt(2), rel=1e-5)
+    # Unit 0 fired in 50 of 51 observations, unit 1 in one.
+    if bonus == "surprisal":  # -log((n + 1) / (N + 2))
+        expected = (-math.log(51 / 53), -math.log(2 / 53))
+    else:  # 1 / sqrt(n + 1)
+        expected = (1 / math.sqrt(51), 1 / math.sqrt(2))
+    assert stats_common["fine"] == pytest.approx(expected[0], rel=1e-5)
+    assert stats_rare["fine"] == pytest.approx(expected[1], rel=1e-5)
     # Both reconstruct perfectly (coarse = 0): only the fine term tells them apart.
     assert stats_common["coarse"] == stats_rare["coarse"] == 0.0
+    reward_common, _ = model.novelty(common, update=False)
+    reward_rare, _ = model.novelty(rare, update=False)
+    assert reward_rare.item() > reward_common.item()
 
 
 def test_intrinsic_normaliser_uses_time_axis_and_never_resets():
@@ -355,6 +365,7 @@ def test_smoke_mujoco(run):
     (dict(memory_epsilon=1.0), "--memory-epsilon"),
     (dict(intrinsic="rnd", fine=False), "--no-coarse/--no-fine"),
     (dict(coarse=False, fine=False), "--intrinsic none"),
+    (dict(intrinsic="none", fine_bonus="count"), "--fine-bonus"),
     (dict(env_id="FourRooms-v0", env_kwargs=("max_steps=0",)), "max_steps"),
     (dict(env_id="NoSuchEnv-v0"), "NoSuchEnv-v0"),
 ])
