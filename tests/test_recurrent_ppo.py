@@ -199,3 +199,35 @@ def test_solves_memory_task_delay4(tmp_path, monkeypatch):
                     run_name="learn", cuda=False))
     record = json.loads((tmp_path / "runs" / "learn" / "eval.json").read_text())
     assert record["success_rate"] >= 0.95, record
+
+
+def test_truncation_bootstraps_from_the_pre_reset_state(tmp_path, monkeypatch):
+    """A time-limit truncation is bootstrapped with V(final_obs) computed from the LSTM state the
+    truncated episode had reached -- not a reset (zero) state, not a stale one."""
+    calls = {"state": None, "bootstraps": 0, "nonzero": 0, "values": 0}
+    original_act, original_value = rp.Agent.get_action_and_value, rp.Agent.get_value
+
+    def act(self, x, lstm_state, starts, *a, **kw):
+        out = original_act(self, x, lstm_state, starts, *a, **kw)
+        if len(x) == lstm_state[0].shape[1]:  # a rollout step, not an update pass
+            calls["state"] = out[-1]
+        return out
+
+    def value(self, x, lstm_state, starts):
+        calls["values"] += 1
+        if not starts.any():  # bootstrap (or a rollout that ended mid-episode)
+            calls["nonzero"] += int(lstm_state[0].abs().max() > 1e-3)
+            torch.testing.assert_close(lstm_state[0], calls["state"][0], atol=0, rtol=0)
+            torch.testing.assert_close(lstm_state[1], calls["state"][1], atol=0, rtol=0)
+            calls["bootstraps"] += 1
+        return original_value(self, x, lstm_state, starts)
+
+    monkeypatch.setattr(rp.Agent, "get_action_and_value", act)
+    monkeypatch.setattr(rp.Agent, "get_value", value)
+    monkeypatch.chdir(tmp_path)
+    # delay 8 but a 3-step time limit: every episode is truncated, none terminates.
+    rp.main(rp.Args(env_kwargs=("delay=8", "difficulty=1", "max_episode_steps=3"), total_timesteps=2 * 2 * 16, num_envs=2,
+                    num_steps=16, num_minibatches=2, update_epochs=1, lstm_size=8, eval_episodes=0,
+                    run_name="trunc", cuda=False))
+    # 16 steps per rollout -> 5 truncations per rollout, 2 rollouts; plus 2 end-of-rollout values.
+    assert calls["bootstraps"] >= 10 and calls["nonzero"] >= 10 and calls["values"] == 12, calls
