@@ -303,14 +303,14 @@ class Agent(nn.Module):
         batch = lstm_state[0].shape[1]
         steps = feats.shape[0] // batch
         feats, starts = feats.view(steps, batch, -1), starts.view(steps, batch)
-        if steps == 1:  # rollout / evaluation: one step per env
-            keep = (1.0 - starts).view(1, batch, 1)
+        if not starts[1:].any():  # no episode begins after the first step (always so in the rollout)
+            keep = (1.0 - starts[0]).view(1, batch, 1)
             out, state = self.lstm(feats, (keep * lstm_state[0], keep * lstm_state[1]))
-            return out.view(batch, -1), state
-        # Sequence pass: a reset inside a sequence just means a new sequence begins there, so
-        # cut every env's sequence at its episode starts into segments and run all segments as
-        # one packed batch. A segment that opens the sequence continues from the stored state
-        # unless it begins an episode (state * (1 - start)); every other segment starts at 0.
+            return out.view(steps * batch, -1), state
+        # A reset inside a sequence just means a new sequence begins there, so cut every env's
+        # sequence at its episode starts into segments and run all segments as one packed batch.
+        # A segment that opens the sequence continues from the stored state unless it begins an
+        # episode (state * (1 - start)); every other segment starts at 0.
         begins = starts.t().bool()                                    # (B, T), env-major
         cut = begins.clone()
         cut[:, 0] = True
