@@ -192,6 +192,9 @@ class Args:
     """width of entry embeddings, attention and heads"""
     num_heads: int = 4
     """attention heads of the memory read"""
+    hindsight_critic_coef: float = 0.5
+    """coefficient of the action-conditioned hindsight critic that teaches the attention to find
+    reward-relevant entries among everything the episode saw, kept or evicted (0 = off)"""
     aux_recon_coef: float = 0.0
     """coefficient of the self-supervised loss reconstructing a stored observation from the read (0 = off)"""
     heatmap_interval: int = 25
@@ -365,6 +368,9 @@ class Agent(nn.Module):
 
         self.actor, self.critic = head(self.n_act, 0.01), head(1, 1.0)
         self.critic_int = head(1, 1.0) if args.rnd else None
+        self.hindsight_critic = (nn.Sequential(layer_init(nn.Linear(2 * d + self.n_act, 64)), nn.Tanh(),
+                                               layer_init(nn.Linear(64, 1), std=1.0))
+                                 if args.hindsight_critic_coef > 0 else None)
         if self.continuous:
             self.actor_logstd = nn.Parameter(torch.zeros(1, self.n_act))
         # Retention scorer: content of an entry -> score (higher = keep). The embedding is detached so
@@ -797,6 +803,17 @@ def hindsight_targets(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor,
     return torch.softmax(logits, -1).mean(2) * visible.any(-1, keepdim=True).float()
 
 
+def hindsight_read(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, e: torch.Tensor,
+                   i_idx: torch.Tensor) -> torch.Tensor:
+    """The read queries e (B, D) would get if every entry visible to them (B, P) were in memory."""
+    q = agent.heads_split(agent.q_proj(e))                                  # B H dh
+    k = agent.heads_split(agent.k_proj(pool_e))[i_idx].permute(0, 2, 3, 1)  # B H dh P
+    v = agent.heads_split(agent.v_proj(pool_e))[i_idx].transpose(1, 2)      # B H P dh
+    logits = (q.unsqueeze(2) @ k).squeeze(2) / math.sqrt(q.shape[-1])      # B H P
+    w = torch.softmax(logits.masked_fill(~visible.unsqueeze(1), -1e30), -1) * visible.any(-1).float()[:, None, None]
+    return agent.o_proj((w.unsqueeze(2) @ v).squeeze(2).flatten(1))
+
+
 def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, target: torch.Tensor,
                              visible: torch.Tensor, src: torch.Tensor, tag: torch.Tensor, i_idx: torch.Tensor,
                              weight: torch.Tensor) -> torch.Tensor:
@@ -935,7 +952,7 @@ def main(args: Args) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("persistent_slots", "eval_episodes", "retention_coef", "retention_noise", "aux_recon_coef",
-                 "heatmap_interval"):
+                 "hindsight_critic_coef", "heatmap_interval"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 < args.rnd_update_proportion <= 1.0:
@@ -1133,16 +1150,19 @@ def main(args: Args) -> None:
         b_logprobs, b_returns, b_values = logprobs.reshape(-1), returns.reshape(-1), values.reshape(-1)
 
         use_ret = args.retention == "learned" and args.retention_coef > 0
-        if use_ret:
+        if use_ret or args.hindsight_critic_coef > 0:
             all_t, all_i = (x.reshape(-1) for x in torch.meshgrid(torch.arange(T, device=device),
                                                                   torch.arange(N, device=device), indexing="ij"))
             visible = visible_entries(slot_src, ep_id, all_t, all_i, S).view(T, N, -1)
+        if use_ret:
             ret_target = hindsight_targets(agent, pool_embed(agent, pool), visible, slot_src, slot_tag, S)
         b_inds = np.arange(batch_size)
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl",
                                  "clipfrac", "retention_loss")}
         if args.aux_recon_coef > 0:
             stats["aux_recon_loss"] = []
+        if args.hindsight_critic_coef > 0:
+            stats["hindsight_critic_loss"] = []
         if rnd is not None:
             stats["rnd_loss"] = []
         for epoch in range(args.update_epochs):
@@ -1186,6 +1206,17 @@ def main(args: Args) -> None:
                                                         i_idx, weight)
                     loss = loss + args.retention_coef * ret_loss
                     stats["retention_loss"].append(ret_loss.item())
+                if args.hindsight_critic_coef > 0:
+                    # Hindsight critic: predict the return of (state, action) from the read over
+                    # everything the episode saw. Its gradient trains the shared query/key/value
+                    # networks to find the entries that decide the reward even when retention did
+                    # not keep them -- this is what lets retention bootstrap (the hindsight targets
+                    # above come from the same query/key networks).
+                    read_h = hindsight_read(agent, pool_e, visible[t_idx, i_idx], e, i_idx)
+                    q_h = agent.hindsight_critic(torch.cat([e, read_h, agent.action_input(b_actions[mb])], -1))
+                    hc_loss = 0.5 * ((q_h.squeeze(-1) - b_returns[mb]) ** 2).mean()
+                    loss = loss + args.hindsight_critic_coef * hc_loss
+                    stats["hindsight_critic_loss"].append(hc_loss.item())
                 if args.aux_recon_coef > 0:
                     # Reconstruct a random stored observation from the read and that entry's time.
                     occupied = src >= 0
