@@ -533,6 +533,7 @@ def main(args: Args) -> None:
                          reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
                          rng=dict(python=random.getstate(), numpy=np.random.get_state(),
                                   torch=torch.get_rng_state())), ckpt_path)
+        writer.flush()  # the TB log of a killed run then reaches at least its checkpoint
 
     # Resumed runs restart their envs with a different seed so they do not replay old episodes;
     # every env then begins an episode, so a zero LSTM state is exact.
