@@ -298,7 +298,8 @@ def test_main_vector_env_replays_exactly_and_logs(tmp_path, monkeypatch):
     errs = [v for _, v in tb["debug/replay_max_error"]]
     assert len(errs) == 4 and max(errs) < 1e-5
     for key in ("charts/episodic_return", "charts/SPS", "losses/policy_loss", "losses/retention_loss",
-                "losses/aux_recon_loss", "memory/retention_score_spread", "memory/mean_age_evicted",
+                "losses/aux_recon_loss", "losses/hindsight_critic_loss", "memory/retention_score_spread",
+                "memory/mean_age_evicted",
                 "memory/mean_age_kept", "memory/attention_entropy", "memory/cue_in_memory_at_decision"):
         assert key in tb, key
     assert (run_dir / "attention.png").stat().st_size > 0
@@ -344,3 +345,28 @@ def test_learns_memory_task_delay_64(tmp_path, monkeypatch):
                             total_timesteps=2000 * 64, num_envs=8, num_steps=128, hidden_size=64, num_heads=4,
                             memory_slots=16, eval_episodes=100)
     assert result["success_rate"] >= 0.99
+
+
+def test_hindsight_read_equals_real_read_when_it_sees_the_memory():
+    """The hindsight critic's read over a visible set equal to the memory contents is the policy's read
+    (no persistent tags involved); over the larger set it includes evicted entries of the episode."""
+    args = small_args(memory_slots=3, num_envs=2, hindsight_critic_coef=0.5)
+    envs, agent, actor = make_actor(args, env_kwargs={"delay": 8, "difficulty": 1})
+    T = 12
+    out, pool, _ = run_rollout(envs, actor, T)
+    S = actor.mem.s
+    t_idx, i_idx = (x.reshape(-1) for x in torch.meshgrid(torch.arange(T), torch.arange(2), indexing="ij"))
+    pool_e = trace_ppo.pool_embed(agent, pool)
+    e, read, _, src = trace_ppo.replay(agent, pool, pool_e, out["src"], out["tag"], t_idx, i_idx, S)
+    in_memory = torch.zeros((len(t_idx), S + T), dtype=torch.long).scatter_add_(1, src.clamp(min=0),
+                                                                                (src >= 0).long()) > 0
+    read_h = trace_ppo.hindsight_read(agent, pool_e, in_memory, e, i_idx)
+    assert torch.allclose(read_h, read, atol=1e-5)
+    ep_id = torch.cumsum((out["tau"] == 0).long(), 0)
+    visible = trace_ppo.visible_entries(out["src"], ep_id, t_idx, i_idx, S)
+    assert (visible.sum(1) > in_memory.sum(1)).any()  # evicted steps are visible in hindsight
+    read_all = trace_ppo.hindsight_read(agent, pool_e, visible, e, i_idx)
+    q = agent.hindsight_critic(torch.cat([e, read_all, agent.action_input(out["action"].reshape(-1))], -1))
+    agent.zero_grad()
+    q.sum().backward()
+    assert agent.q_proj.weight.grad.abs().sum() > 0 and agent.k_proj.weight.grad.abs().sum() > 0
