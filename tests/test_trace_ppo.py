@@ -370,3 +370,15 @@ def test_hindsight_read_equals_real_read_when_it_sees_the_memory():
     agent.zero_grad()
     q.sum().backward()
     assert agent.q_proj.weight.grad.abs().sum() > 0 and agent.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
+    result, _, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=5",), eval_episodes=2)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["iteration"] == 4 and ckpt["global_step"] == 256
+    ckpt["iteration"], ckpt["global_step"] = 2, 128  # as if killed after the second update
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    trace_ppo.main(Args(resume="t"))
+    resumed = json.loads((run_dir / "eval.json").read_text())
+    assert resumed["global_step"] == 256
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 4
