@@ -296,8 +296,11 @@ class _GridWorld(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self._pos, self._t = self.start, 0
+        self._pos, self._t = self._start_cell(), 0
         return self._obs(), {}
+
+    def _start_cell(self) -> tuple[int, int]:
+        return self.start
 
     def step(self, action):
         if not self.action_space.contains(action):
@@ -375,8 +378,11 @@ class CliffWalkingFailEnv(_GridWorld):
 class DarkChamberEnv(_GridWorld):
     """A dark ``size x size`` room seen as an image in which the cells barely differ.
 
-    The agent starts in the top-left cell ``(0, 0)``; the goal is the far bottom-right cell
-    ``(size-1, size-1)``, which looks like every other cell.
+    The goal is the centre cell ``(size//2, size//2)``, which looks like every other cell. The
+    agent starts on a uniformly drawn cell of the room's outer ring (drawn with the env's
+    seeded RNG), so the way to the goal depends on where the agent is: a policy that cannot
+    tell the faint observations apart cannot reach it reliably. (A goal in a corner could be
+    reached by a blind policy that just mixes "right" and "down": the walls funnel it there.)
 
     Observation ``Box(0, 255, (size*cell_pixels, size*cell_pixels, 1), uint8)``: every pixel
     is ``background`` (default 24) except the ``cell_pixels x cell_pixels`` block of the
@@ -386,22 +392,29 @@ class DarkChamberEnv(_GridWorld):
 
     Actions ``Discrete(4)`` (0 up, 1 right, 2 down, 3 left; moves into the outer wall leave
     the agent in place). Reward +1 and termination on reaching the goal
-    (``is_success=True``), 0 otherwise; after ``max_steps`` (default ``4 * size``) actions
-    the episode is truncated (``is_success=False``).
+    (``is_success=True``), 0 otherwise; after ``max_steps`` (default ``2 * size``, at least
+    ``size`` more than the longest shortest path) actions the episode is truncated
+    (``is_success=False``). A uniformly random policy succeeds in about 9% of episodes at the
+    default size 8.
     """
 
     def __init__(self, size: int = 8, cell_pixels: int = 2, background: int = 24, contrast: int = 6,
                  max_steps: int | None = None, render_mode: str | None = None):
-        self.size = _check_int("size", size, 2)
+        self.size = _check_int("size", size, 3)
         self.cell_pixels = _check_int("cell_pixels", cell_pixels, 1)
         self.background = _check_int("background", background, 0)
         self.contrast = _check_int("contrast", contrast, 1)
         if self.background + self.contrast > 255:
             raise ValueError(f"background + contrast must be <= 255, got {self.background + self.contrast!r}")
-        self._setup(np.zeros((self.size, self.size), bool), (0, 0), (self.size - 1, self.size - 1),
-                    4 * self.size if max_steps is None else max_steps, render_mode)
+        self._setup(np.zeros((self.size, self.size), bool), (0, 0), (self.size // 2, self.size // 2),
+                    2 * self.size if max_steps is None else max_steps, render_mode)
         side = self.size * self.cell_pixels
         self.observation_space = spaces.Box(0, 255, (side, side, 1), np.uint8)
+        n = self.size - 1
+        self._ring = [(r, c) for r in range(self.size) for c in range(self.size) if r in (0, n) or c in (0, n)]
+
+    def _start_cell(self) -> tuple[int, int]:
+        return self._ring[int(self.np_random.integers(len(self._ring)))]
 
     def _obs(self) -> np.ndarray:
         p = self.cell_pixels

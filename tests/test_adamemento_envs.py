@@ -92,22 +92,48 @@ def test_dark_chamber_observations_are_faint():
     obs0, _ = env.reset(seed=0)
     assert obs0.shape == (15, 15, 1) and obs0.dtype == np.uint8
     assert set(np.unique(obs0)) == {10, 12}
-    assert (obs0 == 12).sum() == 9 and (obs0[:3, :3] == 12).all()
-    obs1, *_ = env.step(RIGHT)
+    r, c = env.unwrapped._pos
+    assert (obs0 == 12).sum() == 9 and (obs0[3 * r:3 * r + 3, 3 * c:3 * c + 3] == 12).all()
+    obs1, *_ = env.step(RIGHT if c < 4 else LEFT)
     diff = obs1.astype(int) - obs0.astype(int)
     # Two neighbouring cells differ by `contrast` on exactly two blocks of pixels.
     assert np.abs(diff).max() == 2 and (diff != 0).sum() == 18
 
 
-def test_dark_chamber_goal_is_far_corner():
-    env = gym.make("DarkChamber-v0", size=4)
-    env.reset(seed=0)
-    path = [RIGHT] * 3 + [DOWN] * 3
+def test_dark_chamber_starts_on_ring_and_goal_is_centre():
+    env = gym.make("DarkChamber-v0", size=5)
+    starts = set()
+    for seed in range(200):
+        env.reset(seed=seed)
+        starts.add(env.unwrapped._pos)
+    ring = {(r, c) for r in range(5) for c in range(5) if r in (0, 4) or c in (0, 4)}
+    assert starts == ring  # every ring cell is drawn, nothing else
+    env.reset(seed=3)
+    r, c = env.unwrapped._pos
+    path = [DOWN if r < 2 else UP] * abs(r - 2) + [RIGHT if c < 2 else LEFT] * abs(c - 2)
     for i, a in enumerate(path):
         _, reward, term, trunc, info = env.step(a)
         assert term == (i == len(path) - 1) and reward == float(term)
-    assert info["is_success"] is True
-    assert env.unwrapped.max_steps == 16
+    assert info["is_success"] is True and env.unwrapped._pos == (2, 2)
+    assert env.unwrapped.max_steps == 10
+
+
+def test_dark_chamber_needs_state_information():
+    # The best *blind* policy (the same action distribution in every cell) is far from reliable.
+    env = gym.make("DarkChamber-v0")
+    rng = np.random.default_rng(0)
+    best = 0.0
+    for probs in ([0.25] * 4, [0, 0.5, 0.5, 0], [0.1, 0.4, 0.4, 0.1]):
+        wins = 0
+        for ep in range(200):
+            env.reset(seed=ep)
+            while True:
+                _, _, term, trunc, info = env.step(int(rng.choice(4, p=probs)))
+                if term or trunc:
+                    wins += info["is_success"]
+                    break
+        best = max(best, wins / 200)
+    assert best < 0.6
 
 
 def _shortest_path(walls, start, goal):
@@ -147,7 +173,7 @@ def test_four_rooms_walls_block():
     ("CliffWalkingFail-v0", dict(cols=2), "cols"),
     ("CliffWalkingFail-v0", dict(max_steps=0), "max_steps"),
     ("CliffWalkingFail-v0", dict(rows=4.5), "rows"),
-    ("DarkChamber-v0", dict(size=1), "size"),
+    ("DarkChamber-v0", dict(size=2), "size"),
     ("DarkChamber-v0", dict(contrast=0), "contrast"),
     ("DarkChamber-v0", dict(background=250, contrast=10), "background + contrast"),
     ("DarkChamber-v0", dict(cell_pixels=True), "cell_pixels"),
