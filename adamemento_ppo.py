@@ -1018,7 +1018,8 @@ def main(args: Args) -> None:
                 next_obs_buf[step] = next_obs
                 ended = np.flatnonzero(done)
                 if len(ended):
-                    next_obs_buf[step, ended] = torch.as_tensor(np.stack(info["final_obs"][ended]), device=device)
+                    next_obs_buf[step, ended] = torch.as_tensor(np.stack(info["final_obs"][ended]), device=device,
+                                                                dtype=next_obs_buf.dtype)
             if memory is not None:
                 obs_np = obs[step].cpu().numpy()
                 for i in range(args.num_envs):

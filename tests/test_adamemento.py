@@ -355,8 +355,9 @@ def test_smoke_continuous_memory(run):
 
 
 def test_smoke_mujoco(run):
-    run_dir = run(env_id="HalfCheetah-v5", total_timesteps=128, num_steps=64, num_minibatches=2, update_epochs=1,
-                  eval_episodes=1)
+    # 50-step episodes so that time-limit truncations (float64 final observations) occur.
+    run_dir = run(env_id="HalfCheetah-v5", env_kwargs=("max_episode_steps=50",), total_timesteps=128, num_steps=64,
+                  num_minibatches=2, update_epochs=1, eval_episodes=1)
     assert json.loads((run_dir / "eval.json").read_text())["mean_return"] is not None
 
 
