@@ -690,9 +690,11 @@ def finished_episode(info: dict, i: int) -> tuple[float, int, bool | None]:
 
 
 def write_eval_json(run_dir: str, record: dict[str, Any]) -> str:
+    # Atomic, like checkpoints: benchmark.sh treats an existing eval.json as a finished run.
     path = os.path.join(run_dir, "eval.json")
-    with open(path, "w") as f:
+    with open(f"{path}.tmp", "w") as f:
         json.dump(record, f, indent=2, default=float)
+    os.replace(f"{path}.tmp", path)
     return path
 
 
