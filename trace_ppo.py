@@ -782,8 +782,12 @@ def replay(agent: Agent, pool: dict, pool_e: torch.Tensor, slot_src, slot_tag, t
     """Reproduce the rollout's read for the queries (t_idx, i_idx) from the recorded slot sources."""
     src = slot_src[t_idx, i_idx]                                  # B S
     occupied = src >= 0
-    mem = pool_e[i_idx.unsqueeze(1), src.clamp(min=0)]            # B S D
-    e = pool_e[i_idx, s_off + t_idx]
+    # index_select on the flattened pool: its backward (index_add) is much faster on CPU than
+    # that of advanced indexing.
+    n, p, d = pool_e.shape
+    flat = pool_e.reshape(n * p, d)
+    mem = flat.index_select(0, (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)).view(*src.shape, d)
+    e = flat.index_select(0, i_idx * p + s_off + t_idx)
     read, w = agent.attend(e, mem, slot_tag[t_idx, i_idx], occupied)
     return e, read, w, src
 
@@ -815,15 +819,18 @@ def hindsight_targets(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor,
     return torch.softmax(logits, -1).mean(2) * visible.any(-1, keepdim=True).float()
 
 
-def hindsight_read(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, e: torch.Tensor,
-                   i_idx: torch.Tensor) -> torch.Tensor:
-    """The read queries e (B, D) would get if every entry visible to them (B, P) were in memory."""
-    q = agent.heads_split(agent.q_proj(e))                                  # B H dh
-    k = agent.heads_split(agent.k_proj(pool_e))[i_idx].permute(0, 2, 3, 1)  # B H dh P
-    v = agent.heads_split(agent.v_proj(pool_e))[i_idx].transpose(1, 2)      # B H P dh
-    logits = (q.unsqueeze(2) @ k).squeeze(2) / math.sqrt(q.shape[-1])      # B H P
-    w = torch.softmax(logits.masked_fill(~visible.unsqueeze(1), -1e30), -1) * visible.any(-1).float()[:, None, None]
-    return agent.o_proj((w.unsqueeze(2) @ v).squeeze(2).flatten(1))
+def hindsight_read(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, s_off: int) -> torch.Tensor:
+    """The reads (T, N, D) all T x N queries of the rollout would get if every entry visible to them
+    (``visible``: T, N, P) were in memory. Batched per env: dense (T x P) attention per env is
+    cheaper on CPU than gathering the keys for each query."""
+    q = agent.heads_split(agent.q_proj(pool_e[:, s_off:])).transpose(1, 2)  # N H T dh
+    k = agent.heads_split(agent.k_proj(pool_e)).transpose(1, 2)             # N H P dh
+    v = agent.heads_split(agent.v_proj(pool_e)).transpose(1, 2)             # N H P dh
+    vis = visible.transpose(0, 1).unsqueeze(1)                              # N 1 T P
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~vis, -1e30)
+    w = torch.softmax(logits, -1) * vis.any(-1, keepdim=True).float()
+    read = (w @ v).transpose(1, 2).flatten(2)                               # N T D
+    return agent.o_proj(read).transpose(0, 1)
 
 
 def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, target: torch.Tensor,
@@ -835,10 +842,11 @@ def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, tar
     n, p = pool["prew"].shape
     flat = lambda x: x.reshape(n * p, *x.shape[2:])  # noqa: E731
     score, _ = agent.retention(flat(pool_e), flat(pool["pact"]), flat(pool["prew"]), flat(pool["tau"]))
-    score = score.view(n, p)[i_idx]                               # B P
+    score = score.view(n, p).index_select(0, i_idx)               # B P
     j = src.clamp(min=0)
     ii = i_idx.unsqueeze(1).expand_as(j)
-    slot_score, _ = agent.retention(pool_e[ii, j], pool["pact"][ii, j], pool["prew"][ii, j], pool["tau"][ii, j], tag)
+    slot_e = flat(pool_e).index_select(0, (ii * p + j).reshape(-1)).view(*j.shape, -1)
+    slot_score, _ = agent.retention(slot_e, pool["pact"][ii, j], pool["prew"][ii, j], pool["tau"][ii, j], tag)
     # Empty slots scatter into a spare last column, so they never overwrite a real entry.
     score = torch.cat([score, score.new_zeros(len(src), 1)], 1).scatter(1, torch.where(src >= 0, src, p), slot_score)
     score = score[:, :p]
@@ -1224,7 +1232,7 @@ def main(args: Args) -> None:
                     # networks to find the entries that decide the reward even when retention did
                     # not keep them -- this is what lets retention bootstrap (the hindsight targets
                     # above come from the same query/key networks).
-                    read_h = hindsight_read(agent, pool_e, visible[t_idx, i_idx], e, i_idx)
+                    read_h = hindsight_read(agent, pool_e, visible, S).reshape(T * N, -1).index_select(0, mb)
                     q_h = agent.hindsight_critic(torch.cat([e, read_h, agent.action_input(b_actions[mb])], -1))
                     hc_loss = 0.5 * ((q_h.squeeze(-1) - b_returns[mb]) ** 2).mean()
                     loss = loss + args.hindsight_critic_coef * hc_loss
