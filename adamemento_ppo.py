@@ -24,8 +24,7 @@ follows line for line wherever it can):
    samples (exploration, driven by the intrinsic reward).
 
 ``--intrinsic rnd --no-reflection`` is the PPO+RND baseline; ``--intrinsic none
---no-reflection`` is ppo_baseline.py with a second (unused) advantage stream removed, i.e.
-the same algorithm.
+--no-reflection`` is exactly ppo_baseline.py (same seed, same weights: tested).
 
 Off-policy correction (the paper's equations are not public; this is our choice)
 ------------------------------------------------------------------------------

@@ -361,6 +361,17 @@ def test_smoke_mujoco(run):
     assert json.loads((run_dir / "eval.json").read_text())["mean_return"] is not None
 
 
+def test_without_memory_and_intrinsic_reward_it_is_ppo_baseline(run, tmp_path):
+    """`--intrinsic none --no-reflection` must be exactly ppo_baseline: same seed, same weights."""
+    common = dict(env_id="FourRooms-v0", total_timesteps=512, num_steps=64, eval_episodes=0, checkpoint_interval=0)
+    ours = torch.load(run(intrinsic="none", reflection=False, **common) / "checkpoint.pt", weights_only=False)
+    ppo_baseline.main(ppo_baseline.Args(run_name="baseline", **common))
+    theirs = torch.load(tmp_path / "runs" / "baseline" / "checkpoint.pt", weights_only=False)
+    assert ours["agent"].keys() == theirs["agent"].keys()
+    for key, value in theirs["agent"].items():
+        assert torch.allclose(ours["agent"][key], value, atol=1e-6), key
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(kappa=1.5), "--kappa"),
     (dict(memory_epsilon=1.0), "--memory-epsilon"),
