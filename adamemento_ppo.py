@@ -938,7 +938,9 @@ def main(args: Args) -> None:
         torch.set_rng_state(resume_state["rng"]["torch"])
         print(f"resuming {run_dir} at step {global_step}", flush=True)
 
-    writer = SummaryWriter(run_dir, purge_step=global_step if resume_state else None)
+    # A resumed run hides the killed run's events *after* the checkpoint; the checkpointed
+    # update's own scalars (logged at global_step) stay.
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume_state else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
@@ -967,6 +969,7 @@ def main(args: Args) -> None:
             state.update(memory=memory.state_dict(), memory_optimizer=memory_optimizer.state_dict(),
                          buffers={k: b.state_dict() for k, b in buffers.items()})
         save_atomic(state, ckpt_path)
+        writer.flush()  # the TB log of a killed run then reaches at least its checkpoint
 
     # Resumed runs restart their envs with a different seed so they do not replay old episodes.
     next_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
@@ -983,8 +986,6 @@ def main(args: Args) -> None:
         for step in range(args.num_steps):
             global_step += args.num_envs
             obs[step] = next_obs
-            if agent.obs_rms is not None:
-                agent.obs_rms.update(next_obs.float())
             with torch.no_grad():
                 action, logprob, _, value, dist = agent.get_action_and_value(next_obs)
                 log_mu = logprob
@@ -1142,6 +1143,11 @@ def main(args: Args) -> None:
                 raise TrainingDiverged(
                     f"non-finite memory loss at step {global_step}; stopped, last good checkpoint kept at "
                     f"{ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+
+        # Normalisation statistics change between rollouts, never inside one, so the update
+        # recomputes exactly the log-probabilities the rollout acted with (the first ratio is 1).
+        if agent.obs_rms is not None:
+            agent.obs_rms.update(obs.reshape((-1,) + envs.single_observation_space.shape).float())
 
         y_pred, y_true = b_values[:, 0].cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)

@@ -21,7 +21,7 @@ import torch
 
 from conftest import REPO_ROOT, describe, popen_script_at, read_tb_scalars, run_script_at
 
-SCRIPTS = ["ppo_baseline.py", "recurrent_ppo_baseline.py"]
+SCRIPTS = ["ppo_baseline.py", "recurrent_ppo_baseline.py", "adamemento_ppo.py"]
 # Extra flags a script needs in every run here (e.g. to keep one of its own options tiny).
 EXTRA_ARGS: dict[str, list[str]] = {}
 
@@ -98,6 +98,20 @@ def test_end_to_end(tmp_path, script, kind):
     assert max(s for s, _ in scalars["charts/SPS"]) == total
     assert len(scalars["losses/value_loss"]) == 2  # one point per update, averaged over minibatches
     assert all(0 < v for _, v in scalars["charts/learning_rate"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_update_reproduces_the_rollout_while_statistics_move(tmp_path, script):
+    """With a zero learning rate the update must recompute exactly the rollout's log-probabilities
+    (every ratio 1), also with observation normalisation on, whose statistics move as data arrives."""
+    proc = run(tmp_path, script, "--env-id", "Pendulum-v1", "--normalize", "True", "--learning-rate", "0",
+               "--eval-episodes", "0", "--run-name", "lr0", "--num-envs", "2", "--num-steps", "64",
+               "--total-timesteps", "384", "--num-minibatches", "2", "--update-epochs", "2")
+    assert proc.returncode == 0, describe(proc)
+    scalars = read_tb_scalars(tmp_path / "runs" / "lr0")
+    assert len(scalars["losses/approx_kl"]) == 3
+    for key in ("losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac"):
+        assert all(abs(v) < 1e-6 for _, v in scalars[key]), (key, scalars[key])
 
 
 # ---------------------------------------------------------------------------------------
