@@ -549,7 +549,7 @@ class Memory:
         self.tau[rows, slot] = tau[rows]
         self.outcome[rows, slot] = 0.0
         self.epis_ago[rows, slot] = 0.0
-        self.obs[rows, slot] = obs[rows]
+        self.obs[rows, slot] = obs[rows].to(self.obs.dtype)  # MuJoCo gives float64
         self.pact[rows, slot] = pact[rows]
         self.prew[rows, slot] = prew[rows]
         written = torch.where(target < m, target, torch.full_like(target, -1))
@@ -1034,7 +1034,9 @@ def main(args: Args) -> None:
         torch.set_rng_state(resume_state["rng"]["torch"])
         print(f"resuming {run_dir} at step {global_step} (memory contents start empty)", flush=True)
 
-    writer = SummaryWriter(run_dir, purge_step=global_step if resume_state else None)
+    # A resumed run hides the killed run's events *after* the checkpoint; the checkpointed
+    # update's own scalars (logged at global_step) stay.
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume_state else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
@@ -1060,6 +1062,7 @@ def main(args: Args) -> None:
                          reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
                          rng=dict(python=random.getstate(), numpy=np.random.get_state(),
                                   torch=torch.get_rng_state())), ckpt_path)
+        writer.flush()  # the TB log of a killed run then reaches at least its checkpoint
 
     next_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
     if rnd is not None and resume_state is None:
@@ -1096,6 +1099,12 @@ def main(args: Args) -> None:
             if rnd is not None:
                 values_int[step] = value_int
             next_obs_np, reward, term, trunc, info = envs.step(action.cpu().numpy())
+            # A non-finite reward would enter the memory (as "previous reward") before any loss
+            # is computed, so it is caught here, with the same message and checkpoint guarantee.
+            if not np.isfinite(reward).all():
+                raise TrainingDiverged(
+                    f"non-finite reward at step {global_step}; stopped, last good checkpoint kept at "
+                    f"{ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
             done = term | trunc
             raw_reward = np.asarray(reward, dtype=np.float64)
             if kind == "atari":
