@@ -58,6 +58,12 @@ def _check_choice(name: str, value: Any, choices: tuple) -> Any:
     return value
 
 
+def _judge_answer(action: Any, target: int, info: dict) -> float:
+    """The recall tasks' final reward: +1 if the answer equals the target, -1 otherwise."""
+    info["is_success"] = int(action) == target
+    return 1.0 if info["is_success"] else -1.0
+
+
 def _cells_to_rgb(cells: np.ndarray, scale: int = 16) -> np.ndarray:
     """Render a small 2-D array of intensities in [0, 1] as an RGB image (for --capture-video)."""
     img = (np.clip(cells, 0.0, 1.0) * 255).astype(np.uint8)
@@ -120,9 +126,7 @@ class MemoryTaskEnv(gym.Env):
         info: dict[str, Any] = {"cue_step": 0}
         reward, terminated = 0.0, False
         if self._t >= self.delay:
-            success = int(action) == self._target
-            reward, terminated = (1.0 if success else -1.0), True
-            info["is_success"] = success
+            reward, terminated = _judge_answer(action, self._target, info), True
         return self._obs.copy(), reward, terminated, False, info
 
     def render(self):
@@ -524,9 +528,7 @@ class RecallAcrossEpisodesEnv(gym.Env):
         info = self._info()
         reward, terminated = 0.0, False
         if self._t >= self.length:
-            success = int(action) == self._target
-            reward, terminated = (1.0 if success else -1.0), True
-            info["is_success"] = success
+            reward, terminated = _judge_answer(action, self._target, info), True
         return self._obs.copy(), reward, terminated, False, info
 
     def render(self):
