@@ -582,9 +582,16 @@ def parse_cli(args_cls: type, argv: list[str] | None = None):
     except SystemExit as exc:
         if not exc.code:
             raise
+        # tyro's box: a title, a rule, the message (wrapped over several lines), a rule, help.
         lines = [re.sub(r"^[\s│╭╰─]+|[\s│╮╯─]+$", "", line) for line in buf.getvalue().splitlines()]
-        lines = [line for line in lines if line and set(line) - set("-─")]
-        message = lines[1] if len(lines) > 1 else (lines[0] if lines else "invalid arguments")
+        blocks, current = [], []
+        for line in lines:
+            if line and not set(line) <= set("-─"):
+                current.append(line)
+            elif current:
+                blocks, current = blocks + [" ".join(current)], []
+        blocks += [" ".join(current)] if current else []
+        message = blocks[1] if len(blocks) > 1 else (blocks[0] if blocks else "invalid arguments")
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -176,6 +176,8 @@ BAD_INPUT = [
     ("text-observation", ["--env-id", "helper_envs:TextObs-v0"], ["Text"], True),
     ("multibinary-action", ["--env-id", "helper_envs:MultiBinaryAction-v0"], ["MultiBinary"], False),
     ("zero-envs", ["--num-envs", "0"], ["--num-envs", "0"], False),
+    # tyro wraps this message over several lines of its box; all of it must reach the one line
+    ("bad-choice", ["--normalize", "maybe"], ["maybe", "--normalize", "True", "False"], False),
     ("resume-nothing", ["--resume", "no_such_run"], ["no_such_run"], False),
 ]
 
