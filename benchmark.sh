@@ -48,12 +48,15 @@ lstm-ppo                   | recurrent_ppo_baseline.py |
 trace-learned              | trace_ppo.py              | --retention learned
 trace-fifo                 | trace_ppo.py              | --retention fifo
 trace-persist              | trace_ppo.py              | --retention learned --persistent-slots 4
-adamemento                 | adamemento_ppo.py         |
-ppo-rnd                    | adamemento_ppo.py         | --intrinsic rnd --no-reflection
-adamemento-no-reflection   | adamemento_ppo.py         | --no-reflection
-adamemento-no-coarse       | adamemento_ppo.py         | --no-coarse
-adamemento-no-fine         | adamemento_ppo.py         | --no-fine
-adamemento-no-intrinsic    | adamemento_ppo.py         | --intrinsic none
+# AdaMemento on sparse-reward tasks (success = return > 0, issue 3), and its ablations:
+adamemento                 | adamemento_ppo.py         | --success-rule positive
+ppo-rnd                    | adamemento_ppo.py         | --success-rule positive --intrinsic rnd --no-reflection
+adamemento-no-reflection   | adamemento_ppo.py         | --success-rule positive --no-reflection
+adamemento-no-coarse       | adamemento_ppo.py         | --success-rule positive --no-coarse
+adamemento-no-fine         | adamemento_ppo.py         | --success-rule positive --no-fine
+adamemento-no-intrinsic    | adamemento_ppo.py         | --success-rule positive --intrinsic none
+# AdaMemento on dense rewards (success = return above the running quantile, the default):
+adamemento-dense           | adamemento_ppo.py         | --success-rule quantile
 sb3-ppo                    | peers.py                  | --algo ppo
 sb3-lstm-ppo               | peers.py                  | --algo recurrent_ppo
 '
@@ -75,19 +78,19 @@ memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200  
 memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo lstm-ppo trace-learned trace-fifo
 memory      | RecallAcrossEpisodes-v0 |                      | 200000    | 200      | ppo lstm-ppo trace-learned trace-fifo trace-persist
 exploration | CliffWalkingFail-v0     |                      | 100000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
-exploration | DarkChamber-v0          |                      | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
+exploration | DarkChamber-v0          | cell_pixels=1        | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 exploration | FourRooms-v0            |                      | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 speed       | MemoryTask-v0           | delay=64 difficulty=1   | 50000   | 10  | ppo lstm-ppo trace-learned trace-fifo adamemento ppo-rnd
 speed       | MemoryTask-v0           | delay=16 difficulty=1   | 50000   | 10  | trace-learned
 speed       | MemoryTask-v0           | delay=256 difficulty=1  | 50000   | 10  | trace-learned
 speed       | MemoryTask-v0           | delay=1024 difficulty=1 | 50000   | 10  | trace-learned
-mujoco      | HalfCheetah-v5          |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento
-mujoco      | Hopper-v5               |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento
-mujoco      | Walker2d-v5             |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento
+mujoco      | HalfCheetah-v5          |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense
+mujoco      | Hopper-v5               |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense
+mujoco      | Walker2d-v5             |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense
 atari       | ALE/MontezumaRevenge-v5 |                      | 50000000  | 10       | ppo ppo-rnd adamemento lstm-ppo
-atari       | ALE/Pong-v5             |                      | 10000000  | 10       | ppo lstm-ppo adamemento
-atari       | ALE/Breakout-v5         |                      | 10000000  | 10       | ppo lstm-ppo adamemento
-atari       | ALE/Seaquest-v5         |                      | 10000000  | 10       | ppo lstm-ppo adamemento
+atari       | ALE/Pong-v5             |                      | 10000000  | 10       | ppo lstm-ppo adamemento-dense
+atari       | ALE/Breakout-v5         |                      | 10000000  | 10       | ppo lstm-ppo adamemento-dense
+atari       | ALE/Seaquest-v5         |                      | 10000000  | 10       | ppo lstm-ppo adamemento-dense
 '
 
 # Per suite: default seeds, default local workers ("cores" = nproc) and the sbatch resources
