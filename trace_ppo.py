@@ -429,20 +429,34 @@ class Agent(nn.Module):
     def heads_split(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, -1)
 
-    def attend(self, e: torch.Tensor, mem: torch.Tensor, tags: torch.Tensor, occupied: torch.Tensor):
-        """Multi-head scaled dot-product attention of queries e (B, D) over slots mem (B, S, D).
+    def keys_values(self, mem: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of entries ``mem`` (..., D) sitting in slots with ``tags``.
+
+        k_proj(mem + tag_proj(tag)) is computed as k_proj(mem) + (W_k W_tag) tag (tag_proj has no
+        bias): the update then projects every pool entry once and gathers the slots' keys."""
+        return self.k_proj(mem) + self.tag_key(tags), self.v_proj(mem) + self.tag_value(tags)
+
+    def tag_key(self, tags: torch.Tensor) -> torch.Tensor:
+        return F.linear(tags, self.k_proj.weight @ self.tag_proj.weight)
+
+    def tag_value(self, tags: torch.Tensor) -> torch.Tensor:
+        return F.linear(tags, self.v_proj.weight @ self.tag_proj.weight)
+
+    def attend(self, e: torch.Tensor, k: torch.Tensor, v: torch.Tensor, occupied: torch.Tensor):
+        """Multi-head scaled dot-product attention of queries e (B, D) over slots with keys k and
+        values v (B, S, D) (see ``keys_values``).
 
         Empty slots get weight exactly 0; with no occupied slot the read is 0. Returns the read
         (B, D) and the weights (B, H, S).
         """
-        mem = mem + self.tag_proj(tags)
         q = self.heads_split(self.q_proj(e))                      # B H dh
-        k, v = self.heads_split(self.k_proj(mem)), self.heads_split(self.v_proj(mem))  # B S H dh
-        logits = (q.unsqueeze(2) @ k.permute(0, 2, 3, 1)).squeeze(2) / math.sqrt(q.shape[-1])  # B H S
+        k, v = self.heads_split(k), self.heads_split(v)           # B S H dh
+        # One query per row: broadcast multiply-and-sum, much faster on CPU than B x H tiny matmuls.
+        logits = (q.unsqueeze(1) * k).sum(-1).transpose(1, 2) / math.sqrt(q.shape[-1])  # B H S
         # A large finite negative (not -inf) keeps all-empty rows finite in the backward pass.
         logits = logits.masked_fill(~occupied.unsqueeze(1), -1e30)
         w = torch.softmax(logits, -1) * occupied.any(-1).float()[:, None, None]
-        read = (w.unsqueeze(2) @ v.transpose(1, 2)).squeeze(2).flatten(1)  # B H dh -> B D
+        read = (w.transpose(1, 2).unsqueeze(-1) * v).sum(1).flatten(1)  # B H dh -> B D
         return self.o_proj(read), w
 
     # --- retention ----------------------------------------------------------------------------
@@ -710,7 +724,8 @@ class Actor:
         """Read memory and act for all envs. Returns the policy outputs, the read's weights and the
         embedding of this step (written by ``write`` after the env step)."""
         e = self.agent.embed(obs, self.pact, self.prew, self.tau)
-        read, w = self.agent.attend(e, self.mem.emb, self.mem.tags(), self.mem.occupied)
+        k, v = self.agent.keys_values(self.mem.emb, self.mem.tags())
+        read, w = self.agent.attend(e, k, v, self.mem.occupied)
         out = self.agent.heads(e, read, greedy=greedy)
         return out, w, e, read
 
@@ -780,54 +795,69 @@ def pool_embed(agent: Agent, pool: dict) -> torch.Tensor:
     return agent.embed(flat(pool["obs"]), flat(pool["pact"]), flat(pool["prew"]), flat(pool["tau"])).view(n, p, -1)
 
 
-def replay(agent: Agent, pool: dict, pool_e: torch.Tensor, slot_src, slot_tag, t_idx, i_idx, s_off: int):
-    """Reproduce the rollout's read for the queries (t_idx, i_idx) from the recorded slot sources."""
+def pool_kv(agent: Agent, pool_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Untagged keys and values (N, P, D) of every pool entry, computed once per minibatch."""
+    return agent.k_proj(pool_e), agent.v_proj(pool_e)
+
+
+def replay(agent: Agent, pool: dict, pool_e: torch.Tensor, slot_src, slot_tag, t_idx, i_idx, s_off: int,
+           kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+    """Reproduce the rollout's read for the queries (t_idx, i_idx) from the recorded slot sources.
+    ``kv``: ``pool_kv(agent, pool_e)`` if already computed."""
     src = slot_src[t_idx, i_idx]                                  # B S
     occupied = src >= 0
+    k_pool, v_pool = pool_kv(agent, pool_e) if kv is None else kv
     # index_select on the flattened pool: its backward (index_add) is much faster on CPU than
-    # that of advanced indexing.
+    # that of advanced indexing. Keys and values are gathered already projected (each pool entry
+    # is projected once instead of once per slot it occupies).
     n, p, d = pool_e.shape
-    flat = pool_e.reshape(n * p, d)
-    mem = flat.index_select(0, (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)).view(*src.shape, d)
-    e = flat.index_select(0, i_idx * p + s_off + t_idx)
-    read, w = agent.attend(e, mem, slot_tag[t_idx, i_idx], occupied)
+    rows = (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)
+    tag = slot_tag[t_idx, i_idx]
+    k = k_pool.reshape(n * p, d).index_select(0, rows).view(*src.shape, d) + agent.tag_key(tag)
+    v = v_pool.reshape(n * p, d).index_select(0, rows).view(*src.shape, d) + agent.tag_value(tag)
+    e = pool_e.reshape(n * p, d).index_select(0, i_idx * p + s_off + t_idx)
+    read, w = agent.attend(e, k, v, occupied)
     return e, read, w, src
 
 
 @torch.no_grad()
 def hindsight_targets(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, slot_src: torch.Tensor,
-                      slot_tag: torch.Tensor, s_off: int) -> torch.Tensor:
+                      slot_tag: torch.Tensor, s_off: int, m: int) -> torch.Tensor:
     """Hindsight attention (T, N, P) of every query of the rollout over every entry it may look back
     at (``visible``, kept or evicted), mean over heads: the target of the retention scorer. Entries in
-    memory at the query's step use their slot's tag, as in the real read. Computed once per update
-    from the rollout's parameters (a stop-gradient target), batched per env."""
+    persistent slots (index >= m) use their slot's tag, as in the real read (episodic slots carry a
+    zero tag, so their entries attend as in the pool). Computed once per update from the rollout's
+    parameters (a stop-gradient target), batched per env."""
     t_len, n = visible.shape[:2]
     e = pool_e[:, s_off:]                                          # N T D (the queries' inputs)
     q = agent.heads_split(agent.q_proj(e)).transpose(1, 2)         # N H T dh
     k = agent.heads_split(agent.k_proj(pool_e)).transpose(1, 2)    # N H P dh
     logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).permute(2, 0, 1, 3)  # T N H P
-    occupied = slot_src >= 0
-    env = torch.arange(n, device=pool_e.device).view(1, n, 1)
-    mem = pool_e[env, slot_src.clamp(min=0)] + agent.tag_proj(slot_tag)           # T N S D
-    k_slot = agent.heads_split(agent.k_proj(mem))                                   # T N S H dh
-    q_t = q.permute(2, 0, 1, 3).unsqueeze(-2)                                       # T N H 1 dh
-    slot_logits = (q_t @ k_slot.permute(0, 1, 3, 4, 2)).squeeze(-2) / math.sqrt(q.shape[-1])  # T N H S
-    # Empty slots scatter into a spare last column, so they never overwrite a real entry.
-    p = logits.shape[-1]
-    idx = torch.where(occupied, slot_src, p).unsqueeze(2).expand_as(slot_logits)
-    logits = torch.cat([logits, logits.new_zeros(logits.shape[:-1] + (1,))], -1)
-    logits = logits.scatter(3, idx, slot_logits)[..., :p]
+    psrc = slot_src[..., m:]
+    if psrc.shape[-1]:
+        env = torch.arange(n, device=pool_e.device).view(1, n, 1)
+        mem = pool_e[env, psrc.clamp(min=0)] + agent.tag_proj(slot_tag[..., m:, :])   # T N K D
+        k_slot = agent.heads_split(agent.k_proj(mem))                                   # T N K H dh
+        q_t = q.permute(2, 0, 1, 3).unsqueeze(-2)                                       # T N H 1 dh
+        slot_logits = (q_t * k_slot.transpose(2, 3)).sum(-1) / math.sqrt(q.shape[-1])   # T N H K
+        # Empty slots scatter into a spare last column, so they never overwrite a real entry.
+        p = logits.shape[-1]
+        idx = torch.where(psrc >= 0, psrc, p).unsqueeze(2).expand_as(slot_logits)
+        logits = torch.cat([logits, logits.new_zeros(logits.shape[:-1] + (1,))], -1)
+        logits = logits.scatter(3, idx, slot_logits)[..., :p]
     logits = logits.masked_fill(~visible.unsqueeze(2), -1e30)
     return torch.softmax(logits, -1).mean(2) * visible.any(-1, keepdim=True).float()
 
 
-def hindsight_read(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, s_off: int) -> torch.Tensor:
+def hindsight_read(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, s_off: int,
+                   kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """The reads (T, N, D) all T x N queries of the rollout would get if every entry visible to them
     (``visible``: T, N, P) were in memory. Batched per env: dense (T x P) attention per env is
-    cheaper on CPU than gathering the keys for each query."""
+    cheaper on CPU than gathering the keys for each query. ``kv``: ``pool_kv(agent, pool_e)``."""
+    k_pool, v_pool = pool_kv(agent, pool_e) if kv is None else kv
     q = agent.heads_split(agent.q_proj(pool_e[:, s_off:])).transpose(1, 2)  # N H T dh
-    k = agent.heads_split(agent.k_proj(pool_e)).transpose(1, 2)             # N H P dh
-    v = agent.heads_split(agent.v_proj(pool_e)).transpose(1, 2)             # N H P dh
+    k = agent.heads_split(k_pool).transpose(1, 2)                           # N H P dh
+    v = agent.heads_split(v_pool).transpose(1, 2)                           # N H P dh
     vis = visible.transpose(0, 1).unsqueeze(1)                              # N 1 T P
     logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~vis, -1e30)
     w = torch.softmax(logits, -1) * vis.any(-1, keepdim=True).float()
@@ -837,21 +867,24 @@ def hindsight_read(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, s_
 
 def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, target: torch.Tensor,
                              visible: torch.Tensor, src: torch.Tensor, tag: torch.Tensor, i_idx: torch.Tensor,
-                             weight: torch.Tensor) -> torch.Tensor:
+                             weight: torch.Tensor, m: int) -> torch.Tensor:
     """Cross-entropy from the hindsight attention of each query (B, P) to softmax of the retention
-    scores of the entries visible to it (entries in memory scored with their slot's tag), weighted
-    per query."""
+    scores of the entries visible to it (entries in persistent slots, index >= m, scored with their
+    slot's tag; episodic slots carry a zero tag), weighted per query."""
     n, p = pool["prew"].shape
     flat = lambda x: x.reshape(n * p, *x.shape[2:])  # noqa: E731
     score, _ = agent.retention(flat(pool_e), flat(pool["pact"]), flat(pool["prew"]), flat(pool["tau"]))
     score = score.view(n, p).index_select(0, i_idx)               # B P
-    j = src.clamp(min=0)
-    ii = i_idx.unsqueeze(1).expand_as(j)
-    slot_e = flat(pool_e).index_select(0, (ii * p + j).reshape(-1)).view(*j.shape, -1)
-    slot_score, _ = agent.retention(slot_e, pool["pact"][ii, j], pool["prew"][ii, j], pool["tau"][ii, j], tag)
-    # Empty slots scatter into a spare last column, so they never overwrite a real entry.
-    score = torch.cat([score, score.new_zeros(len(src), 1)], 1).scatter(1, torch.where(src >= 0, src, p), slot_score)
-    score = score[:, :p]
+    psrc = src[:, m:]
+    if psrc.shape[1]:
+        j = psrc.clamp(min=0)
+        ii = i_idx.unsqueeze(1).expand_as(j)
+        slot_e = flat(pool_e).index_select(0, (ii * p + j).reshape(-1)).view(*j.shape, -1)
+        slot_score, _ = agent.retention(slot_e, pool["pact"][ii, j], pool["prew"][ii, j], pool["tau"][ii, j],
+                                        tag[:, m:])
+        # Empty slots scatter into a spare last column, so they never overwrite a real entry.
+        score = torch.cat([score, score.new_zeros(len(src), 1)], 1).scatter(1, torch.where(psrc >= 0, psrc, p),
+                                                                             slot_score)[:, :p]
     has = visible.any(1)
     logp = torch.log_softmax(score.masked_fill(~visible, -1e30), -1)
     ce = -(target * logp * visible.float()).sum(-1)
@@ -1186,7 +1219,8 @@ def main(args: Args) -> None:
                                                                   torch.arange(N, device=device), indexing="ij"))
             visible = visible_entries(slot_src, ep_id, all_t, all_i, S).view(T, N, -1)
         if use_ret:
-            ret_target = hindsight_targets(agent, pool_embed(agent, pool), visible, slot_src, slot_tag, S)
+            ret_target = hindsight_targets(agent, pool_embed(agent, pool), visible, slot_src, slot_tag, S,
+                                           args.memory_slots)
         b_inds = np.arange(batch_size)
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl",
                                  "clipfrac", "retention_loss")}
@@ -1202,7 +1236,8 @@ def main(args: Args) -> None:
                 mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
                 t_idx, i_idx = mb // N, mb % N
                 pool_e = pool_embed(agent, pool)
-                e, read, _, src = replay(agent, pool, pool_e, slot_src, slot_tag, t_idx, i_idx, S)
+                kv = pool_kv(agent, pool_e)
+                e, read, _, src = replay(agent, pool, pool_e, slot_src, slot_tag, t_idx, i_idx, S, kv)
                 _, newlogprob, entropy, newvalue, newvalue_int, _ = agent.heads(e, read, b_actions[mb])
                 logratio = newlogprob - b_logprobs[mb]
                 if epoch == 0 and start == 0:
@@ -1234,7 +1269,7 @@ def main(args: Args) -> None:
                     weight = absadv / absadv.mean().clamp(min=1e-8)
                     ret_loss = hindsight_retention_loss(agent, pool, pool_e, ret_target[t_idx, i_idx],
                                                         visible[t_idx, i_idx], src, slot_tag[t_idx, i_idx],
-                                                        i_idx, weight)
+                                                        i_idx, weight, args.memory_slots)
                     loss = loss + args.retention_coef * ret_loss
                     stats["retention_loss"].append(ret_loss.item())
                 if args.hindsight_critic_coef > 0:
@@ -1243,7 +1278,7 @@ def main(args: Args) -> None:
                     # networks to find the entries that decide the reward even when retention did
                     # not keep them -- this is what lets retention bootstrap (the hindsight targets
                     # above come from the same query/key networks).
-                    read_h = hindsight_read(agent, pool_e, visible, S).reshape(T * N, -1).index_select(0, mb)
+                    read_h = hindsight_read(agent, pool_e, visible, S, kv).reshape(T * N, -1).index_select(0, mb)
                     q_h = agent.hindsight_critic(torch.cat([e, read_h, agent.action_input(b_actions[mb])], -1))
                     hc_loss = 0.5 * ((q_h.squeeze(-1) - b_returns[mb]) ** 2).mean()
                     loss = loss + args.hindsight_critic_coef * hc_loss

@@ -247,13 +247,21 @@ def test_gradients_reach_encoder_attention_and_retention(persistent):
     assert agent.ret_out.weight.grad is None or agent.ret_out.weight.grad.abs().sum() == 0
     ep_id = torch.cumsum((out["tau"] == 0).long(), 0)
     visible = trace_ppo.visible_entries(out["src"], ep_id, t_idx, i_idx, S)
-    target = trace_ppo.hindsight_targets(agent, pool_e, visible.view(T, 2, -1), out["src"], out["tag"], S)
+    target = trace_ppo.hindsight_targets(agent, pool_e, visible.view(T, 2, -1), out["src"], out["tag"], S,
+                                         args.memory_slots)
+    # Only persistent slots are re-scored with their tag: episodic slots carry a zero tag, so
+    # treating every slot as tagged (m=0) must give the same targets.
+    every_slot = trace_ppo.hindsight_targets(agent, pool_e, visible.view(T, 2, -1), out["src"], out["tag"], S, 0)
+    assert torch.allclose(target, every_slot, atol=1e-6)
     target = target.reshape(T * 2, -1)
     assert torch.allclose(target.sum(-1)[visible.any(-1)], torch.ones(1)) and torch.all(target[~visible] == 0)
     src = out["src"].reshape(T * 2, -1)
-    loss = trace_ppo.hindsight_retention_loss(agent, pool, pool_e, target, visible, src,
-                                              out["tag"].reshape(T * 2, *out["tag"].shape[2:]), i_idx,
-                                              torch.ones(len(t_idx)))
+    tags = out["tag"].reshape(T * 2, *out["tag"].shape[2:])
+    loss = trace_ppo.hindsight_retention_loss(agent, pool, pool_e, target, visible, src, tags, i_idx,
+                                              torch.ones(len(t_idx)), args.memory_slots)
+    every_slot = trace_ppo.hindsight_retention_loss(agent, pool, pool_e, target, visible, src, tags, i_idx,
+                                                    torch.ones(len(t_idx)), 0)
+    assert torch.allclose(loss, every_slot, atol=1e-6)
     agent.zero_grad()
     loss.backward()
     assert agent.ret_out.weight.grad.abs().sum() > 0 and agent.ret_hidden[0].weight.grad.abs().sum() > 0
