@@ -958,7 +958,7 @@ def main(args: Args) -> None:
         state = dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
                      global_step=global_step, wall_time_s=wall, args=asdict(args),
                      reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
-                     success_history=list(success_rule.history),
+                     success_history=list(success_rule.history), rooms_found=rooms_found,
                      rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
         if novelty is not None:
             state.update(novelty_in=novelty_in.state_dict(), novelty=novelty.state_dict(),
@@ -975,6 +975,7 @@ def main(args: Args) -> None:
     next_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
     next_obs = torch.as_tensor(next_obs, device=device)
     progress = Progress(args.total_timesteps)
+    rooms_found = resume_state.get("rooms_found", 0) if resume_state is not None else 0  # bitmask
     start_time, start_step, last_ckpt = time.time(), global_step, time.time()
     for iteration in range(start_iteration, num_iterations + 1):
         if args.anneal_lr:
@@ -1031,6 +1032,12 @@ def main(args: Args) -> None:
                 writer.add_scalar("charts/episodic_length", ep_l, global_step)
                 if success is not None:
                     writer.add_scalar("charts/episodic_success", float(success), global_step)
+                if "rooms_mask" in info["final_info"]:
+                    # Montezuma's Revenge: rooms entered in this episode and in all of training.
+                    mask = int(info["final_info"]["rooms_mask"][i])
+                    rooms_found |= mask
+                    writer.add_scalar("charts/episodic_rooms", mask.bit_count(), global_step)
+                    writer.add_scalar("charts/rooms_found", rooms_found.bit_count(), global_step)
                 progress.episode(ep_r, success)
                 if memory is not None:
                     # Memory reflection: the whole trajectory goes to the buffer of its outcome.
@@ -1200,7 +1207,8 @@ def main(args: Args) -> None:
     path = write_eval_json(run_dir, dict(
         algo=args.exp_name, env_id=args.env_id, env_kwargs=env_kwargs, seed=args.seed,
         total_timesteps=args.total_timesteps, global_step=global_step, eval_episodes=args.eval_episodes,
-        **result, sps=sps, wall_time_s=wall_time, run_name=args.run_name, args=asdict(args)))
+        **result, **({"rooms_found": rooms_found.bit_count()} if rooms_found else {}),
+        sps=sps, wall_time_s=wall_time, run_name=args.run_name, args=asdict(args)))
     print(f"eval: return {result['mean_return']} success {result['success_rate']} -> {path}", flush=True)
     writer.close()
 

@@ -627,9 +627,29 @@ def is_atari(env_id: str) -> bool:
     return env_id.startswith("ALE/") or env_id.endswith("NoFrameskip-v4")
 
 
+class MontezumaRooms(gym.Wrapper):
+    """Montezuma's Revenge: ``info["rooms_mask"]``, a bitmask of the rooms entered so far in the
+    episode (the room number is RAM byte 3, as in the RND and Go-Explore papers' room counts).
+    For logging only; no agent input is changed."""
+
+    def _room_bit(self) -> int:
+        return 1 << int(self.unwrapped.ale.getRAM()[3])
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.mask = self._room_bit()
+        return obs, dict(info, rooms_mask=self.mask)
+
+    def step(self, action):
+        obs, reward, term, trunc, info = self.env.step(action)
+        self.mask |= self._room_bit()
+        return obs, reward, term, trunc, dict(info, rooms_mask=self.mask)
+
+
 def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | None = None,
                   **extra: Any) -> gym.Env:
-    """``gym.make`` with user errors (unknown id, missing module, bad kwargs) as UserError."""
+    """``gym.make`` with user errors (unknown id, missing module, bad kwargs) as UserError.
+    Montezuma's Revenge also reports the rooms it entered (``MontezumaRooms``)."""
     if is_atari(env_id):
         import ale_py
 
@@ -638,7 +658,8 @@ def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | No
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
     try:
-        return gym.make(env_id, **kwargs)
+        env = gym.make(env_id, **kwargs)
+        return MontezumaRooms(env) if "MontezumaRevenge" in env_id else env
     except ModuleNotFoundError as exc:
         raise UserError(f"--env-id {env_id!r}: cannot import module {exc.name or env_id.partition(':')[0]!r}") from None
     except gym.error.Error as exc:

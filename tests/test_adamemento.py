@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import adamemento_ppo as am  # noqa: E402
+import memory_envs  # noqa: E402
 import ppo_baseline  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "adamemento_ppo.py")
@@ -344,6 +345,22 @@ def test_smoke_atari(run):
     run_dir = run(env_id="ALE/Pong-v5", total_timesteps=64, num_envs=2, num_steps=32, num_minibatches=2,
                   update_epochs=1, buffer_size=100, eval_episodes=0)
     assert (run_dir / "eval.json").exists()
+
+
+def test_montezuma_logs_rooms_entered(run):
+    """Montezuma's Revenge reports its rooms (RAM byte 3, logging only): the start room is room 1."""
+    env = memory_envs.make_base_env("ALE/MontezumaRevenge-v5", {})
+    _, info = env.reset(seed=0)
+    assert info["rooms_mask"] == 1 << 1
+    for _ in range(50):
+        _, _, term, trunc, info = env.step(env.action_space.sample())
+        assert info["rooms_mask"] & (1 << 1)
+    env.close()
+    run_dir = run(env_id="ALE/MontezumaRevenge-v5", env_kwargs=("max_episode_steps=40",), total_timesteps=64,
+                  num_envs=2, num_steps=32, num_minibatches=2, update_epochs=1, buffer_size=100,
+                  success_rule="positive", eval_episodes=0)
+    assert "charts/rooms_found" in _scalars(run_dir)
+    assert json.loads((run_dir / "eval.json").read_text())["rooms_found"] >= 1
 
 
 def test_smoke_continuous_memory(run):
