@@ -831,13 +831,13 @@ def hindsight_targets(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor,
     t_len, n = visible.shape[:2]
     e = pool_e[:, s_off:]                                          # N T D (the queries' inputs)
     q = agent.heads_split(agent.q_proj(e)).transpose(1, 2)         # N H T dh
-    k = agent.heads_split(agent.k_proj(pool_e)).transpose(1, 2)    # N H P dh
+    k_pool = agent.k_proj(pool_e)                                  # N P D
+    k = agent.heads_split(k_pool).transpose(1, 2)                  # N H P dh
     logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).permute(2, 0, 1, 3)  # T N H P
     psrc = slot_src[..., m:]
     if psrc.shape[-1]:
         env = torch.arange(n, device=pool_e.device).view(1, n, 1)
-        mem = pool_e[env, psrc.clamp(min=0)] + agent.tag_proj(slot_tag[..., m:, :])   # T N K D
-        k_slot = agent.heads_split(agent.k_proj(mem))                                   # T N K H dh
+        k_slot = agent.heads_split(k_pool[env, psrc.clamp(min=0)] + agent.tag_key(slot_tag[..., m:, :]))  # T N K H dh
         q_t = q.permute(2, 0, 1, 3).unsqueeze(-2)                                       # T N H 1 dh
         slot_logits = (q_t * k_slot.transpose(2, 3)).sum(-1) / math.sqrt(q.shape[-1])   # T N H K
         # Empty slots scatter into a spare last column, so they never overwrite a real entry.
