@@ -390,3 +390,14 @@ def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     resumed = json.loads((run_dir / "eval.json").read_text())
     assert resumed["global_step"] == 256
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 4
+
+
+def test_tagged_keys_and_values_equal_projecting_the_tagged_entry():
+    """keys_values computes k_proj(e + tag_proj(tag)) as k_proj(e) + W_k W_tag tag (same for values)."""
+    args = small_args()
+    agent = Agent(spaces.Box(0, 1, (3,), np.float32), spaces.Discrete(2), args)
+    mem, tags = torch.randn(4, 5, args.hidden_size), torch.randn(4, 5, trace_ppo.TAG_DIM)
+    k, v = agent.keys_values(mem, tags)
+    tagged = mem + agent.tag_proj(tags)
+    assert torch.allclose(k, agent.k_proj(tagged), atol=1e-5) and torch.allclose(v, agent.v_proj(tagged), atol=1e-5)
+    assert not torch.allclose(k, agent.k_proj(mem), atol=1e-3)  # the tag does change the key
