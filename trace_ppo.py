@@ -849,20 +849,30 @@ def hindsight_targets(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor,
     return torch.softmax(logits, -1).mean(2) * visible.any(-1, keepdim=True).float()
 
 
-def hindsight_read(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, s_off: int,
-                   kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """The reads (T, N, D) all T x N queries of the rollout would get if every entry visible to them
-    (``visible``: T, N, P) were in memory. Batched per env: dense (T x P) attention per env is
-    cheaper on CPU than gathering the keys for each query. ``kv``: ``pool_kv(agent, pool_e)``."""
-    k_pool, v_pool = pool_kv(agent, pool_e) if kv is None else kv
-    q = agent.heads_split(agent.q_proj(pool_e[:, s_off:])).transpose(1, 2)  # N H T dh
+def hindsight_read(agent: Agent, e: torch.Tensor, i_idx: torch.Tensor, visible: torch.Tensor,
+                   kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The reads (B, D) that the queries with inputs ``e`` (B, D) of envs ``i_idx`` would get if every
+    entry visible to them (``visible``: B, P) were in memory. ``kv``: ``pool_kv(agent, pool_e)``.
+    Only the minibatch's queries are computed: they are grouped by env and padded to the largest
+    group, so each env's attention is one dense (queries x P) product, which is cheaper on CPU than
+    gathering the env's keys for every query. Padding rows see nothing and are never selected."""
+    k_pool, v_pool = kv
+    n, p, d = k_pool.shape
+    counts = torch.bincount(i_idx, minlength=n)
+    c = int(counts.max())
+    order = torch.argsort(i_idx, stable=True)
+    rank = torch.empty_like(i_idx)
+    rank[order] = torch.arange(len(i_idx), device=i_idx.device) - (torch.cumsum(counts, 0) - counts)[i_idx[order]]
+    row = i_idx * c + rank                                                   # row in the (n*c) padding
+    q = e.new_zeros(n * c, d).index_copy(0, row, agent.q_proj(e))
+    vis = visible.new_zeros(n * c, p).index_copy(0, row, visible).view(n, 1, c, p)
+    q = agent.heads_split(q.view(n, c, d)).transpose(1, 2)                  # N H C dh
     k = agent.heads_split(k_pool).transpose(1, 2)                           # N H P dh
     v = agent.heads_split(v_pool).transpose(1, 2)                           # N H P dh
-    vis = visible.transpose(0, 1).unsqueeze(1)                              # N 1 T P
     logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~vis, -1e30)
     w = torch.softmax(logits, -1) * vis.any(-1, keepdim=True).float()
-    read = (w @ v).transpose(1, 2).flatten(2)                               # N T D
-    return agent.o_proj(read).transpose(0, 1)
+    read = (w @ v).transpose(1, 2).reshape(n * c, d).index_select(0, row)   # B D
+    return agent.o_proj(read)
 
 
 def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, target: torch.Tensor,
@@ -1278,7 +1288,7 @@ def main(args: Args) -> None:
                     # networks to find the entries that decide the reward even when retention did
                     # not keep them -- this is what lets retention bootstrap (the hindsight targets
                     # above come from the same query/key networks).
-                    read_h = hindsight_read(agent, pool_e, visible, S, kv).reshape(T * N, -1).index_select(0, mb)
+                    read_h = hindsight_read(agent, e, i_idx, visible[t_idx, i_idx], kv)
                     q_h = agent.hindsight_critic(torch.cat([e, read_h, agent.action_input(b_actions[mb])], -1))
                     hc_loss = 0.5 * ((q_h.squeeze(-1) - b_returns[mb]) ** 2).mean()
                     loss = loss + args.hindsight_critic_coef * hc_loss

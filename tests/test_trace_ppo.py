@@ -368,12 +368,17 @@ def test_hindsight_read_equals_real_read_when_it_sees_the_memory():
     e, read, _, src = trace_ppo.replay(agent, pool, pool_e, out["src"], out["tag"], t_idx, i_idx, S)
     in_memory = torch.zeros((len(t_idx), S + T), dtype=torch.long).scatter_add_(1, src.clamp(min=0),
                                                                                 (src >= 0).long()) > 0
-    read_h = trace_ppo.hindsight_read(agent, pool_e, in_memory.view(T, 2, -1), S).reshape(T * 2, -1)
+    kv = trace_ppo.pool_kv(agent, pool_e)
+    read_h = trace_ppo.hindsight_read(agent, e, i_idx, in_memory, kv)
     assert torch.allclose(read_h, read, atol=1e-5)
+    # A shuffled subset of the queries (as a minibatch) gets the same reads.
+    sub = torch.randperm(len(t_idx), generator=torch.Generator().manual_seed(0))[: len(t_idx) // 3]
+    assert torch.allclose(trace_ppo.hindsight_read(agent, e[sub], i_idx[sub], in_memory[sub], kv), read[sub],
+                          atol=1e-5)
     ep_id = torch.cumsum((out["tau"] == 0).long(), 0)
     visible = trace_ppo.visible_entries(out["src"], ep_id, t_idx, i_idx, S)
     assert (visible.sum(1) > in_memory.sum(1)).any()  # evicted steps are visible in hindsight
-    read_all = trace_ppo.hindsight_read(agent, pool_e, visible.view(T, 2, -1), S).reshape(T * 2, -1)
+    read_all = trace_ppo.hindsight_read(agent, e, i_idx, visible, kv)
     q = agent.hindsight_critic(torch.cat([e, read_all, agent.action_input(out["action"].reshape(-1))], -1))
     agent.zero_grad()
     q.sum().backward()
