@@ -337,14 +337,25 @@ def time_encoding(tau: torch.Tensor) -> torch.Tensor:
 
     log(1 + tau) with sinusoids of it (transformer-style positional features on a log axis, so
     the first steps are resolved finely and tau = 10^5 is still in range), plus sinusoids of tau
-    itself with periods up to 1000 steps.
+    itself with periods up to 1000 steps. Looked up in a table of all tau seen so far (grown by
+    doubling), one gather instead of a dozen elementwise ops per call.
     """
-    tau = tau.float().unsqueeze(-1)
-    u = torch.log1p(tau)
-    f = u.new_tensor(TIME_FREQS)
-    p = u.new_tensor(TIME_PERIODS)
-    return torch.cat([u / 8.0, torch.sin(u * f), torch.cos(u * f),
-                      torch.sin(2 * math.pi * tau / p), torch.cos(2 * math.pi * tau / p)], -1)
+    key = str(tau.device)
+    table = _TIME_TABLES.get(key)
+    need = int(tau.max()) + 1 if tau.numel() else 1
+    if table is None or len(table) < need:
+        size = max(need, 2 * (0 if table is None else len(table)), 1024)
+        t = torch.arange(size, dtype=torch.float32, device=tau.device).unsqueeze(-1)
+        u = torch.log1p(t)
+        f = u.new_tensor(TIME_FREQS)
+        p = u.new_tensor(TIME_PERIODS)
+        table = torch.cat([u / 8.0, torch.sin(u * f), torch.cos(u * f),
+                           torch.sin(2 * math.pi * t / p), torch.cos(2 * math.pi * t / p)], -1)
+        _TIME_TABLES[key] = table
+    return table[tau.long()]
+
+
+_TIME_TABLES: dict[str, torch.Tensor] = {}
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
@@ -429,13 +440,9 @@ class Agent(nn.Module):
     def heads_split(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, -1)
 
-    def keys_values(self, mem: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of entries ``mem`` (..., D) sitting in slots with ``tags``.
-
-        k_proj(mem + tag_proj(tag)) is computed as k_proj(mem) + (W_k W_tag) tag (tag_proj has no
-        bias): the update then projects every pool entry once and gathers the slots' keys."""
-        return self.k_proj(mem) + self.tag_key(tags), self.v_proj(mem) + self.tag_value(tags)
-
+    # Keys and values of an entry e in a slot with tag g: k_proj(e + tag_proj(g)), computed as
+    # k_proj(e) + (W_k W_tag) g (tag_proj has no bias), so each entry is projected once (at write
+    # time in the rollout, once per pool entry in the update) and only the tag part depends on the slot.
     def tag_key(self, tags: torch.Tensor) -> torch.Tensor:
         return F.linear(tags, self.k_proj.weight @ self.tag_proj.weight)
 
@@ -444,7 +451,7 @@ class Agent(nn.Module):
 
     def attend(self, e: torch.Tensor, k: torch.Tensor, v: torch.Tensor, occupied: torch.Tensor):
         """Multi-head scaled dot-product attention of queries e (B, D) over slots with keys k and
-        values v (B, S, D) (see ``keys_values``).
+        values v (B, S, D) (see ``tag_key``).
 
         Empty slots get weight exactly 0; with no occupied slot the read is 0. Returns the read
         (B, D) and the weights (B, H, S).
@@ -499,8 +506,8 @@ class Agent(nn.Module):
 class Memory:
     """Slot memory of N environments: M episodic slots then K persistent slots (S = M + K).
 
-    Each slot keeps the embedding used for reading (computed with the current rollout's
-    parameters), its raw inputs (to re-encode it later), its retention score, its write step, its
+    Each slot keeps the embedding used for reading and its untagged key and value projections
+    (computed with the current rollout's parameters, once per entry), its raw inputs (to re-encode it later), its retention score, its write step, its
     episode time, its persistent tag and ``src``: the index of its source in this rollout's pool
     (-1 = empty), which the rollout records at every step for the update.
     """
@@ -510,6 +517,8 @@ class Memory:
         s = self.s
         self.src = torch.full((n, s), -1, dtype=torch.long, device=device)
         self.emb = torch.zeros((n, s, d), device=device)
+        self.key = torch.zeros((n, s, d), device=device)
+        self.val = torch.zeros((n, s, d), device=device)
         self.score = torch.zeros((n, s), device=device)
         self.xscore = torch.zeros((n, s), device=device)
         self.wstep = torch.zeros((n, s), dtype=torch.long, device=device)
@@ -519,7 +528,7 @@ class Memory:
         self.obs = torch.zeros((n, s) + tuple(obs_shape), dtype=obs_dtype, device=device)
         self.pact = torch.zeros((n, s, n_act), device=device)
         self.prew = torch.zeros((n, s), device=device)
-        self._fields = ("src", "emb", "score", "xscore", "wstep", "tau", "outcome", "epis_ago",
+        self._fields = ("src", "emb", "key", "val", "score", "xscore", "wstep", "tau", "outcome", "epis_ago",
                         "obs", "pact", "prew")
 
     @property
@@ -527,14 +536,17 @@ class Memory:
         return self.src >= 0
 
     def tags(self) -> torch.Tensor:
+        if self.k == 0:  # episodic slots carry a zero tag
+            return self.score.new_zeros(self.score.shape + (TAG_DIM,))
         persistent = torch.zeros_like(self.score)
         persistent[:, self.m:] = 1.0
         occ = self.occupied.float()
         return torch.stack([persistent, symlog(self.outcome), torch.log1p(self.epis_ago)], -1) * occ.unsqueeze(-1)
 
-    def write(self, e, obs, pact, prew, tau, score, xscore, pool_index, wstep, policy: str,
+    def write(self, e, kv, obs, pact, prew, tau, score, xscore, pool_index, wstep, policy: str,
               generator: Optional[torch.Generator] = None):
-        """Write one entry per env into the episodic slots; evict by ``policy`` when full.
+        """Write one entry per env (embedding ``e``, untagged key and value ``kv``) into the episodic
+        slots; evict by ``policy`` when full.
 
         learned: the lowest ``xscore`` among the M entries and the new one is dropped (so the new
         entry itself may be the one not kept); fifo: the oldest entry; random: a uniform one.
@@ -557,6 +569,8 @@ class Memory:
         slot = target[rows]
         self.src[rows, slot] = pool_index
         self.emb[rows, slot] = e[rows]
+        self.key[rows, slot] = kv[0][rows]
+        self.val[rows, slot] = kv[1][rows]
         self.score[rows, slot] = score[rows]
         self.xscore[rows, slot] = xscore[rows]
         self.wstep[rows, slot] = wstep
@@ -715,6 +729,7 @@ class Actor:
         score, hidden = self.agent.retention(e, flat(mem.pact), flat(mem.prew), flat(mem.tau), flat(mem.tags()))
         xs = self.explore_scores(score, hidden, self.noise.repeat_interleave(s, 0))
         mem.emb = e.view(self.n, s, -1).clone()
+        mem.key, mem.val = (x.clone() for x in pool_kv(self.agent, mem.emb))
         mem.score, mem.xscore = score.view(self.n, s).clone(), xs.view(self.n, s).clone()
         slots = torch.arange(s, device=self.device).expand(self.n, s) + pool_offset
         mem.src = torch.where(occ, slots, torch.full_like(mem.src, -1))
@@ -724,8 +739,12 @@ class Actor:
         """Read memory and act for all envs. Returns the policy outputs, the read's weights and the
         embedding of this step (written by ``write`` after the env step)."""
         e = self.agent.embed(obs, self.pact, self.prew, self.tau)
-        k, v = self.agent.keys_values(self.mem.emb, self.mem.tags())
-        read, w = self.agent.attend(e, k, v, self.mem.occupied)
+        mem = self.mem
+        k, v = mem.key, mem.val
+        if mem.k > 0:
+            tags = mem.tags()
+            k, v = k + self.agent.tag_key(tags), v + self.agent.tag_value(tags)
+        read, w = self.agent.attend(e, k, v, mem.occupied)
         out = self.agent.heads(e, read, greedy=greedy)
         return out, w, e, read
 
@@ -737,7 +756,7 @@ class Actor:
             self._score_moments += torch.stack([score.new_tensor(float(len(score))), score.sum(), score.pow(2).sum()])
         old_tau = mem.tau[:, : mem.m].clone()
         occ_before = mem.occupied[:, : mem.m].clone()
-        _, evicted = mem.write(e, obs, self.pact, self.prew, self.tau, score, xs, pool_index, self.wstep,
+        _, evicted = mem.write(e, pool_kv(agent, e), obs, self.pact, self.prew, self.tau, score, xs, pool_index, self.wstep,
                                self.args.retention, self.generator)
         self.wstep += 1
         # Interpretability: age (in episode steps) of evicted vs kept entries.

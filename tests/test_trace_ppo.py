@@ -116,9 +116,10 @@ def test_learned_evicts_lowest_score_including_new_entry():
     z = lambda *s: torch.zeros(*s)  # noqa: E731
     scores = [torch.tensor([0.5, 2.0]), torch.tensor([-1.0, 1.0]), torch.tensor([3.0, 0.0])]
     for j, sc in enumerate(scores):
-        mem.write(z(2, 4), z(2, 3), z(2, 2), z(2), torch.tensor([j, j]), sc, sc, 10 + j, j, "learned")
+        mem.write(z(2, 4), (z(2, 4), z(2, 4)), z(2, 3), z(2, 2), z(2), torch.tensor([j, j]), sc, sc, 10 + j, j,
+                  "learned")
     assert mem.occupied.all()
-    written, evicted = mem.write(z(2, 4), z(2, 3), z(2, 2), z(2), torch.tensor([3, 3]),
+    written, evicted = mem.write(z(2, 4), (z(2, 4), z(2, 4)), z(2, 3), z(2, 2), z(2), torch.tensor([3, 3]),
                                  torch.tensor([0.0, -5.0]), torch.tensor([0.0, -5.0]), 13, 3, "learned")
     # env 0: scores [0.5, -1, 3] + new 0.0 -> slot 1 (score -1) evicted, new entry written there.
     assert evicted[0] == 1 and written[0] == 1 and mem.src[0].tolist() == [10, 13, 12]
@@ -223,6 +224,11 @@ def test_update_reproduces_rollout_logits_and_values(persistent):
     assert torch.allclose(logits, out["logits"].reshape(-1, 2), atol=1e-5)
     assert torch.allclose(value, out["value"].reshape(-1), atol=1e-5)
     assert torch.allclose(w, out["w"].reshape(T * 3, *out["w"].shape[2:]), atol=1e-5)
+    # The memory's cached key/value projections match its entries after writes, evictions and resets.
+    occ = actor.mem.occupied
+    with torch.no_grad():
+        assert torch.allclose(actor.mem.key[occ], agent.k_proj(actor.mem.emb[occ]), atol=1e-6)
+        assert torch.allclose(actor.mem.val[occ], agent.v_proj(actor.mem.emb[occ]), atol=1e-6)
 
 
 @pytest.mark.parametrize("persistent", [0, 2])
@@ -398,11 +404,11 @@ def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
 
 
 def test_tagged_keys_and_values_equal_projecting_the_tagged_entry():
-    """keys_values computes k_proj(e + tag_proj(tag)) as k_proj(e) + W_k W_tag tag (same for values)."""
+    """k_proj(e + tag_proj(tag)) is computed as k_proj(e) + W_k W_tag tag (same for values)."""
     args = small_args()
     agent = Agent(spaces.Box(0, 1, (3,), np.float32), spaces.Discrete(2), args)
     mem, tags = torch.randn(4, 5, args.hidden_size), torch.randn(4, 5, trace_ppo.TAG_DIM)
-    k, v = agent.keys_values(mem, tags)
+    k, v = agent.k_proj(mem) + agent.tag_key(tags), agent.v_proj(mem) + agent.tag_value(tags)
     tagged = mem + agent.tag_proj(tags)
     assert torch.allclose(k, agent.k_proj(tagged), atol=1e-5) and torch.allclose(v, agent.v_proj(tagged), atol=1e-5)
     assert not torch.allclose(k, agent.k_proj(mem), atol=1e-3)  # the tag does change the key
