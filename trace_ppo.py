@@ -507,9 +507,10 @@ class Memory:
     """Slot memory of N environments: M episodic slots then K persistent slots (S = M + K).
 
     Each slot keeps the embedding used for reading and its untagged key and value projections
-    (computed with the current rollout's parameters, once per entry), its raw inputs (to re-encode it later), its retention score, its write step, its
-    episode time, its persistent tag and ``src``: the index of its source in this rollout's pool
-    (-1 = empty), which the rollout records at every step for the update.
+    (computed with the current rollout's parameters, once per entry), its raw inputs (to re-encode
+    it later), its retention score, its write step, its episode time, its persistent tag and
+    ``src``: the index of its source in this rollout's pool (-1 = empty), which the rollout records
+    at every step for the update.
     """
 
     def __init__(self, n: int, m: int, k: int, d: int, obs_shape, obs_dtype, n_act: int, device):
@@ -702,10 +703,12 @@ class Actor:
         # clean scores written in the previous rollout, so however confident the scorer becomes,
         # exploration keeps comparable weight until sigma is annealed away.
         self.score_scale = 1.0
-        self._score_moments = torch.zeros(3, device=device)
+        self._clean_scores: list[torch.Tensor] = []
         self.generator = generator
         self.wstep = 0
-        self.stats = dict(evicted_age=0.0, evicted_n=0, kept_age=0.0, kept_n=0)
+        # Sums [evicted age, evicted count, kept age, kept count] for memory/mean_age_*, kept as a tensor
+        # so that acting never waits for a .item() sync.
+        self.age_stats = torch.zeros(4, device=device)
 
     def new_noise(self, rows) -> None:
         self.noise[rows] = torch.randn((len(rows), RET_HIDDEN), generator=self.generator,
@@ -718,10 +721,11 @@ class Actor:
     def refresh(self, pool_offset: int = 0):
         """Re-encode the stored entries with the current parameters (start of a rollout); their pool
         indices become their slot numbers (the 'carry-in' part of the next pool)."""
-        n_sc, s_sum, s_sq = self._score_moments.tolist()
-        if n_sc > 1:
-            self.score_scale = math.sqrt(max(s_sq / n_sc - (s_sum / n_sc) ** 2, 0.0)) + 1e-6
-        self._score_moments.zero_()
+        if self._clean_scores:
+            scores = torch.cat(self._clean_scores)
+            if len(scores) > 1:
+                self.score_scale = scores.std(correction=0).item() + 1e-6
+        self._clean_scores = []
         mem, s = self.mem, self.mem.s
         occ = mem.occupied
         flat = lambda x: x.reshape(self.n * s, *x.shape[2:])  # noqa: E731
@@ -753,26 +757,19 @@ class Actor:
         score, hidden = agent.retention(e, self.pact, self.prew, self.tau)
         xs = score if deterministic else self.explore_scores(score, hidden, self.noise)
         if not deterministic:
-            self._score_moments += torch.stack([score.new_tensor(float(len(score))), score.sum(), score.pow(2).sum()])
-        old_tau = mem.tau[:, : mem.m].clone()
-        occ_before = mem.occupied[:, : mem.m].clone()
-        _, evicted = mem.write(e, pool_kv(agent, e), obs, self.pact, self.prew, self.tau, score, xs, pool_index, self.wstep,
-                               self.args.retention, self.generator)
+            self._clean_scores.append(score)
+        # Interpretability: age (in episode steps) of evicted vs kept entries. An eviction only happens
+        # in a full memory, so the M episodic slots' total age before the write minus after it is the
+        # evicted entry's age (the new entry has age 0; it is 0 too if the new entry was the one dropped).
+        age_sum = lambda: (self.tau.unsqueeze(1) - mem.tau[:, : mem.m]).sum(1).float()  # noqa: E731
+        before = age_sum()
+        _, evicted = mem.write(e, pool_kv(agent, e), obs, self.pact, self.prew, self.tau, score, xs, pool_index,
+                               self.wstep, self.args.retention, self.generator)
         self.wstep += 1
-        # Interpretability: age (in episode steps) of evicted vs kept entries.
-        ev_rows = torch.nonzero(evicted >= 0).squeeze(1)
-        if len(ev_rows):
-            ages = (self.tau.unsqueeze(1) - old_tau).float()
-            ev = evicted[ev_rows]
-            new_dropped = ev == mem.m
-            ev_age = torch.where(new_dropped, torch.zeros_like(ev, dtype=torch.float),
-                                 ages[ev_rows, ev.clamp(max=mem.m - 1)])
-            self.stats["evicted_age"] += ev_age.sum().item()
-            self.stats["evicted_n"] += len(ev_rows)
-            kept = occ_before[ev_rows].float()
-            kept[torch.arange(len(ev_rows)), ev.clamp(max=mem.m - 1)] *= new_dropped.float()
-            self.stats["kept_age"] += (ages[ev_rows] * kept).sum().item()
-            self.stats["kept_n"] += int(kept.sum().item())
+        ev = (evicted >= 0).float()
+        after = age_sum()
+        kept_n = mem.m - 1 + (evicted == mem.m).float()
+        self.age_stats += torch.stack([((before - after) * ev).sum(), ev.sum(), (after * ev).sum(), (kept_n * ev).sum()])
 
     def advance(self, action: torch.Tensor, reward_raw: np.ndarray) -> None:
         """Inputs of the next step: previous action (clipped to the action space for Box), reward, time."""
@@ -1078,7 +1075,8 @@ def main(args: Args) -> None:
     agent = Agent(obs_space, act_space, args).to(device)
     rnd = RND(obs_space).to(device) if args.rnd else None
     params = list(agent.parameters()) + (list(rnd.predictor.parameters()) if rnd else [])
-    optimizer = optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    # fused: one kernel for all parameters (same update rule, ~2x faster step on CPU with many small tensors)
+    optimizer = optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
     reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
 
     start_iteration, global_step, elapsed_before = 1, 0, 0.0
@@ -1401,12 +1399,12 @@ def log_memory(writer, actor: Actor, attn, slot_src, mstats: dict, global_step: 
     # std of the clean retention scores written in the previous rollout = scale of this rollout's noise
     writer.add_scalar("memory/retention_score_spread", actor.score_scale, global_step)
     writer.add_scalar("memory/retention_noise_sigma", actor.sigma, global_step)
-    st = actor.stats
-    if st["evicted_n"]:
-        writer.add_scalar("memory/mean_age_evicted", st["evicted_age"] / st["evicted_n"], global_step)
-    if st["kept_n"]:
-        writer.add_scalar("memory/mean_age_kept", st["kept_age"] / st["kept_n"], global_step)
-    actor.stats = dict(evicted_age=0.0, evicted_n=0, kept_age=0.0, kept_n=0)
+    ev_age, ev_n, kept_age, kept_n = actor.age_stats.tolist()
+    if ev_n:
+        writer.add_scalar("memory/mean_age_evicted", ev_age / ev_n, global_step)
+    if kept_n:
+        writer.add_scalar("memory/mean_age_kept", kept_age / kept_n, global_step)
+    actor.age_stats.zero_()
     has = (slot_src >= 0).any(-1)
     if has.any():
         ent = -(attn * torch.log(attn.clamp(min=1e-12))).sum(-1)

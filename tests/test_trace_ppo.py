@@ -127,6 +127,34 @@ def test_learned_evicts_lowest_score_including_new_entry():
     assert evicted[1] == 3 and written[1] == -1 and mem.src[1].tolist() == [10, 11, 12]
 
 
+def test_age_stats_of_evicted_and_kept_entries():
+    """memory/mean_age_* sums equal a direct count: at every eviction, the age of the dropped entry
+    (0 if it was the new one) and of every entry that stays, the new one excluded."""
+    args = small_args(retention="learned", memory_slots=3, num_envs=2)
+    envs, agent, actor = make_actor(args, env_kwargs={"delay": 9, "difficulty": 1})
+    expected = torch.zeros(4)
+    write = actor.mem.write
+
+    def checked_write(e, kv, obs, pact, prew, tau, *rest):
+        old_tau, occ = actor.mem.tau[:, :3].clone(), actor.mem.occupied[:, :3].clone()
+        written, evicted = write(e, kv, obs, pact, prew, tau, *rest)
+        for i in range(2):
+            if evicted[i] < 0:
+                continue
+            ages = (tau[i] - old_tau[i]).float()
+            kept = occ[i].clone()
+            if evicted[i] < 3:
+                kept[evicted[i]] = False
+            expected.add_(torch.tensor([0.0 if evicted[i] == 3 else ages[evicted[i]].item(), 1.0,
+                                        ages[kept].sum().item(), float(kept.sum())]))
+        return written, evicted
+
+    actor.mem.write = checked_write
+    run_rollout(envs, actor, 30)
+    assert expected[1] > 0 and expected[1] < 2 * 30  # evictions happened, not at every step
+    assert torch.allclose(actor.age_stats, expected)
+
+
 def test_learned_eviction_in_the_actor_drops_the_lowest_clean_score():
     args = small_args(retention="learned", memory_slots=3, num_envs=2)
     envs, agent, actor = make_actor(args, env_kwargs={"delay": 20, "difficulty": 1})
