@@ -576,8 +576,9 @@ class Memory:
         self.xscore[rows, slot] = xscore[rows]
         self.wstep[rows, slot] = wstep
         self.tau[rows, slot] = tau[rows]
-        self.outcome[rows, slot] = 0.0
-        self.epis_ago[rows, slot] = 0.0
+        if self.k > 0:  # outcome tags exist only with persistent slots (otherwise always 0)
+            self.outcome[rows, slot] = 0.0
+            self.epis_ago[rows, slot] = 0.0
         self.obs[rows, slot] = obs[rows].to(self.obs.dtype)  # MuJoCo gives float64
         self.pact[rows, slot] = pact[rows]
         self.prew[rows, slot] = prew[rows]
@@ -1151,7 +1152,6 @@ def main(args: Args) -> None:
             global_step += N
             obs[step], pacts[step], prews[step], taus[step] = next_obs, actor.pact, actor.prew, actor.tau
             slot_src[step], slot_tag[step] = actor.mem.src, actor.mem.tags()
-            read_tau, read_occ = actor.mem.tau.clone(), actor.mem.occupied.clone()
             with torch.no_grad():
                 (action, logprob, _, value, value_int, _), w, e, _ = actor.act(next_obs)
             attn[step] = w.mean(1)
@@ -1208,8 +1208,12 @@ def main(args: Args) -> None:
                 fin = info["final_info"]
                 if "cue_step" in fin and fin.get("_cue_step", np.ones(N, bool))[i]:
                     # Logging only: was the cue (by the env's own index) in memory at the decision?
-                    epi = read_occ[i, : args.memory_slots]
-                    mstats["cue_in"] += int((read_tau[i, : args.memory_slots][epi] == int(fin["cue_step"][i])).any())
+                    # The episode times of the entries read at this step, from the recorded slot sources.
+                    src = slot_src[step, i, : args.memory_slots]
+                    src = src[src >= 0]
+                    tau_read = torch.where(src < S, carry["tau"][i, src.clamp(max=S - 1)],
+                                           taus[(src - S).clamp(min=0), i])
+                    mstats["cue_in"] += int((tau_read == int(fin["cue_step"][i])).any())
                     mstats["cue_n"] += 1
             if len(done_rows):
                 actor.end_episodes(done_rows)
