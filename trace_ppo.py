@@ -829,9 +829,11 @@ def replay(agent: Agent, pool: dict, pool_e: torch.Tensor, slot_src, slot_tag, t
     # is projected once instead of once per slot it occupies).
     n, p, d = pool_e.shape
     rows = (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)
+    k = k_pool.reshape(n * p, d).index_select(0, rows).view(*src.shape, d)
+    v = v_pool.reshape(n * p, d).index_select(0, rows).view(*src.shape, d)
     tag = slot_tag[t_idx, i_idx]
-    k = k_pool.reshape(n * p, d).index_select(0, rows).view(*src.shape, d) + agent.tag_key(tag)
-    v = v_pool.reshape(n * p, d).index_select(0, rows).view(*src.shape, d) + agent.tag_value(tag)
+    if tag.any():  # only persistent slots carry a non-zero tag; without them the tag terms are exactly 0
+        k, v = k + agent.tag_key(tag), v + agent.tag_value(tag)
     e = pool_e.reshape(n * p, d).index_select(0, i_idx * p + s_off + t_idx)
     read, w = agent.attend(e, k, v, occupied)
     return e, read, w, src
