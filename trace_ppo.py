@@ -482,6 +482,8 @@ class Agent(nn.Module):
 
     # --- policy -------------------------------------------------------------------------------
     def heads(self, e, read, action=None, greedy: bool = False):
+        """Policy and value heads on [e, read]. Given ``action`` (the update): its log-probability and
+        the entropy. Without (acting): a sampled action (the mode if ``greedy``), no entropy."""
         z = torch.cat([e, read], -1)
         out = self.actor(z)
         value = self.critic(z).squeeze(-1)
@@ -490,10 +492,12 @@ class Agent(nn.Module):
             dist = Normal(out, self.actor_logstd.expand_as(out).exp(), validate_args=False)
             if action is None:
                 action = out if greedy else dist.sample()
+                return action, dist.log_prob(action).sum(1), None, value, value_int, out
             return action, dist.log_prob(action).sum(1), dist.entropy().sum(1), value, value_int, out
         dist = Categorical(logits=out, validate_args=False)
         if action is None:
             action = out.argmax(1) if greedy else dist.sample()
+            return action, dist.log_prob(action), None, value, value_int, out
         return action, dist.log_prob(action), dist.entropy(), value, value_int, out
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
@@ -1156,7 +1160,9 @@ def main(args: Args) -> None:
         for step in range(T):
             global_step += N
             obs[step], pacts[step], prews[step], taus[step] = next_obs, actor.pact, actor.prew, actor.tau
-            slot_src[step], slot_tag[step] = actor.mem.src, actor.mem.tags()
+            slot_src[step] = actor.mem.src
+            if actor.mem.k > 0:  # episodic slots carry a zero tag (the buffer's initial value)
+                slot_tag[step] = actor.mem.tags()
             with torch.no_grad():
                 (action, logprob, _, value, value_int, _), w, e, _ = actor.act(next_obs)
             attn[step] = w.mean(1)
