@@ -777,7 +777,8 @@ class Actor:
         ev = (evicted >= 0).float()
         after = age_sum()
         kept_n = mem.m - 1 + (evicted == mem.m).float()
-        self.age_stats += torch.stack([((before - after) * ev).sum(), ev.sum(), (after * ev).sum(), (kept_n * ev).sum()])
+        self.age_stats += torch.stack([((before - after) * ev).sum(), ev.sum(), (after * ev).sum(),
+                                       (kept_n * ev).sum()])
 
     def advance(self, action: torch.Tensor, reward_raw: np.ndarray) -> None:
         """Inputs of the next step: previous action (clipped to the action space for Box), reward, time."""
