@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -346,6 +347,30 @@ def test_main_vector_env_replays_exactly_and_logs(tmp_path, monkeypatch):
         assert key in tb, key
     assert (run_dir / "attention.png").stat().st_size > 0
     assert (run_dir / "checkpoint.pt").exists()
+
+
+def test_cue_in_memory_logging_reads_the_recorded_slots(tmp_path, monkeypatch):
+    """memory/cue_in_memory_at_decision is 1 when nothing is ever evicted (episodes of 7 steps, 8 slots,
+    crossing rollout boundaries so some cues are carried-in entries) and 0 when FIFO must drop the cue."""
+    _, tb, _ = run_main(tmp_path, monkeypatch, env_kwargs=("delay=7",), memory_slots=8)
+    assert [v for _, v in tb["memory/cue_in_memory_at_decision"]] == [1.0] * 4
+    (tmp_path / "fifo").mkdir()
+    _, tb, _ = run_main(tmp_path / "fifo", monkeypatch, env_kwargs=("delay=12",), memory_slots=4, retention="fifo")
+    assert [v for _, v in tb["memory/cue_in_memory_at_decision"]] == [0.0] * 4
+
+
+def test_time_encoding_table_equals_the_formula():
+    """The lookup table (grown on demand) gives the encoding's formula for any episode time."""
+    def formula(tau):
+        t = tau.float().unsqueeze(-1)
+        u = torch.log1p(t)
+        f, p = torch.tensor(trace_ppo.TIME_FREQS), torch.tensor(trace_ppo.TIME_PERIODS)
+        return torch.cat([u / 8.0, torch.sin(u * f), torch.cos(u * f), torch.sin(2 * math.pi * t / p),
+                          torch.cos(2 * math.pi * t / p)], -1)
+
+    for hi in (10, 3000, 70000):  # the later calls outgrow the table
+        tau = torch.randint(0, hi, (5, 7))
+        assert torch.allclose(trace_ppo.time_encoding(tau), formula(tau), atol=1e-6)
 
 
 def test_main_image_env(tmp_path, monkeypatch):
