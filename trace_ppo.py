@@ -979,7 +979,12 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: in
              device: torch.device) -> tuple[dict, Optional[np.ndarray]]:
     """Greedy evaluation with deterministic eviction on fresh envs seeded apart from training; memory
     (episodic and persistent) is carried exactly as in training. Also returns the attention matrix of
-    the first episode of env 0."""
+    the first episode of env 0.
+
+    For envs whose info reports ``cue_step`` (logging only, never an input), it also measures the two
+    halves of recall at each episode's last decision: ``cue_in_memory``, the share of episodes whose
+    cue entry was in an episodic slot, and ``cue_attention``, the attention weight on it (the head
+    that reads it most, mean over episodes) -- retention can keep the cue while the read ignores it."""
     n_envs = max(1, min(episodes, 8))
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
     envs = make_vector_env(args, env_kwargs, kind, n_envs)
@@ -987,14 +992,16 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: in
     actor = Actor(agent, n_envs, args, envs.single_observation_space, device, gen)
     obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
     returns, successes, done_count = [], [], [0] * n_envs
+    cue_in, cue_attn = [], []
     rows, picture = [], None
+    m = actor.mem.m
     while any(d < q for d, q in zip(done_count, quota)):
         obs_t = torch.as_tensor(obs, device=device)
         (action, *_), w, e, _ = actor.act(obs_t, greedy=True)
+        epi = actor.mem.occupied[:, :m]
+        read_tau = torch.where(epi, actor.mem.tau[:, :m], -1)  # episode times of the entries read now
         if picture is None:
-            epi = actor.mem.occupied[0, : actor.mem.m]
-            rows.append((actor.mem.tau[0, : actor.mem.m][epi].cpu().numpy(),
-                         w[0].mean(0)[: actor.mem.m][epi].cpu().numpy()))
+            rows.append((read_tau[0][epi[0]].cpu().numpy(), w[0].mean(0)[:m][epi[0]].cpu().numpy()))
         obs, reward, term, trunc, info = envs.step(action.cpu().numpy())
         actor.write(e, obs_t, 0, deterministic=True)
         actor.advance(clip_action(action, envs.single_action_space), reward)
@@ -1009,10 +1016,16 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: in
                 returns.append(ep_r)
                 if success is not None:
                     successes.append(float(success))
+                fin = info["final_info"]
+                if "cue_step" in fin and fin.get("_cue_step", np.ones(n_envs, bool))[i]:
+                    is_cue = read_tau[i] == int(fin["cue_step"][i])
+                    cue_in.append(float(is_cue.any()))
+                    cue_attn.append(float((w[i, :, :m] * is_cue).sum(-1).max()))
                 done_count[i] += 1
     envs.close()
+    mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
     return dict(mean_return=float(np.mean(returns)), std_return=float(np.std(returns)),
-                success_rate=float(np.mean(successes)) if successes else None), picture
+                success_rate=mean(successes), cue_in_memory=mean(cue_in), cue_attention=mean(cue_attn)), picture
 
 
 def clip_action(action: torch.Tensor, space: spaces.Space) -> torch.Tensor:
@@ -1393,7 +1406,7 @@ def main(args: Args) -> None:
         model_path = os.path.join(run_dir, "model.pt")
         torch.save(dict(agent=agent.state_dict(), args=asdict(args)), model_path)
         print(f"model saved to {model_path}")
-    result = dict(mean_return=None, std_return=None, success_rate=None)
+    result = dict(mean_return=None, std_return=None, success_rate=None, cue_in_memory=None, cue_attention=None)
     if args.eval_episodes > 0:
         agent.eval()
         result, picture = evaluate(agent, args, env_kwargs, kind, args.eval_episodes, device)

@@ -359,6 +359,22 @@ def test_cue_in_memory_logging_reads_the_recorded_slots(tmp_path, monkeypatch):
     assert [v for _, v in tb["memory/cue_in_memory_at_decision"]] == [0.0] * 4
 
 
+@pytest.mark.parametrize("delay,slots,retention,cue_in,cue_attn", [
+    (2, 1, "fifo", 1.0, 1.0),   # the decision reads one slot, which holds the cue: all heads weigh it 1
+    (8, 2, "fifo", 0.0, 0.0),   # FIFO with 2 slots has dropped the cue 6 steps before the decision
+    (5, 8, "learned", 1.0, None),  # nothing evicted: the cue is there, its weight is a softmax share
+])
+def test_evaluation_measures_cue_kept_and_cue_read(delay, slots, retention, cue_in, cue_attn):
+    args = small_args(memory_slots=slots, retention=retention)
+    _, agent, _ = make_actor(args, env_kwargs=dict(delay=delay, difficulty=1))
+    result, _ = trace_ppo.evaluate(agent, args, dict(delay=delay, difficulty=1), "vector", 6, torch.device("cpu"))
+    assert result["cue_in_memory"] == cue_in
+    if cue_attn is not None:
+        assert result["cue_attention"] == pytest.approx(cue_attn, abs=1e-6)
+    else:
+        assert 0.0 < result["cue_attention"] < 1.0
+
+
 def test_time_encoding_table_equals_the_formula():
     """The lookup table (grown on demand) gives the encoding's formula for any episode time."""
     def formula(tau):
