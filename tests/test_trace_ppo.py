@@ -472,6 +472,19 @@ def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 4
 
 
+def test_resume_of_a_finished_run_only_evaluates(tmp_path, monkeypatch):
+    result, _, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=5",), eval_episodes=4)
+    weights = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
+    (run_dir / "eval.json").unlink()
+    trace_ppo.main(Args(resume="t"))
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert again["global_step"] == 256
+    for key in ("mean_return", "success_rate", "cue_in_memory", "cue_attention"):
+        assert again[key] == result[key], key  # greedy evaluation of the same weights
+    after = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
+    assert all(torch.equal(weights[k], after[k]) for k in weights)  # no training step was taken
+
+
 def test_tagged_keys_and_values_equal_projecting_the_tagged_entry():
     """k_proj(e + tag_proj(tag)) is computed as k_proj(e) + W_k W_tag tag (same for values)."""
     args = small_args()
