@@ -459,8 +459,8 @@ class Agent(nn.Module):
         """Multi-head scaled dot-product attention of queries e (B, D) over slots with keys k and
         values v (B, S, D) (see ``tag_key``).
 
-        Empty slots get weight exactly 0; with no occupied slot the read is 0. Returns the read
-        (B, D) and the weights (B, H, S).
+        Empty slots get weight exactly 0; with no occupied slot the weighted sum is 0 (the read is then
+        o_proj's bias). Returns the read (B, D) and the weights (B, H, S).
         """
         q = self.heads_split(self.q_proj(e))                      # B H dh
         k, v = self.heads_split(k), self.heads_split(v)           # B S H dh
