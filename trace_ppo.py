@@ -31,7 +31,8 @@ Learned retention: objective and why it works
   softmax(r) over those entries is trained by cross-entropy towards that hindsight attention
   distribution, each query weighted by |advantage| of its step
   (queries whose decision mattered count, queries at steps where the action was irrelevant do not):
-      L_ret = mean_q |A_q| / mean|A| * CE(stopgrad(attn_hindsight_q), softmax(r(visible entries of q)))
+      L_ret = mean_q |A_q| / avg|A| * CE(stopgrad(attn_hindsight_q), softmax(r(visible entries of q)))
+  where avg|A| is a running mean over updates (an exponential moving average, bias-corrected).
   So r becomes a query-independent log-prior of "how much attention will this entry receive once
   decisions that matter look back". Evicting the lowest r keeps what future decisions will read.
   Because the target covers evicted entries too, an entry the scorer currently drops still gets
@@ -393,6 +394,11 @@ class Agent(nn.Module):
         self.tag_proj = layer_init(nn.Linear(TAG_DIM, d, bias=False), std=1.0)
         self.q_proj, self.k_proj, self.v_proj = (layer_init(nn.Linear(d, d), std=1.0) for _ in range(3))
         self.o_proj = layer_init(nn.Linear(d, d), std=1.0)
+        # LayerNorm on the read (as after a Transformer's attention block): its scale cannot grow. Without
+        # it, at delay 1024 one direction of W_o W_v grew to a singular value of ~12 (~2 at delay 64), the
+        # read's norm reached ~50 and saturated the heads' tanh, so even a read of the cue with weight 1.0
+        # moved the logits by 0.00 and no gradient could reach the attention any more.
+        self.read_norm = nn.LayerNorm(d)
 
         def head(out: int, std: float) -> nn.Sequential:
             return nn.Sequential(layer_init(nn.Linear(2 * d, 64)), nn.Tanh(), layer_init(nn.Linear(64, out), std=std))
@@ -409,6 +415,9 @@ class Agent(nn.Module):
         n_ret_in = d + TIME_DIM + self.n_act + 1 + TAG_DIM
         self.ret_hidden = nn.Sequential(layer_init(nn.Linear(n_ret_in, RET_HIDDEN)), nn.Tanh())
         self.ret_out = layer_init(nn.Linear(RET_HIDDEN, 1), std=0.01)
+        # Running mean of |advantage| over updates as [EMA, bias-correction weight]: the scale of the
+        # retention votes (see L_ret above), a buffer so that it is checkpointed with the agent.
+        self.register_buffer("abs_adv_ema", torch.zeros(2))
         self.recon_dim = self._recon_target_dim(obs_space)
         self.recon = (nn.Sequential(layer_init(nn.Linear(d + TIME_DIM, 64)), nn.Tanh(),
                                     layer_init(nn.Linear(64, self.recon_dim), std=1.0))
@@ -460,7 +469,7 @@ class Agent(nn.Module):
         values v (B, S, D) (see ``tag_key``).
 
         Empty slots get weight exactly 0; with no occupied slot the weighted sum is 0 (the read is then
-        o_proj's bias). Returns the read (B, D) and the weights (B, H, S).
+        ``read_out`` of 0). Returns the read (B, D) and the weights (B, H, S).
         """
         q = self.heads_split(self.q_proj(e))                      # B H dh
         k, v = self.heads_split(k), self.heads_split(v)           # B S H dh
@@ -470,7 +479,11 @@ class Agent(nn.Module):
         logits = logits.masked_fill(~occupied.unsqueeze(1), -1e30)
         w = torch.softmax(logits, -1) * occupied.any(-1).float()[:, None, None]
         read = (w.transpose(1, 2).unsqueeze(-1) * v).sum(1).flatten(1)  # B H dh -> B D
-        return self.o_proj(read), w
+        return self.read_out(read), w
+
+    def read_out(self, read: torch.Tensor) -> torch.Tensor:
+        """Output projection of the concatenated heads, then the read's LayerNorm."""
+        return self.read_norm(self.o_proj(read))
 
     # --- retention ----------------------------------------------------------------------------
     def retention(self, e, prev_act, prev_rew, tau, tag=None):
@@ -902,7 +915,7 @@ def hindsight_read(agent: Agent, e: torch.Tensor, i_idx: torch.Tensor, visible: 
     logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~vis, -1e30)
     w = torch.softmax(logits, -1) * vis.any(-1, keepdim=True).float()
     read = (w @ v).transpose(1, 2).reshape(n * c, d).index_select(0, row)   # B D
-    return agent.o_proj(read)
+    return agent.read_out(read)
 
 
 def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, target: torch.Tensor,
@@ -1287,6 +1300,9 @@ def main(args: Args) -> None:
             stats["aux_recon_loss"] = []
         if args.hindsight_critic_coef > 0:
             stats["hindsight_critic_loss"] = []
+        if use_ret:
+            agent.abs_adv_ema.mul_(0.99).add_(0.01 * torch.stack([b_adv.abs().mean(), torch.ones((), device=device)]))
+            adv_scale = (agent.abs_adv_ema[0] / agent.abs_adv_ema[1]).clamp(min=1e-8)
         if rnd is not None:
             stats["rnd_loss"] = []
         for epoch in range(args.update_epochs):
@@ -1322,10 +1338,12 @@ def main(args: Args) -> None:
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
                 # Hindsight usefulness: decisions that mattered (large |A|) vote for the entries
-                # they would attend to among everything their episode saw.
+                # they would attend to among everything their episode saw. |A| is scaled by its running
+                # mean over updates, not by this minibatch's: with one decision per episode most
+                # rollouts hold none, and a per-minibatch scale would give their value-noise queries
+                # the full weight of a decision.
                 if use_ret:
-                    absadv = b_adv[mb].abs()
-                    weight = absadv / absadv.mean().clamp(min=1e-8)
+                    weight = b_adv[mb].abs() / adv_scale
                     ret_loss = hindsight_retention_loss(agent, pool, pool_e, ret_target[t_idx, i_idx],
                                                         visible[t_idx, i_idx], src, slot_tag[t_idx, i_idx],
                                                         i_idx, weight, args.memory_slots)
