@@ -52,9 +52,11 @@ Learned retention: objective and why it works
      the cue was kept in 100% of episodes and success reached 1.0.
      Limitation: the visible set is the rollout window (--num-steps) plus the memory, so for delays
      longer than the window the critic sees the cue only in episodes where it was kept.
-     Measured at delay 1024 (README, 3 seeds, 2,000 episodes): retention kept the cue in every
-     evaluation episode, but the read had collapsed onto other early entries (6%, 8%, 0% of a head's
-     weight on the cue), and success stayed at chance.
+     Measured at delay 1024 (README, 3 seeds, 2,000 episodes): without the read's LayerNorm (commit
+     9ce29d3) retention kept the cue in every evaluation episode, but the read had collapsed onto
+     other early entries and saturated the heads, and success stayed at chance. With it (651110d), 1 of
+     3 seeds solved delay 1024 (cue read with weight 1.0); in the other two the cue was no longer in
+     memory at the decision, so bootstrapping retention is what still fails there.
 
   2. PARAMETER-SPACE EXPLORATION of retention (Plappert et al. 2018; NoisyNets, Fortunato et al.
      2018): during training each episode draws a fresh random perturbation of the scorer's output
