@@ -208,6 +208,22 @@ def test_attention_weights_sum_to_one_over_occupied_and_zero_on_empty():
     assert torch.all(sums[~has] == 0.0) and (~has).any() and has.any()
 
 
+def test_read_scale_does_not_grow_with_the_values():
+    """The read is layer-normalised: values 1000x larger give the same read (it cannot saturate the heads)."""
+    args = small_args()
+    torch.manual_seed(0)
+    agent = Agent(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), args)
+    d = args.hidden_size
+    e, k, v = torch.randn(5, d), torch.randn(5, 4, d), torch.randn(5, 4, d)
+    occ = torch.ones(5, 4, dtype=torch.bool)
+    with torch.no_grad():
+        read, _ = agent.attend(e, k, v, occ)
+        big, _ = agent.attend(e, k, 1000.0 * v, occ)
+        raw = agent.o_proj((1000.0 * v).mean(1))  # what the projection alone would pass on
+    assert torch.allclose(read, big, atol=1e-4)
+    assert read.norm(dim=-1).max() <= math.sqrt(d) + 1e-3 < raw.norm(dim=-1).min()
+
+
 def test_persistent_slots_survive_reset_with_outcome_tag():
     args = small_args(memory_slots=3, persistent_slots=2, num_envs=2)
     _, agent, actor = make_actor(args)
