@@ -498,6 +498,13 @@ class Agent(nn.Module):
         h = self.ret_hidden(torch.cat([e.detach(), time_encoding(tau), prev_act, prev_rew.unsqueeze(-1), tag], -1))
         return self.ret_out(h).squeeze(-1), h
 
+    @torch.no_grad()
+    def retention_vote_scale(self, adv: torch.Tensor) -> torch.Tensor:
+        """Fold this update's mean |advantage| into the running mean (EMA 0.99, bias-corrected) and
+        return it: the scale that retention votes |A_q| are divided by (see L_ret)."""
+        self.abs_adv_ema.mul_(0.99).add_(0.01 * torch.stack([adv.abs().mean(), torch.ones_like(adv[0])]))
+        return (self.abs_adv_ema[0] / self.abs_adv_ema[1]).clamp(min=1e-8)
+
     # --- policy -------------------------------------------------------------------------------
     def heads(self, e, read, action=None, greedy: bool = False):
         """Policy and value heads on [e, read]. Given ``action`` (the update): its log-probability and
@@ -1303,8 +1310,7 @@ def main(args: Args) -> None:
         if args.hindsight_critic_coef > 0:
             stats["hindsight_critic_loss"] = []
         if use_ret:
-            agent.abs_adv_ema.mul_(0.99).add_(0.01 * torch.stack([b_adv.abs().mean(), torch.ones((), device=device)]))
-            adv_scale = (agent.abs_adv_ema[0] / agent.abs_adv_ema[1]).clamp(min=1e-8)
+            adv_scale = agent.retention_vote_scale(b_adv)
         if rnd is not None:
             stats["rnd_loss"] = []
         for epoch in range(args.update_epochs):

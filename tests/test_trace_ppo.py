@@ -224,6 +224,23 @@ def test_read_scale_does_not_grow_with_the_values():
     assert read.norm(dim=-1).max() <= math.sqrt(d) + 1e-3 < raw.norm(dim=-1).min()
 
 
+def test_retention_votes_are_scaled_by_the_running_mean_of_abs_advantage():
+    """A rollout without a decision (|A| ~ 0) must not get the weight of one with decisions."""
+    agent = Agent(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), small_args())
+    first = agent.retention_vote_scale(torch.tensor([2.0, -4.0]))
+    assert first.item() == pytest.approx(3.0)  # bias-corrected: the first update's own mean
+    for _ in range(50):
+        agent.retention_vote_scale(torch.tensor([3.0, -3.0]))
+    quiet = torch.full((4,), 1e-3)
+    scale = agent.retention_vote_scale(quiet)
+    # 52 updates: the quiet one has weight 0.01 / (1 - 0.99**52) of the bias-corrected mean.
+    assert scale.item() == pytest.approx(3.0 * (1 - 0.01 / (1 - 0.99 ** 52)) + 1e-3 * 0.01 / (1 - 0.99 ** 52),
+                                         rel=1e-4)
+    assert (quiet.abs() / scale).max() < 1e-3  # a per-rollout mean would have given these weight 1
+    state = agent.state_dict()["abs_adv_ema"]  # checkpointed with the agent
+    assert state[1] > 0
+
+
 def test_persistent_slots_survive_reset_with_outcome_tag():
     args = small_args(memory_slots=3, persistent_slots=2, num_envs=2)
     _, agent, actor = make_actor(args)
