@@ -55,8 +55,8 @@ Learned retention: objective and why it works
      Measured at delay 1024 (README, 3 seeds, 2,000 episodes): without the read's LayerNorm (commit
      9ce29d3) retention kept the cue in every evaluation episode, but the read had collapsed onto
      other early entries and saturated the heads, and success stayed at chance. With it (651110d), 1 of
-     3 seeds solved delay 1024 (cue read with weight 1.0); in the other two the cue was no longer in
-     memory at the decision, so bootstrapping retention is what still fails there.
+     5 seeds solved delay 1024 (cue read with weight 1.0); in the other four the cue was in memory at
+     0-12% of the decisions, so bootstrapping retention is what still fails there.
 
   2. PARAMETER-SPACE EXPLORATION of retention (Plappert et al. 2018; NoisyNets, Fortunato et al.
      2018): during training each episode draws a fresh random perturbation of the scorer's output
@@ -1130,7 +1130,12 @@ def main(args: Args) -> None:
 
     start_iteration, global_step, elapsed_before = 1, 0, 0.0
     if resume_state is not None:
-        agent.load_state_dict(resume_state["agent"])
+        try:
+            agent.load_state_dict(resume_state["agent"])
+        except RuntimeError as err:  # e.g. a checkpoint written before the read's LayerNorm existed
+            missing = str(err).strip().splitlines()[-1].strip()
+            raise UserError(f"--resume {args.resume}: the checkpoint's network does not match this version "
+                            f"of trace_ppo.py ({missing}); start a new run") from None
         optimizer.load_state_dict(resume_state["optimizer"])
         if rnd is not None:
             rnd.load_state_dict(resume_state["rnd"])

@@ -505,6 +505,17 @@ def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 4
 
 
+def test_resume_of_a_checkpoint_from_another_network_is_a_one_line_error(tmp_path, monkeypatch):
+    _, _, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=5",), eval_episodes=2)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    del ckpt["agent"]["read_norm.weight"]  # as written by a version without the read's LayerNorm
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    (run_dir / "eval.json").unlink()
+    with pytest.raises(memory_envs.UserError, match="read_norm.weight") as err:
+        trace_ppo.main(Args(resume="t"))
+    assert "\n" not in str(err.value)
+
+
 def test_resume_of_a_finished_run_only_evaluates(tmp_path, monkeypatch):
     result, _, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=5",), eval_episodes=4)
     weights = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
