@@ -71,10 +71,22 @@ def _cells_to_rgb(cells: np.ndarray, scale: int = 16) -> np.ndarray:
     return np.repeat(img[:, :, None], 3, axis=2)
 
 
+class _CellRowEnv(gym.Env):
+    """Base of the recall tasks whose observation is one row of 3 cells in [0, 1]: renders it."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+    _obs: np.ndarray
+
+    def render(self):
+        if self.render_mode == "rgb_array":
+            return _cells_to_rgb(self._obs[None, :])
+        return None
+
+
 # ---------------------------------------------------------------------------------------
 # MemoryTask-v0
 # ---------------------------------------------------------------------------------------
-class MemoryTaskEnv(gym.Env):
+class MemoryTaskEnv(_CellRowEnv):
     """Delayed recall: remember the bit shown at the first step, report it ``delay`` steps later.
 
     Observation ``Box(0, 1, (3,), float32)``:
@@ -92,8 +104,6 @@ class MemoryTaskEnv(gym.Env):
 
     Unlike the original, the task is seeded through ``reset(seed=...)``.
     """
-
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
 
     def __init__(self, delay: int = 8, difficulty: int = 0, render_mode: str | None = None):
         self.delay = _check_int("delay", delay, 1)
@@ -128,11 +138,6 @@ class MemoryTaskEnv(gym.Env):
         if self._t >= self.delay:
             reward, terminated = _judge_answer(action, self._target, info), True
         return self._obs.copy(), reward, terminated, False, info
-
-    def render(self):
-        if self.render_mode == "rgb_array":
-            return _cells_to_rgb(self._obs[None, :])
-        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -471,7 +476,7 @@ class FourRoomsEnv(_GridWorld):
 # ---------------------------------------------------------------------------------------
 # RecallAcrossEpisodes-v0
 # ---------------------------------------------------------------------------------------
-class RecallAcrossEpisodesEnv(gym.Env):
+class RecallAcrossEpisodesEnv(_CellRowEnv):
     """Recall across episode resets: a target bit fixed for a block of episodes, shown only once.
 
     Episodes come in blocks of ``block`` consecutive episodes that share one random target bit. The
@@ -491,8 +496,6 @@ class RecallAcrossEpisodesEnv(gym.Env):
     the episodes that do not show the cue. ``reset(seed=...)`` reseeds and starts a new block;
     ``reset()`` without a seed moves on to the next episode.
     """
-
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
 
     def __init__(self, block: int = 4, length: int = 4, render_mode: str | None = None):
         self.block = _check_int("block", block, 1)
@@ -530,11 +533,6 @@ class RecallAcrossEpisodesEnv(gym.Env):
         if self._t >= self.length:
             reward, terminated = _judge_answer(action, self._target, info), True
         return self._obs.copy(), reward, terminated, False, info
-
-    def render(self):
-        if self.render_mode == "rgb_array":
-            return _cells_to_rgb(self._obs[None, :])
-        return None
 
 
 # ---------------------------------------------------------------------------------------
