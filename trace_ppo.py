@@ -50,11 +50,6 @@ Learned retention: objective and why it works
      seed 3: without it the scorer first learned a spurious preference, the cue was kept at the
      decision in 0% of episodes and success stayed at chance (with fixed or adaptive noise); with it
      the cue was kept in 100% of episodes and success reached 1.0.
-     Its squared error is weighted per step by |TD error| / mean |TD error| over the rollout (see
-     ``decision_weights``). With one rewarded decision in an episode of L steps, the unweighted
-     loss gives the decision 1/L of its weight and the rest to steps where nothing is decided.
-     Measured at delay 256, seed 3: unweighted, eval 0.575 with the cue in memory at 0% of the
-     decisions; weighted, eval 1.0 with the cue in memory at 100%.
      Limitation: the visible set is the rollout window (--num-steps) plus the memory, so for delays
      longer than the window the critic sees the cue only in episodes where it was kept.
      Measured at delay 1024 (README, 3 seeds, 2,000 episodes): without the read's LayerNorm (commit
@@ -700,18 +695,6 @@ class RewardScaler:
         return np.clip(rewards / np.sqrt(self.rms.var.item() + 1e-8), -10, 10)
 
 
-def decision_weights(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
-                     last_value: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-step weights |delta_t| / mean |delta| of the hindsight critic's loss, from the one-step TD
-    error delta_t = r_t + gamma V(s_{t+1}) - V(s_t) (GAE with lambda = 0) over the (T, N) rollout.
-
-    |delta_t| is large where the outcome is decided (a rewarded decision the critic did not foresee)
-    and small where nothing happens. The GAE advantage would smear a decision's error back over the
-    ~1/(1 - gamma lambda) steps before it, whose actions do not matter."""
-    td = compute_gae(rewards, values, dones, last_value, gamma, 0.0).abs()
-    return td / td.mean().clamp(min=1e-8)
-
-
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
                 last_value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """Generalised advantage estimation over a (T, N) rollout.
@@ -1294,8 +1277,6 @@ def main(args: Args) -> None:
         with torch.no_grad():
             (*_, last_value, last_value_int, _), _, _, _ = actor.act(next_obs)
         advantages = compute_gae(rewards, values, dones, last_value, args.gamma, args.gae_lambda)
-        if args.hindsight_critic_coef > 0:
-            b_hc_weight = decision_weights(rewards, values, dones, last_value, args.gamma).reshape(-1)
         returns = advantages + values
         if rnd is not None:
             r_int = rewards_int / torch.sqrt(int_ret_rms.var.float() + 1e-8)
@@ -1386,11 +1367,10 @@ def main(args: Args) -> None:
                     # everything the episode saw. Its gradient trains the shared query/key/value
                     # networks to find the entries that decide the reward even when retention did
                     # not keep them -- this is what lets retention bootstrap (the hindsight targets
-                    # above come from the same query/key networks). Steps are weighted by |TD error|,
-                    # so the decisions, not the steps where nothing happens, shape the attention.
+                    # above come from the same query/key networks).
                     read_h = hindsight_read(agent, e, i_idx, visible[t_idx, i_idx], kv)
                     q_h = agent.hindsight_critic(torch.cat([e, read_h, agent.action_input(b_actions[mb])], -1))
-                    hc_loss = 0.5 * (b_hc_weight[mb] * (q_h.squeeze(-1) - b_returns[mb]) ** 2).mean()
+                    hc_loss = 0.5 * ((q_h.squeeze(-1) - b_returns[mb]) ** 2).mean()
                     loss = loss + args.hindsight_critic_coef * hc_loss
                     stats["hindsight_critic_loss"].append(hc_loss.item())
                 if args.aux_recon_coef > 0:

@@ -241,23 +241,6 @@ def test_retention_votes_are_scaled_by_the_running_mean_of_abs_advantage():
     assert state[1] > 0
 
 
-def test_hindsight_critic_weights_are_abs_td_error_over_its_mean():
-    """|delta_t| / mean |delta|, computed by hand; no bootstrap across the episode end at step 1 of env 1."""
-    rewards = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    values = torch.tensor([[0.5, 0.1], [0.5, 0.4], [0.2, 0.3]])
-    dones = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    last_value = torch.tensor([0.7, 0.6])
-    w = trace_ppo.decision_weights(rewards, values, dones, last_value, gamma=0.9)
-    td = torch.tensor([[0.9 * 0.5 - 0.5, 0.9 * 0.4 - 0.1],
-                       [0.9 * 0.2 - 0.5, 1.0 - 0.4],          # env 1's episode ends: no V(next)
-                       [1.0 - 0.2, 0.9 * 0.6 - 0.3]]).abs()   # env 0's episode ends; env 1 bootstraps
-    assert torch.allclose(w, td / td.mean(), atol=1e-6)
-    assert w.mean().item() == pytest.approx(1.0)
-    # The decision (env 0, step 2) outweighs the step before it by more than the GAE advantage would.
-    adv = trace_ppo.compute_gae(rewards, values, dones, last_value, 0.9, 0.95).abs()
-    assert w[2, 0] / w[1, 0] > adv[2, 0] / adv[1, 0]
-
-
 def test_persistent_slots_survive_reset_with_outcome_tag():
     args = small_args(memory_slots=3, persistent_slots=2, num_envs=2)
     _, agent, actor = make_actor(args)
