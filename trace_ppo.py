@@ -24,19 +24,29 @@ Memory (per environment)
 Learned retention: objective and why it works
   The retention network r(entry) -> score sees only the entry's content (its embedding, episode
   time, previous action and reward) and, for persistent entries, their slot's tag. It is trained to
-  predict where attention will go, by HINDSIGHT USEFULNESS: in the update, each query of the rollout
-  also attends (with the rollout's query/key networks, for this target only, never for acting) over
-  ALL entries it could look back at: every earlier step of its episode inside the rollout window,
-  kept or evicted, plus whatever its memory held (older entries carried in from earlier rollouts).
-  softmax(r) over those entries is trained by cross-entropy towards that hindsight attention
-  distribution, each query weighted by |advantage| of its step
-  (queries whose decision mattered count, queries at steps where the action was irrelevant do not):
-      L_ret = mean_q |A_q| / avg|A| * CE(stopgrad(attn_hindsight_q), softmax(r(visible entries of q)))
+  predict which entries are USEFUL, judged in hindsight by an ENTRY CRITIC: for each decision q of
+  the rollout and each entry j it could look back at (every earlier step of its episode inside the
+  rollout window, kept or evicted, plus whatever its memory held), c(input_q, action_q, entry_j)
+  predicts the return of q from that ONE entry, trained by squared error on every pair. An entry
+  that carries what decides the reward (the cue) predicts it with a small error; entries that
+  explain nothing all have about the same, larger error. The usefulness target of q is
+      u_qj = softmax_j( -err_qj / (temperature * mean_j err_qj) )     (--usefulness-temperature)
+  and softmax(r) over q's visible entries is trained by cross-entropy towards it, each decision
+  weighted by its |advantage| (decisions that mattered vote, steps whose action was irrelevant do
+  not):
+      L_ret = mean_q |A_q| / avg|A| * CE(stopgrad(u_q), softmax(r(visible entries of q))) + mean_qj err_qj
   where avg|A| is a running mean over updates (an exponential moving average, bias-corrected).
-  So r becomes a query-independent log-prior of "how much attention will this entry receive once
-  decisions that matter look back". Evicting the lowest r keeps what future decisions will read.
-  Because the target covers evicted entries too, an entry the scorer currently drops still gets
-  credit as soon as the query network has learned (in any episode where it survived) to look for it.
+  So r becomes a query-independent log-prior of "how much does this entry tell about the outcome of
+  the decisions that matter"; evicting the lowest r keeps what future decisions need. The entry
+  critic and the scorer read detached embeddings: the retention objective never shapes what the
+  policy reads. Each entry is judged on its own, never through the attention, because judging by
+  the attention it receives (this script's earlier objective) reinforces itself: the entries that
+  stay are the only old ones the queries can attend to, so they get the attention and the votes
+  whether or not they hold anything (measured at delay 1024: the scorer learned to keep entries
+  24-35 steps after the cue and dropped the cue on 4 of 5 seeds). The entry critic's verdict does
+  not depend on what was kept: a cue that survives in a few episodes shows at once that it
+  predicts the reward. Because the target covers evicted entries too, an entry the scorer
+  currently drops still gets credit whenever it is visible.
 
   The bootstrapping problem (an entry that never survives is never read, so the query never learns to
   look for it) is attacked from two sides.
@@ -45,18 +55,13 @@ Learned retention: objective and why it works
      (current input, action) from the read the query would get over ALL entries it could look back
      at (the same visible set as above). Only the reward the agent received is used -- no answer,
      no env-side cue flag. Its gradient trains the shared query/key/value networks to find the
-     entries that decide the reward whether or not retention kept them, so the hindsight attention
-     above points at the cue before the policy has ever seen it in memory. Measured on delay 64,
-     seed 3: without it the scorer first learned a spurious preference, the cue was kept at the
-     decision in 0% of episodes and success stayed at chance (with fixed or adaptive noise); with it
-     the cue was kept in 100% of episodes and success reached 1.0.
-     Limitation: the visible set is the rollout window (--num-steps) plus the memory, so for delays
-     longer than the window the critic sees the cue only in episodes where it was kept.
-     Measured at delay 1024 (README, 3 seeds, 2,000 episodes): without the read's LayerNorm (commit
-     9ce29d3) retention kept the cue in every evaluation episode, but the read had collapsed onto
-     other early entries and saturated the heads, and success stayed at chance. With it (651110d), 1 of
-     5 seeds solved delay 1024 (cue read with weight 1.0); in the other four the cue was in memory at
-     0-12% of the decisions, so bootstrapping retention is what still fails there.
+     entries that decide the reward whether or not retention kept them, so the policy's read
+     looks for the cue before the policy has ever relied on it. (Measured with the earlier
+     attention-based retention target, which it also fed, on delay 64, seed 3: without it the cue
+     was kept at the decision in 0% of episodes and success stayed at chance; with it 100% and 1.0.)
+     Limitation, shared by the entry critic: the visible set is the rollout window (--num-steps)
+     plus the memory, so for delays longer than the window both see the cue only in episodes where
+     it was kept -- which is what the exploration below provides.
 
   2. PARAMETER-SPACE EXPLORATION of retention (Plappert et al. 2018; NoisyNets, Fortunato et al.
      2018): during training each episode draws a fresh random perturbation of the scorer's output
@@ -206,7 +211,10 @@ class Args:
     retention: Literal["learned", "fifo", "random"] = "learned"
     """which entry to evict when the memory is full"""
     retention_coef: float = 0.1
-    """coefficient of the hindsight-usefulness loss that trains the retention scorer"""
+    """coefficient of the hindsight-usefulness loss that trains the retention scorer and its entry critic"""
+    usefulness_temperature: float = 0.1
+    """temperature of the retention target relative to the entry critic's mean error (smaller = the votes
+    go to the few entries that predict a decision's return best)"""
     retention_noise: float = 10.0
     """scale of the per-episode parameter noise on the retention scorer, relative to the spread of its scores"""
     retention_noise_anneal: float = 0.5
@@ -417,6 +425,12 @@ class Agent(nn.Module):
         n_ret_in = d + TIME_DIM + self.n_act + 1 + TAG_DIM
         self.ret_hidden = nn.Sequential(layer_init(nn.Linear(n_ret_in, RET_HIDDEN)), nn.Tanh())
         self.ret_out = layer_init(nn.Linear(RET_HIDDEN, 1), std=0.01)
+        # Entry critic (the retention objective's judge of usefulness, see L_ret): predicts a decision's
+        # return from its input, its action and ONE entry. The first layer is split into a query part
+        # and an entry part, so each (decision, entry) pair costs one add; inputs are detached.
+        self.entry_q = layer_init(nn.Linear(d + self.n_act, RET_HIDDEN))
+        self.entry_e = layer_init(nn.Linear(d, RET_HIDDEN, bias=False))
+        self.entry_out = layer_init(nn.Linear(RET_HIDDEN, 1), std=1.0)
         # Running mean of |advantage| over updates as [EMA, bias-correction weight]: the scale of the
         # retention votes (see L_ret above), a buffer so that it is checkpointed with the agent.
         self.register_buffer("abs_adv_ema", torch.zeros(2))
@@ -872,33 +886,37 @@ def replay(agent: Agent, pool: dict, pool_e: torch.Tensor, slot_src, slot_tag, t
     return e, read, w, src
 
 
-@torch.no_grad()
-def hindsight_targets(agent: Agent, pool_e: torch.Tensor, visible: torch.Tensor, slot_src: torch.Tensor,
-                      slot_tag: torch.Tensor, s_off: int, m: int) -> torch.Tensor:
-    """Hindsight attention (T, N, P) of every query of the rollout over every entry it may look back
-    at (``visible``, kept or evicted), mean over heads: the target of the retention scorer. Entries in
-    persistent slots (index >= m) use their slot's tag, as in the real read (episodic slots carry a
-    zero tag, so their entries attend as in the pool). Computed once per update from the rollout's
-    parameters (a stop-gradient target), batched per env."""
-    t_len, n = visible.shape[:2]
-    e = pool_e[:, s_off:]                                          # N T D (the queries' inputs)
-    q = agent.heads_split(agent.q_proj(e)).transpose(1, 2)         # N H T dh
-    k_pool = agent.k_proj(pool_e)                                  # N P D
-    k = agent.heads_split(k_pool).transpose(1, 2)                  # N H P dh
-    logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).permute(2, 0, 1, 3)  # T N H P
-    psrc = slot_src[..., m:]
-    if psrc.shape[-1]:
-        env = torch.arange(n, device=pool_e.device).view(1, n, 1)
-        k_slot = agent.heads_split(k_pool[env, psrc.clamp(min=0)] + agent.tag_key(slot_tag[..., m:, :]))  # T N K H dh
-        q_t = q.permute(2, 0, 1, 3).unsqueeze(-2)                                       # T N H 1 dh
-        slot_logits = (q_t * k_slot.transpose(2, 3)).sum(-1) / math.sqrt(q.shape[-1])   # T N H K
+def entry_usefulness(agent: Agent, pool_e: torch.Tensor, e: torch.Tensor, action: torch.Tensor,
+                     ret: torch.Tensor, visible: torch.Tensor, src: torch.Tensor, tag: torch.Tensor,
+                     i_idx: torch.Tensor, m: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entry critic's loss and the retention target of decisions (B queries).
+
+    For every decision (input ``e``, ``action``, return ``ret``) and every entry it may look back at
+    (``visible``: B, P), the entry critic predicts the return from that ONE entry; its squared error
+    is trained down for every pair. The target is softmax over the visible entries of
+    -err / (temperature * mean err): the entries that predict the return best get the votes, entries
+    that explain nothing (all with about the same error) share them evenly. Entries in persistent
+    slots (index >= m) are judged with their slot's tag, as they are read."""
+    n, p, _ = pool_e.shape
+    h_e = agent.entry_e(pool_e.detach()).index_select(0, i_idx)                       # B P H
+    psrc = src[:, m:]
+    if psrc.shape[1]:
+        slot_h = (h_e.gather(1, psrc.clamp(min=0).unsqueeze(-1).expand(-1, -1, h_e.shape[-1]))
+                  + agent.entry_e(F.linear(tag[:, m:], agent.tag_proj.weight.detach())))
         # Empty slots scatter into a spare last column, so they never overwrite a real entry.
-        p = logits.shape[-1]
-        idx = torch.where(psrc >= 0, psrc, p).unsqueeze(2).expand_as(slot_logits)
-        logits = torch.cat([logits, logits.new_zeros(logits.shape[:-1] + (1,))], -1)
-        logits = logits.scatter(3, idx, slot_logits)[..., :p]
-    logits = logits.masked_fill(~visible.unsqueeze(2), -1e30)
-    return torch.softmax(logits, -1).mean(2) * visible.any(-1, keepdim=True).float()
+        idx = torch.where(psrc >= 0, psrc, p).unsqueeze(-1).expand_as(slot_h)
+        h_e = torch.cat([h_e, h_e.new_zeros(len(src), 1, h_e.shape[-1])], 1).scatter(1, idx, slot_h)[:, :p]
+    h_q = agent.entry_q(torch.cat([e.detach(), agent.action_input(action)], -1))     # B H
+    mu = agent.entry_out(torch.tanh(h_q.unsqueeze(1) + h_e)).squeeze(-1)              # B P
+    err = (mu - ret.unsqueeze(1)) ** 2
+    vis = visible.float()
+    has = visible.any(1).float()
+    mean_err = (err * vis).sum(1) / vis.sum(1).clamp(min=1.0)
+    loss = (mean_err * has).sum() / has.sum().clamp(min=1.0)
+    with torch.no_grad():
+        logits = -err / (temperature * mean_err.unsqueeze(1) + 1e-8)
+        target = torch.softmax(logits.masked_fill(~visible, -1e30), -1) * has.unsqueeze(1)
+    return loss, target
 
 
 def hindsight_read(agent: Agent, e: torch.Tensor, i_idx: torch.Tensor, visible: torch.Tensor,
@@ -930,9 +948,9 @@ def hindsight_read(agent: Agent, e: torch.Tensor, i_idx: torch.Tensor, visible: 
 def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, target: torch.Tensor,
                              visible: torch.Tensor, src: torch.Tensor, tag: torch.Tensor, i_idx: torch.Tensor,
                              weight: torch.Tensor, m: int) -> torch.Tensor:
-    """Cross-entropy from the hindsight attention of each query (B, P) to softmax of the retention
-    scores of the entries visible to it (entries in persistent slots, index >= m, scored with their
-    slot's tag; episodic slots carry a zero tag), weighted per query."""
+    """Cross-entropy from the usefulness target of each query (B, P; see ``entry_usefulness``) to
+    softmax of the retention scores of the entries visible to it (entries in persistent slots,
+    index >= m, scored with their slot's tag; episodic slots carry a zero tag), weighted per query."""
     n, p = pool["prew"].shape
     flat = lambda x: x.reshape(n * p, *x.shape[2:])  # noqa: E731
     score, _ = agent.retention(flat(pool_e), flat(pool["pact"]), flat(pool["prew"]), flat(pool["tau"]))
@@ -1085,6 +1103,8 @@ def main(args: Args) -> None:
                  "hindsight_critic_coef", "heatmap_interval"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.usefulness_temperature > 0:
+        raise UserError(f"--usefulness-temperature must be > 0, got {args.usefulness_temperature}")
     if not 0.0 < args.rnd_update_proportion <= 1.0:
         raise UserError(f"--rnd-update-proportion must be in (0, 1], got {args.rnd_update_proportion}")
     batch_size = args.num_envs * args.num_steps
@@ -1304,12 +1324,9 @@ def main(args: Args) -> None:
             all_t, all_i = (x.reshape(-1) for x in torch.meshgrid(torch.arange(T, device=device),
                                                                   torch.arange(N, device=device), indexing="ij"))
             visible = visible_entries(slot_src, ep_id, all_t, all_i, S).view(T, N, -1)
-        if use_ret:
-            ret_target = hindsight_targets(agent, pool_embed(agent, pool), visible, slot_src, slot_tag, S,
-                                           args.memory_slots)
         b_inds = np.arange(batch_size)
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl",
-                                 "clipfrac", "retention_loss")}
+                                 "clipfrac", "retention_loss", "entry_critic_loss")}
         if args.aux_recon_coef > 0:
             stats["aux_recon_loss"] = []
         if args.hindsight_critic_coef > 0:
@@ -1356,12 +1373,19 @@ def main(args: Args) -> None:
                 # rollouts hold none, and a per-minibatch scale would give their value-noise queries
                 # the full weight of a decision.
                 if use_ret:
-                    weight = b_adv[mb].abs() / adv_scale
-                    ret_loss = hindsight_retention_loss(agent, pool, pool_e, ret_target[t_idx, i_idx],
-                                                        visible[t_idx, i_idx], src, slot_tag[t_idx, i_idx],
-                                                        i_idx, weight, args.memory_slots)
-                    loss = loss + args.retention_coef * ret_loss
+                    # Only the eighth of the minibatch with the largest |A| is judged: the other
+                    # queries' votes weigh little, and the (decision x entry) pairs are what costs.
+                    sub = b_adv[mb].abs().topk(max(1, len(mb) // 8)).indices
+                    ts, is_ = t_idx[sub], i_idx[sub]
+                    ec_loss, target = entry_usefulness(agent, pool_e, e[sub], b_actions[mb][sub], b_returns[mb][sub],
+                                                       visible[ts, is_], src[sub], slot_tag[ts, is_], is_,
+                                                       args.memory_slots, args.usefulness_temperature)
+                    ret_loss = hindsight_retention_loss(agent, pool, pool_e, target, visible[ts, is_], src[sub],
+                                                        slot_tag[ts, is_], is_, b_adv[mb][sub].abs() / adv_scale,
+                                                        args.memory_slots)
+                    loss = loss + args.retention_coef * (ret_loss + ec_loss)
                     stats["retention_loss"].append(ret_loss.item())
+                    stats["entry_critic_loss"].append(ec_loss.item())
                 if args.hindsight_critic_coef > 0:
                     # Hindsight critic: predict the return of (state, action) from the read over
                     # everything the episode saw. Its gradient trains the shared query/key/value

@@ -315,16 +315,23 @@ def test_gradients_reach_encoder_attention_and_retention(persistent):
     assert agent.ret_out.weight.grad is None or agent.ret_out.weight.grad.abs().sum() == 0
     ep_id = torch.cumsum((out["tau"] == 0).long(), 0)
     visible = trace_ppo.visible_entries(out["src"], ep_id, t_idx, i_idx, S)
-    target = trace_ppo.hindsight_targets(agent, pool_e, visible.view(T, 2, -1), out["src"], out["tag"], S,
-                                         args.memory_slots)
-    # Only persistent slots are re-scored with their tag: episodic slots carry a zero tag, so
-    # treating every slot as tagged (m=0) must give the same targets.
-    every_slot = trace_ppo.hindsight_targets(agent, pool_e, visible.view(T, 2, -1), out["src"], out["tag"], S, 0)
-    assert torch.allclose(target, every_slot, atol=1e-6)
-    target = target.reshape(T * 2, -1)
-    assert torch.allclose(target.sum(-1)[visible.any(-1)], torch.ones(1)) and torch.all(target[~visible] == 0)
     src = out["src"].reshape(T * 2, -1)
     tags = out["tag"].reshape(T * 2, *out["tag"].shape[2:])
+    ret = torch.randn(T * 2)
+    ec_loss, target = trace_ppo.entry_usefulness(agent, pool_e, e, out["action"].reshape(-1), ret, visible, src,
+                                                 tags, i_idx, args.memory_slots, 0.1)
+    # Only persistent slots are judged with their tag: episodic slots carry a zero tag, so treating
+    # every slot as tagged (m=0) must give the same loss and targets.
+    ec_every, target_every = trace_ppo.entry_usefulness(agent, pool_e, e, out["action"].reshape(-1), ret, visible,
+                                                        src, tags, i_idx, 0, 0.1)
+    assert torch.allclose(ec_loss, ec_every, atol=1e-6) and torch.allclose(target, target_every, atol=1e-6)
+    assert torch.allclose(target.sum(-1)[visible.any(-1)], torch.ones(1)) and torch.all(target[~visible] == 0)
+    agent.zero_grad()
+    ec_loss.backward(retain_graph=True)
+    assert agent.entry_out.weight.grad.abs().sum() > 0 and agent.entry_e.weight.grad.abs().sum() > 0
+    # The entry critic judges entries, it never shapes what the policy reads.
+    for net in (agent.embed_net[0], agent.tag_proj, agent.k_proj):
+        assert net.weight.grad is None or net.weight.grad.abs().sum() == 0
     loss = trace_ppo.hindsight_retention_loss(agent, pool, pool_e, target, visible, src, tags, i_idx,
                                               torch.ones(len(t_idx)), args.memory_slots)
     every_slot = trace_ppo.hindsight_retention_loss(agent, pool, pool_e, target, visible, src, tags, i_idx,
@@ -345,6 +352,41 @@ def test_hindsight_visibility_covers_evicted_steps_of_own_episode_only():
     vis = trace_ppo.visible_entries(src, ep_id, torch.tensor([3, 5]), torch.tensor([0, 0]), 2)
     assert vis[0].tolist() == [False, False, True, True, True, False, False, False]
     assert vis[1].tolist() == [False, False, False, False, False, False, True, False]
+
+
+def test_retention_target_goes_to_the_entry_that_predicts_the_return():
+    """Decisions whose return is +1 when the action matches a bit stored in ONE entry (step 0) and
+    -1 otherwise: once the entry critic is trained, that entry gets nearly all the retention votes,
+    although it is one of 12 visible entries whose other bits are random."""
+    torch.manual_seed(0)
+    args = small_args(hidden_size=32, num_heads=2)
+    agent = Agent(spaces.Box(0, 1, (3,), np.float32), spaces.Discrete(2), args)
+    n, p, b = 4, 12, 64
+    gen = torch.Generator().manual_seed(1)
+    obs = torch.randint(0, 2, (n, p, 3), generator=gen).float()
+    pool = dict(obs=obs, pact=torch.zeros(n, p, 2), prew=torch.zeros(n, p), tau=torch.arange(p).repeat(n, 1))
+    i_idx = torch.arange(b) % n
+    visible = torch.ones(b, p, dtype=torch.bool)
+    src = torch.full((b, args.memory_slots), -1)
+    tags = torch.zeros(b, args.memory_slots, trace_ppo.TAG_DIM)
+    opt = torch.optim.Adam(agent.parameters(), lr=3e-3)
+    for step in range(1500):
+        with torch.no_grad():
+            pool_e = trace_ppo.pool_embed(agent, pool)
+        action = torch.randint(0, 2, (b,), generator=gen)
+        ret = torch.where(action == obs[i_idx, 0, 0].long(), 1.0, -1.0)
+        e = pool_e[i_idx, -1]
+        loss, target = trace_ppo.entry_usefulness(agent, pool_e, e, action, ret, visible, src, tags, i_idx,
+                                                  args.memory_slots, 0.1)
+        if step == 0:
+            assert target[:, 0].mean() < 0.3  # untrained: no entry stands out (uniform: 1/12)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        obs[:, 1:] = torch.randint(0, 2, (n, p - 1, 3), generator=gen).float()  # fresh distractors
+        obs[:, 0, 0] = torch.randint(0, 2, (n,), generator=gen).float()          # fresh cue bits
+        pool["obs"] = obs
+    assert target[:, 0].mean() > 0.8
 
 
 def test_time_encoding_distinguishes_long_episodes():
