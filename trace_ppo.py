@@ -30,9 +30,7 @@ Learned retention: objective and why it works
   predicts the return of q from that ONE entry, trained by squared error on every pair. An entry
   that carries what decides the reward (the cue) predicts it with a small error; entries that
   explain nothing all have about the same, larger error. The usefulness target of q is
-      u_qj = softmax_j( -err_qj / (temperature * max(mean_j err_qj, 0.1 * mean_q G_q^2)) )
-  (--usefulness-temperature; the floor keeps noise in tiny errors from becoming a confident target
-  once every entry predicts the return)
+      u_qj = softmax_j( -err_qj / (temperature * mean_j err_qj) )     (--usefulness-temperature)
   and softmax(r) over q's visible entries is trained by cross-entropy towards it, each decision
   weighted by its |advantage| (decisions that mattered vote, steps whose action was irrelevant do
   not):
@@ -383,7 +381,6 @@ def symlog(x: torch.Tensor) -> torch.Tensor:
 
 TAG_DIM = 3  # [persistent, symlog(outcome of its episode), log(1 + episodes ago)]
 RET_HIDDEN = 32
-USEFULNESS_FLOOR = 0.1  # fraction of the returns' power below which entry errors count as equal (L_ret)
 
 
 class Agent(nn.Module):
@@ -917,12 +914,7 @@ def entry_usefulness(agent: Agent, pool_e: torch.Tensor, e: torch.Tensor, action
     mean_err = (err * vis).sum(1) / vis.sum(1).clamp(min=1.0)
     loss = (mean_err * has).sum() / has.sum().clamp(min=1.0)
     with torch.no_grad():
-        # Floor on the scale: once every entry predicts the return (errors under a tenth of the
-        # returns' power, e.g. when the task is solved and the return no longer depends on what is
-        # read), no entry may stand out -- otherwise noise in tiny errors becomes a confident target
-        # (measured: RecallAcrossEpisodes seed 1 solved, then collapsed to 0.655 without the floor).
-        floor = USEFULNESS_FLOOR * (ret ** 2).mean()
-        logits = -err / (temperature * torch.maximum(mean_err, floor).unsqueeze(1) + 1e-8)
+        logits = -err / (temperature * mean_err.unsqueeze(1) + 1e-8)
         target = torch.softmax(logits.masked_fill(~visible, -1e30), -1) * has.unsqueeze(1)
     return loss, target
 

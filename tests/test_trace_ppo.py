@@ -389,28 +389,6 @@ def test_retention_target_goes_to_the_entry_that_predicts_the_return():
     assert target[:, 0].mean() > 0.8
 
 
-def test_retention_target_is_flat_when_every_entry_predicts_the_return():
-    """A solved task: the return is +1 whichever entry is looked at, and the entry critic predicts
-    it from every entry to within about a hundredth. Those tiny differences in error must not
-    become a confident target (without the floor, the best entry would get most of the votes)."""
-    torch.manual_seed(0)
-    args = small_args(hidden_size=16, num_heads=2)
-    agent = Agent(spaces.Box(0, 1, (3,), np.float32), spaces.Discrete(2), args)
-    with torch.no_grad():
-        agent.entry_out.weight.normal_(0.0, 0.005)
-        agent.entry_out.bias.fill_(1.0)
-    n, p, b = 2, 10, 8
-    pool_e = torch.randn(n, p, 16)
-    i_idx = torch.arange(b) % n
-    visible = torch.ones(b, p, dtype=torch.bool)
-    src = torch.full((b, args.memory_slots), -1)
-    tags = torch.zeros(b, args.memory_slots, trace_ppo.TAG_DIM)
-    loss, target = trace_ppo.entry_usefulness(agent, pool_e, pool_e[i_idx, -1], torch.zeros(b, dtype=torch.long),
-                                              torch.ones(b), visible, src, tags, i_idx, args.memory_slots, 0.1)
-    assert 0 < loss < 0.01
-    assert target.max() < 1.2 / p
-
-
 def test_time_encoding_distinguishes_long_episodes():
     enc = trace_ppo.time_encoding(torch.tensor([0, 1, 1000, 1001, 100000]))
     assert torch.isfinite(enc).all() and enc.abs().max() <= 2.0
