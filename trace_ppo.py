@@ -47,6 +47,11 @@ Learned retention: objective and why it works
   not depend on what was kept: a cue that survives in a few episodes shows at once that it
   predicts the reward. Because the target covers evicted entries too, an entry the scorer
   currently drops still gets credit whenever it is visible.
+  Measured (README, 2,000 episodes per delay, 16 slots): delays 16-256 solved on 9 of 9 seeds
+  (the attention target lost delay 256 seed 3); delay 1024 on 2 of 5 seeds, a third at 0.895 (the
+  attention target: 1 of 5). Known weakness: once a task is solved every entry predicts the
+  return equally well, the votes become noise and can undo what retention learned
+  (RecallAcrossEpisodes with persistent slots, seed 1: solved, then fell to 0.655).
 
   The bootstrapping problem (an entry that never survives is never read, so the query never learns to
   look for it) is attacked from two sides.
