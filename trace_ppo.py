@@ -902,7 +902,7 @@ def entry_usefulness(agent: Agent, pool_e: torch.Tensor, e: torch.Tensor, action
     -err / (temperature * mean err): the entries that predict the return best get the votes, entries
     that explain nothing (all with about the same error) share them evenly. Entries in persistent
     slots (index >= m) are judged with their slot's tag, as they are read."""
-    n, p, _ = pool_e.shape
+    p = pool_e.shape[1]
     h_e = agent.entry_e(pool_e.detach()).index_select(0, i_idx)                       # B P H
     psrc = src[:, m:]
     if psrc.shape[1]:
