@@ -416,8 +416,8 @@ def test_main_vector_env_replays_exactly_and_logs(tmp_path, monkeypatch):
     errs = [v for _, v in tb["debug/replay_max_error"]]
     assert len(errs) == 4 and max(errs) < 1e-5
     for key in ("charts/episodic_return", "charts/SPS", "losses/policy_loss", "losses/retention_loss",
-                "losses/aux_recon_loss", "losses/hindsight_critic_loss", "losses/retention_loss",
-                "losses/entry_critic_loss", "memory/retention_score_spread",
+                "losses/aux_recon_loss", "losses/hindsight_critic_loss", "losses/entry_critic_loss",
+                "memory/retention_score_spread",
                 "memory/mean_age_evicted",
                 "memory/mean_age_kept", "memory/attention_entropy", "memory/cue_in_memory_at_decision"):
         assert key in tb, key
