@@ -487,15 +487,15 @@ class Agent(nn.Module):
 
     def attend(self, e: torch.Tensor, k: torch.Tensor, v: torch.Tensor, occupied: torch.Tensor):
         """Multi-head scaled dot-product attention of queries e (B, D) over slots with keys k and
-        values v (B, S, D) (see ``tag_key``).
+        values v (B, S, D) (see ``tag_key``): the read while acting, which ``replay`` reproduces.
 
         Empty slots get weight exactly 0; with no occupied slot the weighted sum is 0 (the read is then
         ``read_out`` of 0). Returns the read (B, D) and the weights (B, H, S).
         """
-        q = self.heads_split(self.q_proj(e))                      # B H dh
+        q = self.heads_split(self.q_proj(e) / math.sqrt(e.shape[-1] // self.num_heads))  # B H dh
         k, v = self.heads_split(k), self.heads_split(v)           # B S H dh
         # One query per row: broadcast multiply-and-sum, much faster on CPU than B x H tiny matmuls.
-        logits = (q.unsqueeze(1) * k).sum(-1).transpose(1, 2) / math.sqrt(q.shape[-1])  # B H S
+        logits = (q.unsqueeze(1) * k).sum(-1).transpose(1, 2)    # B H S
         # A large finite negative (not -inf) keeps all-empty rows finite in the backward pass.
         logits = logits.masked_fill(~occupied.unsqueeze(1), -1e30)
         w = torch.softmax(logits, -1) * occupied.any(-1).float()[:, None, None]
@@ -869,26 +869,82 @@ def pool_kv(agent: Agent, pool_e: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return agent.k_proj(pool_e), agent.v_proj(pool_e)
 
 
-def replay(agent: Agent, pool: dict, pool_e: torch.Tensor, slot_src, slot_tag, t_idx, i_idx, s_off: int,
-           kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-    """Reproduce the rollout's read for the queries (t_idx, i_idx) from the recorded slot sources.
-    ``kv``: ``pool_kv(agent, pool_e)`` if already computed."""
+def env_groups(i_idx: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """Rows of the queries of envs ``i_idx`` (B,) in a layout grouped by env and padded to the largest
+    group c: query b goes to row i_idx[b] * c + (its rank among its env's queries)."""
+    counts = torch.bincount(i_idx, minlength=n)
+    c = int(counts.max())
+    order = torch.argsort(i_idx, stable=True)
+    rank = torch.empty_like(i_idx)
+    rank[order] = torch.arange(len(i_idx), device=i_idx.device) - (torch.cumsum(counts, 0) - counts)[i_idx[order]]
+    return i_idx * c + rank, c
+
+
+def replay(agent: Agent, pool_e: torch.Tensor, slot_src, slot_tag, t_idx, i_idx, s_off: int, m: int,
+           kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None, visible: Optional[torch.Tensor] = None,
+           weights: bool = False):
+    """Reproduce the rollout's read for the queries (t_idx, i_idx) from the recorded slot sources
+    (``m`` episodic slots, then the persistent ones) and, given ``visible`` (B, P), the hindsight
+    read: the read each query would get if every entry visible to it were in memory (untagged).
+    ``kv``: ``pool_kv(agent, pool_e)`` if already computed.
+
+    Returns the queries' embeddings e (B, D), their read (B, D), src (B, S), the hindsight read (or
+    None) and, if ``weights``, the read's weights per slot (B, H, S) as in the rollout (else None).
+
+    The queries are grouped by env (``env_groups``), so that each env's logits are ONE dense
+    (queries x pool) product shared by both reads; a read is that product restricted by an additive
+    mask to the pool entries it may see. On CPU this is much cheaper than gathering every query's
+    slot keys. Entries in persistent slots carry their slot's tag in their key and value (see
+    ``tag_key``), so their logits are gathered per query and join the read's softmax."""
     src = slot_src[t_idx, i_idx]                                  # B S
     occupied = src >= 0
     k_pool, v_pool = pool_kv(agent, pool_e) if kv is None else kv
-    # index_select on the flattened pool: its backward (index_add) is much faster on CPU than
-    # that of advanced indexing. Keys and values are gathered already projected (each pool entry
-    # is projected once instead of once per slot it occupies).
     n, p, d = pool_e.shape
-    rows = (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)
-    k = k_pool.reshape(n * p, d).index_select(0, rows).view(*src.shape, d)
-    v = v_pool.reshape(n * p, d).index_select(0, rows).view(*src.shape, d)
-    tag = slot_tag[t_idx, i_idx]
-    if tag.any():  # only persistent slots carry a non-zero tag; without them the tag terms are exactly 0
-        k, v = k + agent.tag_key(tag), v + agent.tag_value(tag)
+    b, h, dh, k = len(t_idx), agent.num_heads, d // agent.num_heads, src.shape[1] - m
     e = pool_e.reshape(n * p, d).index_select(0, i_idx * p + s_off + t_idx)
-    read, w = agent.attend(e, k, v, occupied)
-    return e, read, w, src
+    q = agent.q_proj(e) / math.sqrt(dh)                           # scaled as in Agent.attend
+    row, c = env_groups(i_idx, n)
+    q_g = agent.heads_split(q.new_zeros(n * c, d).index_copy(0, row, q).view(n, c, d)).transpose(1, 2)
+    logits = q_g @ agent.heads_split(k_pool).permute(0, 2, 3, 1)   # n H c P
+    v = agent.heads_split(v_pool).transpose(1, 2)                  # n H P dh
+
+    def grouped_bias(mask):  # (B, P) -> additive mask (n, 1, c, P): 0 where seen, -1e30 elsewhere
+        bias = q.new_full((n * c, p), -1e30).index_copy(0, row, q.new_zeros(b, p).masked_fill(~mask, -1e30))
+        return bias.view(n, 1, c, p)
+
+    def ungroup(x):  # (n, H, c, ...) -> (B, H, ...)
+        return x.transpose(1, 2).reshape(n * c, h, *x.shape[3:]).index_select(0, row)
+
+    # The episodic slots' entries as a (B, P) mask; empty slots scatter into a spare last column.
+    in_mem = torch.zeros((b, p + 1), dtype=torch.bool, device=src.device).scatter_(
+        1, torch.where(occupied[:, :m], src[:, :m], p), True)[:, :p]
+    mem_logits = logits + grouped_bias(in_mem)
+    if k:
+        rows_p = (i_idx.unsqueeze(1) * p + src[:, m:].clamp(min=0)).reshape(-1)
+        tag = slot_tag[t_idx, i_idx][:, m:]
+        k_p = agent.heads_split(k_pool.reshape(n * p, d).index_select(0, rows_p).view(b, k, d) + agent.tag_key(tag))
+        v_p = agent.heads_split(v_pool.reshape(n * p, d).index_select(0, rows_p).view(b, k, d) + agent.tag_value(tag))
+        logits_p = (agent.heads_split(q).unsqueeze(1) * k_p).sum(-1).transpose(1, 2)            # B H K
+        logits_p = logits_p.masked_fill(~occupied[:, m:].unsqueeze(1), -1e30)
+        logits_p = logits.new_full((n * c, h, k), -1e30).index_copy(0, row, logits_p)
+        mem_logits = torch.cat([mem_logits, logits_p.view(n, c, h, k).transpose(1, 2)], -1)
+    w = torch.softmax(mem_logits, -1)
+    read = ungroup(w[..., :p] @ v)                                 # B H dh
+    if k:
+        w_p = ungroup(w[..., p:])                                  # B H K
+        read = read + (w_p.unsqueeze(-1) * v_p.transpose(1, 2)).sum(-2)
+    # With no occupied slot the read is 0 (the softmax of an all-masked row is uniform, not 0).
+    read = agent.read_out(read.flatten(1) * occupied.any(-1, keepdim=True).float())
+    w_slots = None
+    if weights:
+        w_rows = ungroup(w)                                        # B H (P + K)
+        w_epi = w_rows[..., :p].gather(-1, src[:, :m].clamp(min=0).unsqueeze(1).expand(-1, h, -1))
+        w_slots = torch.cat([w_epi, w_rows[..., p:]], -1) * occupied.unsqueeze(1).float()
+    read_h = None
+    if visible is not None:
+        w_h = torch.softmax(logits + grouped_bias(visible), -1)
+        read_h = agent.read_out(ungroup(w_h @ v).flatten(1) * visible.any(-1, keepdim=True).float())
+    return e, read, src, read_h, w_slots
 
 
 def entry_usefulness(agent: Agent, pool_e: torch.Tensor, e: torch.Tensor, action: torch.Tensor,
@@ -922,32 +978,6 @@ def entry_usefulness(agent: Agent, pool_e: torch.Tensor, e: torch.Tensor, action
         logits = -err / (temperature * mean_err.unsqueeze(1) + 1e-8)
         target = torch.softmax(logits.masked_fill(~visible, -1e30), -1) * has.unsqueeze(1)
     return loss, target
-
-
-def hindsight_read(agent: Agent, e: torch.Tensor, i_idx: torch.Tensor, visible: torch.Tensor,
-                   kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The reads (B, D) that the queries with inputs ``e`` (B, D) of envs ``i_idx`` would get if every
-    entry visible to them (``visible``: B, P) were in memory. ``kv``: ``pool_kv(agent, pool_e)``.
-    Only the minibatch's queries are computed: they are grouped by env and padded to the largest
-    group, so each env's attention is one dense (queries x P) product, which is cheaper on CPU than
-    gathering the env's keys for every query. Padding rows see nothing and are never selected."""
-    k_pool, v_pool = kv
-    n, p, d = k_pool.shape
-    counts = torch.bincount(i_idx, minlength=n)
-    c = int(counts.max())
-    order = torch.argsort(i_idx, stable=True)
-    rank = torch.empty_like(i_idx)
-    rank[order] = torch.arange(len(i_idx), device=i_idx.device) - (torch.cumsum(counts, 0) - counts)[i_idx[order]]
-    row = i_idx * c + rank                                                   # row in the (n*c) padding
-    q = e.new_zeros(n * c, d).index_copy(0, row, agent.q_proj(e))
-    vis = visible.new_zeros(n * c, p).index_copy(0, row, visible).view(n, 1, c, p)
-    q = agent.heads_split(q.view(n, c, d)).transpose(1, 2)                  # N H C dh
-    k = agent.heads_split(k_pool).transpose(1, 2)                           # N H P dh
-    v = agent.heads_split(v_pool).transpose(1, 2)                           # N H P dh
-    logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~vis, -1e30)
-    w = torch.softmax(logits, -1) * vis.any(-1, keepdim=True).float()
-    read = (w @ v).transpose(1, 2).reshape(n * c, d).index_select(0, row)   # B D
-    return agent.read_out(read)
 
 
 def hindsight_retention_loss(agent: Agent, pool: dict, pool_e: torch.Tensor, target: torch.Tensor,
@@ -1347,7 +1377,9 @@ def main(args: Args) -> None:
                 t_idx, i_idx = mb // N, mb % N
                 pool_e = pool_embed(agent, pool)
                 kv = pool_kv(agent, pool_e)
-                e, read, _, src = replay(agent, pool, pool_e, slot_src, slot_tag, t_idx, i_idx, S, kv)
+                vis_h = visible[t_idx, i_idx] if args.hindsight_critic_coef > 0 else None
+                e, read, src, read_h, _ = replay(agent, pool_e, slot_src, slot_tag, t_idx, i_idx, S,
+                                                 args.memory_slots, kv, vis_h)
                 _, newlogprob, entropy, newvalue, newvalue_int, _ = agent.heads(e, read, b_actions[mb])
                 logratio = newlogprob - b_logprobs[mb]
                 if epoch == 0 and start == 0:
@@ -1397,7 +1429,6 @@ def main(args: Args) -> None:
                     # networks to find the entries that decide the reward even when retention did
                     # not keep them -- this is what lets retention bootstrap (the hindsight targets
                     # above come from the same query/key networks).
-                    read_h = hindsight_read(agent, e, i_idx, visible[t_idx, i_idx], kv)
                     q_h = agent.hindsight_critic(torch.cat([e, read_h, agent.action_input(b_actions[mb])], -1))
                     hc_loss = 0.5 * ((q_h.squeeze(-1) - b_returns[mb]) ** 2).mean()
                     loss = loss + args.hindsight_critic_coef * hc_loss

@@ -281,7 +281,8 @@ def test_update_reproduces_rollout_logits_and_values(persistent):
     t_idx, i_idx = torch.meshgrid(torch.arange(T), torch.arange(3), indexing="ij")
     t_idx, i_idx = t_idx.reshape(-1), i_idx.reshape(-1)
     pool_e = trace_ppo.pool_embed(agent, pool)
-    e, read, w, _ = trace_ppo.replay(agent, pool, pool_e, out["src"], out["tag"], t_idx, i_idx, S)
+    e, read, _, _, w = trace_ppo.replay(agent, pool_e, out["src"], out["tag"], t_idx, i_idx, S,
+                                        args.memory_slots, weights=True)
     _, _, _, value, _, logits = agent.heads(e, read, out["action"].reshape(-1))
     assert torch.allclose(logits, out["logits"].reshape(-1, 2), atol=1e-5)
     assert torch.allclose(value, out["value"].reshape(-1), atol=1e-5)
@@ -303,7 +304,7 @@ def test_gradients_reach_encoder_attention_and_retention(persistent):
     t_idx, i_idx = torch.meshgrid(torch.arange(T), torch.arange(2), indexing="ij")
     t_idx, i_idx = t_idx.reshape(-1), i_idx.reshape(-1)
     pool_e = trace_ppo.pool_embed(agent, pool)
-    e, read, w, _ = trace_ppo.replay(agent, pool, pool_e, out["src"], out["tag"], t_idx, i_idx, S)
+    e, read, _, _, _ = trace_ppo.replay(agent, pool_e, out["src"], out["tag"], t_idx, i_idx, S, args.memory_slots)
     _, logp, _, value, _, _ = agent.heads(e, read, out["action"].reshape(-1))
     # Gradient of the policy through the READ only (current features detached): must reach the
     # encoder via the re-encoded memory entries.
@@ -518,20 +519,22 @@ def test_hindsight_read_equals_real_read_when_it_sees_the_memory():
     S = actor.mem.s
     t_idx, i_idx = (x.reshape(-1) for x in torch.meshgrid(torch.arange(T), torch.arange(2), indexing="ij"))
     pool_e = trace_ppo.pool_embed(agent, pool)
-    e, read, _, src = trace_ppo.replay(agent, pool, pool_e, out["src"], out["tag"], t_idx, i_idx, S)
-    in_memory = torch.zeros((len(t_idx), S + T), dtype=torch.long).scatter_add_(1, src.clamp(min=0),
-                                                                                (src >= 0).long()) > 0
+    in_memory = torch.zeros((len(t_idx), S + T), dtype=torch.long).scatter_add_(
+        1, out["src"].reshape(T * 2, -1).clamp(min=0), (out["src"].reshape(T * 2, -1) >= 0).long()) > 0
     kv = trace_ppo.pool_kv(agent, pool_e)
-    read_h = trace_ppo.hindsight_read(agent, e, i_idx, in_memory, kv)
+    e, read, _, read_h, _ = trace_ppo.replay(agent, pool_e, out["src"], out["tag"], t_idx, i_idx, S,
+                                             args.memory_slots, kv, in_memory)
     assert torch.allclose(read_h, read, atol=1e-5)
     # A shuffled subset of the queries (as a minibatch) gets the same reads.
     sub = torch.randperm(len(t_idx), generator=torch.Generator().manual_seed(0))[: len(t_idx) // 3]
-    assert torch.allclose(trace_ppo.hindsight_read(agent, e[sub], i_idx[sub], in_memory[sub], kv), read[sub],
-                          atol=1e-5)
+    _, read_sub, _, read_h_sub, _ = trace_ppo.replay(agent, pool_e, out["src"], out["tag"], t_idx[sub], i_idx[sub], S,
+                                                     args.memory_slots, kv, in_memory[sub])
+    assert torch.allclose(read_sub, read[sub], atol=1e-5) and torch.allclose(read_h_sub, read[sub], atol=1e-5)
     ep_id = torch.cumsum((out["tau"] == 0).long(), 0)
     visible = trace_ppo.visible_entries(out["src"], ep_id, t_idx, i_idx, S)
     assert (visible.sum(1) > in_memory.sum(1)).any()  # evicted steps are visible in hindsight
-    read_all = trace_ppo.hindsight_read(agent, e, i_idx, visible, kv)
+    *_, read_all, _ = trace_ppo.replay(agent, pool_e, out["src"], out["tag"], t_idx, i_idx, S, args.memory_slots, kv,
+                                       visible)
     q = agent.hindsight_critic(torch.cat([e, read_all, agent.action_input(out["action"].reshape(-1))], -1))
     agent.zero_grad()
     q.sum().backward()
