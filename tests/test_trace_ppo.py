@@ -509,6 +509,16 @@ def test_learns_memory_task_delay_64(tmp_path, monkeypatch):
     assert result["success_rate"] >= 0.99
 
 
+def test_env_groups_gives_each_query_its_own_row_inside_its_env_block():
+    i_idx = torch.tensor([2, 0, 2, 2, 1, 0, 2])
+    row, c = trace_ppo.env_groups(i_idx, 4)
+    assert c == 4  # env 2 has the most queries
+    assert len(set(row.tolist())) == len(i_idx)  # distinct rows
+    assert torch.equal(row // c, i_idx)  # inside its env's block of c rows
+    # Within an env the queries keep their order and fill the block from its start.
+    assert row[i_idx == 2].tolist() == [8, 9, 10, 11] and row[i_idx == 0].tolist() == [0, 1]
+
+
 def test_hindsight_read_equals_real_read_when_it_sees_the_memory():
     """The hindsight critic's read over a visible set equal to the memory contents is the policy's read
     (no persistent tags involved); over the larger set it includes evicted entries of the episode."""
