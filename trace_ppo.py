@@ -900,7 +900,7 @@ def replay(agent: Agent, pool_e: torch.Tensor, slot_src, slot_tag, t_idx, i_idx,
     occupied = src >= 0
     k_pool, v_pool = pool_kv(agent, pool_e) if kv is None else kv
     n, p, d = pool_e.shape
-    b, h, dh, k = len(t_idx), agent.num_heads, d // agent.num_heads, src.shape[1] - m
+    b, h, dh, n_pers = len(t_idx), agent.num_heads, d // agent.num_heads, src.shape[1] - m
     e = pool_e.reshape(n * p, d).index_select(0, i_idx * p + s_off + t_idx)
     q = agent.q_proj(e) / math.sqrt(dh)                           # scaled as in Agent.attend
     row, c = env_groups(i_idx, n)
@@ -919,18 +919,18 @@ def replay(agent: Agent, pool_e: torch.Tensor, slot_src, slot_tag, t_idx, i_idx,
     in_mem = torch.zeros((b, p + 1), dtype=torch.bool, device=src.device).scatter_(
         1, torch.where(occupied[:, :m], src[:, :m], p), True)[:, :p]
     mem_logits = logits + grouped_bias(in_mem)
-    if k:
+    if n_pers:
         rows_p = (i_idx.unsqueeze(1) * p + src[:, m:].clamp(min=0)).reshape(-1)
         tag = slot_tag[t_idx, i_idx][:, m:]
-        k_p = agent.heads_split(k_pool.reshape(n * p, d).index_select(0, rows_p).view(b, k, d) + agent.tag_key(tag))
-        v_p = agent.heads_split(v_pool.reshape(n * p, d).index_select(0, rows_p).view(b, k, d) + agent.tag_value(tag))
+        k_p = agent.heads_split(k_pool.reshape(n * p, d).index_select(0, rows_p).view(b, n_pers, d) + agent.tag_key(tag))
+        v_p = agent.heads_split(v_pool.reshape(n * p, d).index_select(0, rows_p).view(b, n_pers, d) + agent.tag_value(tag))
         logits_p = (agent.heads_split(q).unsqueeze(1) * k_p).sum(-1).transpose(1, 2)            # B H K
         logits_p = logits_p.masked_fill(~occupied[:, m:].unsqueeze(1), -1e30)
-        logits_p = logits.new_full((n * c, h, k), -1e30).index_copy(0, row, logits_p)
-        mem_logits = torch.cat([mem_logits, logits_p.view(n, c, h, k).transpose(1, 2)], -1)
+        logits_p = logits.new_full((n * c, h, n_pers), -1e30).index_copy(0, row, logits_p)
+        mem_logits = torch.cat([mem_logits, logits_p.view(n, c, h, n_pers).transpose(1, 2)], -1)
     w = torch.softmax(mem_logits, -1)
     read = ungroup(w[..., :p] @ v)                                 # B H dh
-    if k:
+    if n_pers:
         w_p = ungroup(w[..., p:])                                  # B H K
         read = read + (w_p.unsqueeze(-1) * v_p.transpose(1, 2)).sum(-2)
     # With no occupied slot the read is 0 (the softmax of an all-masked row is uniform, not 0).
