@@ -922,8 +922,9 @@ def replay(agent: Agent, pool_e: torch.Tensor, slot_src, slot_tag, t_idx, i_idx,
     if n_pers:
         rows_p = (i_idx.unsqueeze(1) * p + src[:, m:].clamp(min=0)).reshape(-1)
         tag = slot_tag[t_idx, i_idx][:, m:]
-        k_p = agent.heads_split(k_pool.reshape(n * p, d).index_select(0, rows_p).view(b, n_pers, d) + agent.tag_key(tag))
-        v_p = agent.heads_split(v_pool.reshape(n * p, d).index_select(0, rows_p).view(b, n_pers, d) + agent.tag_value(tag))
+        gather = lambda x: x.reshape(n * p, d).index_select(0, rows_p).view(b, n_pers, d)  # noqa: E731
+        k_p = agent.heads_split(gather(k_pool) + agent.tag_key(tag))
+        v_p = agent.heads_split(gather(v_pool) + agent.tag_value(tag))
         logits_p = (agent.heads_split(q).unsqueeze(1) * k_p).sum(-1).transpose(1, 2)            # B H K
         logits_p = logits_p.masked_fill(~occupied[:, m:].unsqueeze(1), -1e30)
         logits_p = logits.new_full((n * c, h, n_pers), -1e30).index_copy(0, row, logits_p)
