@@ -91,7 +91,8 @@ End to end, exactly reproduced
   The rollout stores the raw inputs of every step and, for every step, which source occupies each
   slot (slot -> pool index; the pool of an env is [entries carried in from the previous rollout,
   this rollout's steps]). The update re-encodes the whole pool with the current parameters and
-  gathers the slot sources for all T x N queries at once (no Python loop over time), so the PPO loss
+  replays every query of a minibatch at once (no Python loop over time): one (queries x pool)
+  attention product per env, masked to the pool entries each query's slots held, so the PPO loss
   backpropagates through attention into the encoder and the first epoch reproduces the rollout's
   logits and values exactly (tests/test_trace_ppo.py). Carried-in entries are re-encoded with the
   current parameters at the start of each rollout so the rollout and the update agree.
