@@ -40,7 +40,7 @@ if "TraceImageMemory-v0" not in gym.registry:
 def small_args(**kw) -> Args:
     base = dict(num_envs=3, num_steps=16, num_minibatches=2, update_epochs=2, learning_rate=2.5e-4,
                 clip_coef=0.2, ent_coef=0.001, normalize=False, norm_adv=False, memory_slots=4,
-                hidden_size=16, num_heads=2)
+                hidden_size=16, num_heads=2, aux_recon_coef=0.0)
     base.update(kw)
     return Args(**base)
 
@@ -224,8 +224,8 @@ def test_read_scale_does_not_grow_with_the_values():
     assert read.norm(dim=-1).max() <= math.sqrt(d) + 1e-3 < raw.norm(dim=-1).min()
 
 
-def test_retention_votes_are_scaled_by_the_running_mean_of_abs_advantage():
-    """A rollout without a decision (|A| ~ 0) must not get the weight of one with decisions."""
+def test_retention_votes_are_scaled_by_the_running_mean_of_abs_td_error():
+    """A rollout without a decision (|TD error| ~ 0) must not get the weight of one with decisions."""
     agent = Agent(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), small_args())
     first = agent.retention_vote_scale(torch.tensor([2.0, -4.0]))
     assert first.item() == pytest.approx(3.0)  # bias-corrected: the first update's own mean
@@ -237,7 +237,7 @@ def test_retention_votes_are_scaled_by_the_running_mean_of_abs_advantage():
     assert scale.item() == pytest.approx(3.0 * (1 - 0.01 / (1 - 0.99 ** 52)) + 1e-3 * 0.01 / (1 - 0.99 ** 52),
                                          rel=1e-4)
     assert (quiet.abs() / scale).max() < 1e-3  # a per-rollout mean would have given these weight 1
-    state = agent.state_dict()["abs_adv_ema"]  # checkpointed with the agent
+    state = agent.state_dict()["abs_td_ema"]  # checkpointed with the agent
     assert state[1] > 0
 
 
@@ -596,3 +596,18 @@ def test_tagged_keys_and_values_equal_projecting_the_tagged_entry():
     tagged = mem + agent.tag_proj(tags)
     assert torch.allclose(k, agent.k_proj(tagged), atol=1e-5) and torch.allclose(v, agent.v_proj(tagged), atol=1e-5)
     assert not torch.allclose(k, agent.k_proj(mem), atol=1e-3)  # the tag does change the key
+
+
+def test_hindsight_td_target_is_the_reward_of_the_action_that_earned_it():
+    """The retention judges' target (compute_gae with lambda 0, plus V) is r_t + gamma V(s_t+1),
+    cut at episode ends: the steps before a rewarded decision do not carry its reward."""
+    gamma = 0.9
+    rewards = torch.tensor([[0.0], [0.0], [1.0], [0.0]])
+    values = torch.tensor([[0.1], [0.2], [0.3], [0.4]])
+    dones = torch.tensor([[0.0], [0.0], [1.0], [0.0]])
+    last = torch.tensor([0.5])
+    td = trace_ppo.compute_gae(rewards, values, dones, last, gamma, 0.0)
+    expected = torch.tensor([[0.9 * 0.2], [0.9 * 0.3], [1.0], [0.9 * 0.5]])
+    assert torch.allclose(td + values, expected)
+    lam_return = trace_ppo.compute_gae(rewards, values, dones, last, gamma, 0.95) + values
+    assert lam_return[0, 0] > 0.5  # the lambda-return of step 0 does carry the reward of step 2
