@@ -55,11 +55,12 @@ Learned retention: objective and why it works
   not depend on what was kept: a cue that survives in a few episodes shows at once that it
   predicts the reward. Because the target covers evicted entries too, an entry the scorer
   currently drops still gets credit whenever it is visible.
-  Measured (README, 2,000 episodes per delay, 16 slots): delays 16-256 solved on 9 of 9 seeds
-  (the attention target lost delay 256 seed 3); delay 1024 on 2 of 5 seeds, a third at 0.895 (the
-  attention target: 1 of 5). Known weakness: once a task is solved every entry predicts the
-  return equally well, the votes become noise and can undo what retention learned
-  (RecallAcrossEpisodes with persistent slots, seed 1: solved, then fell to 0.655).
+  Measured (README, 2,000 episodes per delay, 16 slots, defaults): delays 16 and 64 solved on 3 of
+  3 seeds, delay 256 on 2 of 3 (seed 3: 0.985), delay 1024 on 4 of 5 (the lambda-return target
+  with |advantage| votes: 1-2 of 5; the attention target: 1 of 5). Known weaknesses: once a task
+  is solved every entry predicts the TD target equally well, so the votes become noise and can
+  undo what retention learned; and a cue that is kept but never read can still be dropped
+  (delay 1024 seed 4: kept at 99% of the decisions for a tenth of training, then at 29-57%).
 
   The bootstrapping problem (an entry that never survives is never read, so the query never learns to
   look for it) is attacked from two sides.
@@ -123,8 +124,10 @@ PPO when one action in a thousand matters (defaults of this script, see PRESETS)
     query). It is dense (every step, not one decision per episode) and never sees the task's
     answer; it trains the read to carry what the slots hold, by their time, before the policy's
     rare decision gradient can. Measured with the same math at 449160a (README): RecallAcrossEpisodes
-    with persistent slots 3 of 3 seeds instead of 1 of 3, delay 256 seed 3 0.985 instead of 0.42.
-    Off for images and continuous control, where it was not measured.
+    with persistent slots 3 of 3 seeds instead of 1 of 3, delay 256 seed 3 0.985 instead of 0.42;
+    with the one-step retention target, delay 1024 seed 2 kept the cue in memory either way but
+    read it only with this loss (0.425 without, 1.0 with). Off for images and continuous control,
+    where it was not measured.
 """
 
 from __future__ import annotations
