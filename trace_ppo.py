@@ -56,7 +56,7 @@ Learned retention: objective and why it works
   predicts the reward. Because the target covers evicted entries too, an entry the scorer
   currently drops still gets credit whenever it is visible.
   Measured (README, 2,000 episodes per delay, 16 slots, defaults): delays 16 and 64 solved on 3 of
-  3 seeds, delay 256 on 2 of 3 (seed 3: 0.985), delay 1024 on 4 of 5 (the lambda-return target
+  3 seeds, delay 256 on 4 of 5 (seed 3: 0.985), delay 1024 on 7 of 9 (the lambda-return target
   with |advantage| votes: 1-2 of 5; the attention target: 1 of 5). Known weaknesses: once a task
   is solved every entry predicts the TD target equally well, so the votes become noise and can
   undo what retention learned; and a cue that is kept but never read can still be dropped
