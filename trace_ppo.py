@@ -40,8 +40,8 @@ Learned retention: objective and why it works
   Why the one-step target and not the lambda-return (and |delta|, not |advantage|): before the
   policy uses the cue, the lambda-return of the ~50 steps before a decision carries the reward of
   an action not yet taken, which no entry can predict, and their |advantage| (gamma lambda)^k
-  outweighed the decision's own vote ~16:1; their unexplainable errors dominated the entry
-  critic's loss (measured at delay 1024 with the lambda-return: the loss stayed at ~0.057 on the
+  sums to ~17 times the decision's own vote (1 / (1 - 0.99 * 0.95), computed for a policy at
+  chance, not measured); their unexplainable errors dominated the entry critic's loss (measured at delay 1024 with the lambda-return: the loss stayed at ~0.057 on the
   failing seeds, the share of those pre-decision steps). The one-step target puts the reward on
   the action that earned it, and everything later enters only through V.
   So r becomes a query-independent log-prior of "how much does this entry tell about the outcome of
@@ -66,8 +66,8 @@ Learned retention: objective and why it works
   look for it) is attacked from two sides.
 
   1. A HINDSIGHT CRITIC (--hindsight-critic-coef): an auxiliary head predicts the one-step TD
-     target of (current input, action) from the read the query would get over ALL entries it could look back
-     at (the same visible set as above). Only the reward the agent received is used -- no answer,
+     target of (current input, action) from the read the query would get over ALL entries it could
+     look back at (the same visible set as above). Only the reward the agent received is used -- no answer,
      no env-side cue flag. Its gradient trains the shared query/key/value networks to find the
      entries that decide the reward whether or not retention kept them, so the policy's read
      looks for the cue before the policy has ever relied on it. (Measured with the earlier
@@ -754,6 +754,16 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     return advantages
 
 
+def hindsight_targets(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
+                      last_value: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the hindsight judges (entry critic, hindsight critic) explain and how retention votes are
+    weighted: the one-step TD target r_t + gamma V(s_t+1) of each action (cut at episode ends) and its
+    TD error, flattened over (T, N). Extrinsic rewards only: retention keeps what explains the task's
+    reward, also under --rnd. See "Learned retention" above for why not the lambda-return."""
+    td_error = compute_gae(rewards, values, dones, last_value, gamma, 0.0)
+    return (td_error + values).reshape(-1), td_error.reshape(-1)
+
+
 # ---------------------------------------------------------------------------------------
 # Acting: one step of N envs (read, act) and the write that follows it
 # ---------------------------------------------------------------------------------------
@@ -1354,11 +1364,7 @@ def main(args: Args) -> None:
             (*_, last_value, last_value_int, _), _, _, _ = actor.act(next_obs)
         advantages = compute_gae(rewards, values, dones, last_value, args.gamma, args.gae_lambda)
         returns = advantages + values
-        # The hindsight judges (entry critic, hindsight critic) explain the one-step TD target
-        # r_t + gamma V(s_t+1) of each action, and the retention votes are cast by |TD error|: see
-        # "Learned retention" above for why not the lambda-return and |advantage|.
-        td_error = compute_gae(rewards, values, dones, last_value, args.gamma, 0.0)
-        b_td_target, b_td_error = (td_error + values).reshape(-1), td_error.reshape(-1)
+        b_td_target, b_td_error = hindsight_targets(rewards, values, dones, last_value, args.gamma)
         if rnd is not None:
             r_int = rewards_int / torch.sqrt(int_ret_rms.var.float() + 1e-8)
             adv_int = compute_gae(r_int, values_int, torch.zeros_like(dones), last_value_int,

@@ -431,6 +431,7 @@ def test_cue_in_memory_logging_reads_the_recorded_slots(tmp_path, monkeypatch):
     crossing rollout boundaries so some cues are carried-in entries) and 0 when FIFO must drop the cue."""
     _, tb, _ = run_main(tmp_path, monkeypatch, env_kwargs=("delay=7",), memory_slots=8)
     assert [v for _, v in tb["memory/cue_in_memory_at_decision"]] == [1.0] * 4
+    assert "losses/aux_recon_loss" in tb  # the vector preset turns the self-supervised read on
     (tmp_path / "fifo").mkdir()
     _, tb, _ = run_main(tmp_path / "fifo", monkeypatch, env_kwargs=("delay=12",), memory_slots=4, retention="fifo")
     assert [v for _, v in tb["memory/cue_in_memory_at_decision"]] == [0.0] * 4
@@ -485,6 +486,7 @@ def test_main_box_actions_fifo(tmp_path, monkeypatch):
     result, tb, _ = run_main(tmp_path, monkeypatch, env_id="Pendulum-v1", retention="fifo", num_steps=64,
                              num_minibatches=4, update_epochs=2, total_timesteps=128, eval_episodes=1)
     assert max(v for _, v in tb["debug/replay_max_error"]) < 1e-5
+    assert "losses/aux_recon_loss" not in tb  # off in the continuous preset
     assert np.isfinite(result["mean_return"])
 
 
@@ -599,15 +601,16 @@ def test_tagged_keys_and_values_equal_projecting_the_tagged_entry():
 
 
 def test_hindsight_td_target_is_the_reward_of_the_action_that_earned_it():
-    """The retention judges' target (compute_gae with lambda 0, plus V) is r_t + gamma V(s_t+1),
+    """The retention judges' target is the one-step r_t + gamma V(s_t+1),
     cut at episode ends: the steps before a rewarded decision do not carry its reward."""
     gamma = 0.9
     rewards = torch.tensor([[0.0], [0.0], [1.0], [0.0]])
     values = torch.tensor([[0.1], [0.2], [0.3], [0.4]])
     dones = torch.tensor([[0.0], [0.0], [1.0], [0.0]])
     last = torch.tensor([0.5])
-    td = trace_ppo.compute_gae(rewards, values, dones, last, gamma, 0.0)
-    expected = torch.tensor([[0.9 * 0.2], [0.9 * 0.3], [1.0], [0.9 * 0.5]])
-    assert torch.allclose(td + values, expected)
+    target, error = trace_ppo.hindsight_targets(rewards, values, dones, last, gamma)
+    expected = torch.tensor([0.9 * 0.2, 0.9 * 0.3, 1.0, 0.9 * 0.5])
+    assert torch.allclose(target, expected)
+    assert torch.allclose(error, expected - values.reshape(-1))
     lam_return = trace_ppo.compute_gae(rewards, values, dones, last, gamma, 0.95) + values
     assert lam_return[0, 0] > 0.5  # the lambda-return of step 0 does carry the reward of step 2
