@@ -311,6 +311,11 @@ def _scalars(run_dir):
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def _saved_args(run_dir):
+    """The arguments the run resolved (presets filled in), as its checkpoint saved them."""
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["args"]
+
+
 def test_smoke_vector_task_memory_acts(run):
     # MemoryTask delay 2: random play wins and loses at once, so both buffers fill and the memory acts.
     run_dir = run(env_id="MemoryTask-v0", env_kwargs=("delay=2",), total_timesteps=1024, num_steps=32,
@@ -332,6 +337,7 @@ def test_smoke_image_task(run):
     run_dir = run(env_id="DarkChamber-v0", env_kwargs=("size=4",), total_timesteps=128, num_envs=2, num_steps=32,
                   num_minibatches=2, update_epochs=2, success_rule="positive")
     assert "intrinsic/fine" in _scalars(run_dir)
+    assert _saved_args(run_dir)["kappa"] == 0.5  # discrete actions: the balanced classifier's boundary
 
 
 def test_smoke_ppo_rnd_baseline(run):
@@ -345,6 +351,7 @@ def test_smoke_atari(run):
     run_dir = run(env_id="ALE/Pong-v5", total_timesteps=64, num_envs=2, num_steps=32, num_minibatches=2,
                   update_epochs=1, buffer_size=100, eval_episodes=0)
     assert (run_dir / "eval.json").exists()
+    assert _saved_args(run_dir)["kappa"] == 0.5
 
 
 def test_montezuma_logs_rooms_entered(run):
@@ -376,6 +383,7 @@ def test_smoke_mujoco(run):
     run_dir = run(env_id="HalfCheetah-v5", env_kwargs=("max_episode_steps=50",), total_timesteps=128, num_steps=64,
                   num_minibatches=2, update_epochs=1, eval_episodes=1)
     assert json.loads((run_dir / "eval.json").read_text())["mean_return"] is not None
+    assert _saved_args(run_dir)["kappa"] == 0.8  # continuous actions keep a margin
 
 
 def test_without_memory_and_intrinsic_reward_it_is_ppo_baseline(run, tmp_path):
