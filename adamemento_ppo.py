@@ -24,9 +24,10 @@ follows line for line wherever it can):
    samples (exploration, driven by the intrinsic reward). The reflection network trains on
    batches drawn half from each buffer, so its output is the posterior of "success" under
    equal priors, and 0.5 is the Bayes boundary: above it a (state, action) pair is more
-   typical of successful than of failed trajectories. That is the discrete-action default
-   (on Four Rooms, 0.8 made the memory act on under 15% of steps for the first 12k steps
-   although its path already succeeded; see README). For continuous actions the memory's
+   typical of successful than of failed trajectories. That is the discrete-action default.
+   Measured on Four Rooms (README, 3 seeds): with 0.8 the memory acted on 1-14% of the steps
+   of the first 12k, with 0.5 on 15-52%, and 90% training success came after 8.3k steps
+   instead of 21.7k (PPO+RND: 28.0k). For continuous actions the memory's
    proposal is a regressed mean that no buffer holds, so its confidence is an extrapolation
    and the default keeps a margin (0.8).
 
