@@ -128,6 +128,26 @@ PPO when one action in a thousand matters (defaults of this script, see PRESETS)
     with the one-step retention target, delay 1024 seed 2 kept the cue in memory either way but
     read it only with this loss (0.425 without, 1.0 with). Off for images and continuous control,
     where it was not measured.
+
+Exploration floor (--explore-visits m, off by default)
+  Passive T-Maze (Ni et al. 2023) needs a policy that is deterministic over a 1500-step corridor (one
+  step that is not forward is penalised for the rest of the episode) and that still tries both
+  turns at the junction, an input it meets only once it walks the corridor on time. By then the
+  softmax has extrapolated "forward" to the junction (p = 0.9997 measured at length 1500), and a
+  softmax policy gradient cannot revive an action it has ruled out: every term of it is
+  proportional to that action's probability (Mei et al. 2020, "Escaping the gravitational pull of
+  softmax"). The entropy bonus has the same factor, and a bonus large enough to matter keeps the
+  corridor from being learned at all (measured at length 1500: entropy 1.37 after 950k steps with
+  the default 1e-3, corridor walked after ~500k steps with 0).
+  So the behaviour policy mixes in a uniform action with probability min(1, m / N(obs)), N being
+  the observation's visit count (SimHash pseudo-counts, Tang et al. 2017): an observation's first m
+  visits act uniformly, as in R-max (Brafman and Tennenholtz 2002) a state is explored until it has
+  been visited m times, and a familiar one (a corridor seen millions of times) hardly at all.
+  PPO trains the softmax on these samples with the softmax's own probabilities in the ratio,
+  deliberately without the importance weight pi/mu: weighting a floor sample by pi/mu is again the
+  softmax's probability of it, and measured with the mixture as the trained policy (length 1500,
+  seed 1) the junction was turned on floor samples alone (training success 0.0-0.14 for 1.3M
+  steps) and never learned. The ratio clip still bounds each update.
 """
 
 from __future__ import annotations
@@ -266,6 +286,11 @@ class Args:
     """discount of the (non-episodic) intrinsic return"""
     rnd_update_proportion: float = 0.25
     """fraction of each minibatch the RND predictor is trained on"""
+
+    # Count-based exploration floor (see "Exploration floor" in the module docstring)
+    explore_visits: float = 0.0
+    """m: in an observation seen N times (SimHash count), act uniformly at random with probability min(1, m/N),
+    so novel observations are explored even where the policy has become deterministic (0 = off; discrete actions)"""
 
 
 PRESETS = {
@@ -545,9 +570,13 @@ class Agent(nn.Module):
         return (self.abs_td_ema[0] / self.abs_td_ema[1]).clamp(min=1e-8)
 
     # --- policy -------------------------------------------------------------------------------
-    def heads(self, e, read, action=None, greedy: bool = False):
+    def heads(self, e, read, action=None, greedy: bool = False, floor: Optional[torch.Tensor] = None):
         """Policy and value heads on [e, read]. Given ``action`` (the update): its log-probability and
-        the entropy. Without (acting): a sampled action (the mode if ``greedy``), no entropy."""
+        the entropy. Without (acting): a sampled action (the mode if ``greedy``), no entropy.
+
+        ``floor`` (acting, discrete actions, one value per row): the action is sampled from the mixture
+        (1 - floor) softmax(logits) + floor / |A| (the exploration floor), but the log-probability returned
+        is the softmax's own, the policy PPO trains (see "Exploration floor" in the module docstring)."""
         z = torch.cat([e, read], -1)
         out = self.actor(z)
         value = self.critic(z).squeeze(-1)
@@ -560,7 +589,13 @@ class Agent(nn.Module):
             return action, dist.log_prob(action).sum(1), dist.entropy().sum(1), value, value_int, out
         dist = Categorical(logits=out, validate_args=False)
         if action is None:
-            action = out.argmax(1) if greedy else dist.sample()
+            if greedy:
+                action = out.argmax(1)
+            elif floor is None:
+                action = dist.sample()
+            else:
+                probs = (1.0 - floor).unsqueeze(-1) * dist.probs + floor.unsqueeze(-1) / self.n_act
+                action = Categorical(probs=probs, validate_args=False).sample()
             return action, dist.log_prob(action), None, value, value_int, out
         return action, dist.log_prob(action), dist.entropy(), value, value_int, out
 
@@ -683,8 +718,27 @@ class Memory:
 
 
 # ---------------------------------------------------------------------------------------
-# RND (Burda et al. 2018, "Exploration by Random Network Distillation")
+# Exploration: visit counts for the exploration floor, RND
 # ---------------------------------------------------------------------------------------
+class VisitCounter:
+    """Pseudo-counts of observations by SimHash (Tang et al. 2017, "#Exploration"): an observation is
+    hashed to the signs of ``bits`` fixed random projections of its raw values, and N counts the visits
+    of its hash bucket (similar observations share a bucket, so continuous observations are counted too)."""
+
+    def __init__(self, obs_dim: int, seed: int, device, bits: int = 16):
+        gen = torch.Generator().manual_seed(seed)
+        self.proj = torch.randn((bits, obs_dim), generator=gen).to(device)
+        self.powers = 2 ** torch.arange(bits, device=device)
+        self.counts = torch.zeros(2 ** bits, device=device)
+
+    def visit(self, obs: torch.Tensor) -> torch.Tensor:
+        """Count one visit of each row of ``obs`` and return each row's count, this visit included."""
+        code = ((obs.float().flatten(1) @ self.proj.T >= 0).long() * self.powers).sum(1)
+        self.counts.index_add_(0, code, torch.ones_like(code, dtype=self.counts.dtype))
+        return self.counts[code]
+
+
+# RND (Burda et al. 2018, "Exploration by Random Network Distillation")
 class RND(nn.Module):
     """Fixed random target net and trained predictor on normalised, clipped observations."""
 
@@ -821,9 +875,9 @@ class Actor:
         mem.src = torch.where(occ, slots, torch.full_like(mem.src, -1))
         return dict(obs=mem.obs.clone(), pact=mem.pact.clone(), prew=mem.prew.clone(), tau=mem.tau.clone())
 
-    def act(self, obs: torch.Tensor, greedy: bool = False):
-        """Read memory and act for all envs. Returns the policy outputs, the read's weights and the
-        embedding of this step (written by ``write`` after the env step)."""
+    def act(self, obs: torch.Tensor, greedy: bool = False, floor: Optional[torch.Tensor] = None):
+        """Read memory and act for all envs (``floor``: see ``Agent.heads``). Returns the policy outputs,
+        the read's weights and the embedding of this step (written by ``write`` after the env step)."""
         e = self.agent.embed(obs, self.pact, self.prew, self.tau)
         mem = self.mem
         k, v = mem.key, mem.val
@@ -831,7 +885,7 @@ class Actor:
             tags = mem.tags()
             k, v = k + self.agent.tag_key(tags), v + self.agent.tag_value(tags)
         read, w = self.agent.attend(e, k, v, mem.occupied)
-        out = self.agent.heads(e, read, greedy=greedy)
+        out = self.agent.heads(e, read, greedy=greedy, floor=floor)
         return out, w, e, read
 
     def write(self, e, obs, pool_index: int, deterministic: bool = False) -> None:
@@ -1157,6 +1211,8 @@ def main(args: Args) -> None:
     probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
     check_spaces(probe, (spaces.Discrete, spaces.Box))
     kind = env_kind(args.env_id, probe)
+    if args.explore_visits > 0 and not isinstance(probe.action_space, spaces.Discrete):
+        raise UserError(f"--explore-visits needs discrete actions; {args.env_id} has {probe.action_space}")
     probe.close()
     for key, value in PRESETS[kind].items():
         if getattr(args, key) is None:
@@ -1166,7 +1222,7 @@ def main(args: Args) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("persistent_slots", "eval_episodes", "retention_coef", "retention_noise", "aux_recon_coef",
-                 "hindsight_critic_coef", "heatmap_interval"):
+                 "hindsight_critic_coef", "heatmap_interval", "explore_visits"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.usefulness_temperature > 0:
@@ -1209,6 +1265,7 @@ def main(args: Args) -> None:
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     agent = Agent(obs_space, act_space, args).to(device)
     rnd = RND(obs_space).to(device) if args.rnd else None
+    counter = VisitCounter(int(np.prod(obs_space.shape)), args.seed, device) if args.explore_visits > 0 else None
     params = list(agent.parameters()) + (list(rnd.predictor.parameters()) if rnd else [])
     # fused: one kernel for all parameters (same update rule, ~2x faster step on CPU with many small tensors)
     optimizer = optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
@@ -1225,6 +1282,8 @@ def main(args: Args) -> None:
         optimizer.load_state_dict(resume_state["optimizer"])
         if rnd is not None:
             rnd.load_state_dict(resume_state["rnd"])
+        if counter is not None and resume_state.get("visit_counts") is not None:
+            counter.counts.copy_(resume_state["visit_counts"])
         if reward_scaler is not None:
             reward_scaler.rms.load_state_dict(resume_state["reward_rms"])
         start_iteration = resume_state["iteration"] + 1
@@ -1250,6 +1309,7 @@ def main(args: Args) -> None:
     slot_src = torch.zeros((T, N, S), dtype=torch.long, device=device)
     slot_tag = torch.zeros((T, N, S, TAG_DIM), device=device)
     attn = torch.zeros((T, N, S), device=device)
+    floors = torch.zeros((T, N), device=device)
     if rnd is not None:
         rewards_int, values_int = torch.zeros((T, N), device=device), torch.zeros((T, N), device=device)
         next_obs_buf = torch.zeros((T, N) + obs_space.shape, dtype=obs_dtype, device=device)
@@ -1259,6 +1319,7 @@ def main(args: Args) -> None:
         save_atomic(dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
                          global_step=global_step, wall_time_s=wall, args=asdict(args),
                          rnd=rnd.state_dict() if rnd else None,
+                         visit_counts=counter.counts if counter else None,
                          reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
                          rng=dict(python=random.getstate(), numpy=np.random.get_state(),
                                   torch=torch.get_rng_state())), ckpt_path)
@@ -1293,8 +1354,12 @@ def main(args: Args) -> None:
             slot_src[step] = actor.mem.src
             if actor.mem.k > 0:  # episodic slots carry a zero tag (the buffer's initial value)
                 slot_tag[step] = actor.mem.tags()
+            floor = None
+            if counter is not None:
+                # Exploration floor: an observation's first m visits act uniformly, later ones with chance m/N.
+                floor = floors[step] = (args.explore_visits / counter.visit(next_obs)).clamp(max=1.0)
             with torch.no_grad():
-                (action, logprob, _, value, value_int, _), w, e, _ = actor.act(next_obs)
+                (action, logprob, _, value, value_int, _), w, e, _ = actor.act(next_obs, floor=floor)
             attn[step] = w.mean(1)
             values[step], actions[step], logprobs[step] = value, action, logprob
             if rnd is not None:
@@ -1516,6 +1581,9 @@ def main(args: Args) -> None:
         if rnd is not None:
             writer.add_scalar("intrinsic/reward_mean", rewards_int.mean().item(), global_step)
             writer.add_scalar("intrinsic/return_std", float(int_ret_rms.var.sqrt()), global_step)
+        if counter is not None:
+            writer.add_scalar("intrinsic/explore_floor_mean", floors.mean().item(), global_step)
+            writer.add_scalar("intrinsic/explore_floor_max", floors.max().item(), global_step)
         if args.heatmap_interval and iteration % args.heatmap_interval == 0:
             heat = torch.zeros((T, S + T), device=device)
             heat.scatter_add_(1, slot_src[:, 0].clamp(min=0), attn[:, 0] * (slot_src[:, 0] >= 0).float())

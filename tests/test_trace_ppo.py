@@ -490,6 +490,47 @@ def test_main_box_actions_fifo(tmp_path, monkeypatch):
     assert np.isfinite(result["mean_return"])
 
 
+def test_visit_counter_counts_each_hash_bucket():
+    counter = trace_ppo.VisitCounter(2, seed=0, device=torch.device("cpu"))
+    corridor, junction = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])
+    # Rows of one batch are all counted; each row gets its bucket's count including itself.
+    assert counter.visit(torch.stack([corridor, corridor, junction])).tolist() == [2.0, 2.0, 1.0]
+    assert counter.visit(torch.stack([corridor, junction])).tolist() == [3.0, 2.0]
+    assert counter.counts.sum().item() == 5.0
+
+
+def test_exploration_floor_samples_the_mixture_and_returns_the_softmax_log_prob():
+    args = small_args()
+    _, agent, _ = make_actor(args, env_kwargs={"delay": 5})
+    n = 20000
+    e, read = torch.randn(1, 16).expand(n, 16), torch.randn(1, 16).expand(n, 16)
+    floor = torch.full((n,), 0.3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        agent.actor[-1].bias.copy_(torch.tensor([8.0, -8.0]))  # a nearly deterministic policy
+        action, logp, _, _, _, logits = agent.heads(e, read, floor=floor)
+        greedy, *_ = agent.heads(e, read, greedy=True, floor=floor)
+        _, logp_update, *_ = agent.heads(e, read, action)
+    p = torch.softmax(logits[0], -1)
+    mix = 0.7 * p + 0.3 / 2
+    assert (action == 1).float().mean().item() == pytest.approx(mix[1].item(), abs=0.01)  # ~0.15, not ~1e-7
+    # PPO trains the softmax: the rollout stores its log-probability, which the update reproduces.
+    assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(1, action[:, None]).squeeze(1), atol=1e-6)
+    assert torch.equal(logp, logp_update)
+    assert torch.equal(greedy, logits.argmax(1))  # the greedy action ignores the floor
+
+
+def test_main_exploration_floor_replays_exactly_and_logs(tmp_path, monkeypatch):
+    result, tb, run_dir = run_main(tmp_path, monkeypatch, env_id="PassiveTMaze-v0", env_kwargs=("length=5",),
+                                   explore_visits=20.0)
+    assert max(v for _, v in tb["debug/replay_max_error"]) < 1e-5
+    floor_mean = [v for _, v in tb["intrinsic/explore_floor_mean"]]
+    assert floor_mean[0] > floor_mean[-1] > 0  # observations become familiar
+    assert [v for _, v in tb["intrinsic/explore_floor_max"]][0] == 1.0  # first visits act uniformly
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["visit_counts"].sum() == 256
+    assert result["success_rate"] is not None
+
+
 def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(memory_envs.UserError, match="memory-slots"):
@@ -498,6 +539,10 @@ def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch):
         trace_ppo.main(Args(env_kwargs=("delay=0",), run_name="bad"))
     with pytest.raises(memory_envs.UserError, match="usefulness-temperature"):
         trace_ppo.main(Args(usefulness_temperature=0.0, run_name="bad"))
+    with pytest.raises(memory_envs.UserError, match="explore-visits needs discrete actions"):
+        trace_ppo.main(Args(env_id="Pendulum-v1", explore_visits=10.0, run_name="bad"))
+    with pytest.raises(memory_envs.UserError, match="explore-visits must be >= 0"):
+        trace_ppo.main(Args(explore_visits=-1.0, run_name="bad"))
 
 
 # ---------------------------------------------------------------------------------------
