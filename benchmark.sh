@@ -49,7 +49,7 @@ trace-learned              | trace_ppo.py              | --retention learned
 trace-fifo                 | trace_ppo.py              | --retention fifo
 trace-persist              | trace_ppo.py              | --retention learned --persistent-slots 4
 # trace_ppo on Passive T-Maze (issue 5 item 3): normalisation, no entropy bonus, the exploration floor
-trace-explore              | trace_ppo.py              | --retention learned --normalize True --ent-coef 0 --explore-visits 100
+trace-explore              | trace_ppo.py              | --retention learned --normalize True --ent-coef 0 --explore-visits 20
 # AdaMemento on sparse-reward tasks (success = return > 0, issue 3), and its ablations:
 adamemento                 | adamemento_ppo.py         | --success-rule positive
 ppo-rnd                    | adamemento_ppo.py         | --success-rule positive --intrinsic rnd --no-reflection

@@ -148,6 +148,10 @@ Exploration floor (--explore-visits m, off by default)
   softmax's probability of it, and measured with the mixture as the trained policy (length 1500,
   seed 1) the junction was turned on floor samples alone (training success 0.0-0.14 for 1.3M
   steps) and never learned. The ratio clip still bounds each update.
+  m should be small: every observation seen once per episode is novel for m episodes, and on
+  T-Maze that includes the cue step, where a random first action puts the whole episode behind.
+  Measured (README, length 1500, 3M steps, with --normalize True --ent-coef 0): m = 20 solved 2 of
+  3 seeds (eval 0.48 / 1.0 / 1.0), m = 100 1 of 3 (0.48 / 1.0 / 0.0, seed 3 never walked the corridor).
 """
 
 from __future__ import annotations
