@@ -137,8 +137,8 @@ Exploration floor (--explore-visits m, off by default)
   softmax policy gradient cannot revive an action it has ruled out: every term of it is
   proportional to that action's probability (Mei et al. 2020, "Escaping the gravitational pull of
   softmax"). The entropy bonus has the same factor, and a bonus large enough to matter keeps the
-  corridor from being learned at all (measured at length 1500: entropy 1.37 after 950k steps with
-  the default 1e-3, corridor walked after ~500k steps with 0).
+  corridor from being learned at all (measured at length 1500 with --normalize True: entropy 1.37
+  after 950k steps with the default 1e-3, corridor walked after ~550k steps with 0).
   So the behaviour policy mixes in a uniform action with probability min(1, m / N(obs)), N being
   the observation's visit count (SimHash pseudo-counts, Tang et al. 2017): an observation's first m
   visits act uniformly, as in R-max (Brafman and Tennenholtz 2002) a state is explored until it has
@@ -146,8 +146,10 @@ Exploration floor (--explore-visits m, off by default)
   PPO trains the softmax on these samples with the softmax's own probabilities in the ratio,
   deliberately without the importance weight pi/mu: weighting a floor sample by pi/mu is again the
   softmax's probability of it, and measured with the mixture as the trained policy (length 1500,
-  seed 1) the junction was turned on floor samples alone (training success 0.0-0.14 for 1.3M
-  steps) and never learned. The ratio clip still bounds each update.
+  seed 1) the junction was turned on floor samples alone (training success 0.0-0.14 from 0.7M to
+  2.2M steps) and never learned. The price is a biased gradient where the floor is large (floor
+  samples count as if the softmax had chosen them); it fades as m / N does, and the ratio clip
+  still bounds each update.
   m should be small: every observation seen once per episode is novel for m episodes, and on
   T-Maze that includes the cue step, where a random first action puts the whole episode behind.
   Measured (README, length 1500, 3M steps, with --normalize True --ent-coef 0): m = 20 solved 2 of
