@@ -610,6 +610,19 @@ def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 4
 
 
+def test_resume_restores_the_visit_counts_of_the_exploration_floor(tmp_path, monkeypatch):
+    run_main(tmp_path, monkeypatch, env_id="PassiveTMaze-v0", env_kwargs=("length=5",), explore_visits=20.0,
+             eval_episodes=2)
+    path = tmp_path / "runs" / "t" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["iteration"], ckpt["global_step"] = 2, 128  # as if killed after the second update
+    ckpt["visit_counts"] = ckpt["visit_counts"] * 0.5  # 128 counted visits instead of 256
+    torch.save(ckpt, path)
+    trace_ppo.main(Args(resume="t"))
+    # Two more updates add 128 visits to the restored 128 (a fresh counter would hold only 128).
+    assert torch.load(path, weights_only=False)["visit_counts"].sum().item() == 256
+
+
 def test_resume_of_a_checkpoint_from_another_network_is_a_one_line_error(tmp_path, monkeypatch):
     _, _, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=5",), eval_episodes=2)
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
