@@ -58,9 +58,14 @@ Learned retention: objective and why it works
   Measured (README, 2,000 episodes per delay, 16 slots, defaults): delays 16 and 64 solved on 3 of
   3 seeds, delay 256 on 4 of 5 (seed 3: 0.985), delay 1024 on 7 of 9 (the lambda-return target
   with |advantage| votes: 1-2 of 5; the attention target: 1 of 5). Known weaknesses: once a task
-  is solved every entry predicts the TD target equally well, so the votes become noise and can
-  undo what retention learned; and a cue that is kept but never read can still be dropped
-  (delay 1024 seed 4: kept at 99% of the decisions for a tenth of training, then at 29-57%).
+  is solved every entry predicts the TD target about equally well, u_q becomes nearly uniform, and
+  the cross-entropy lowers the kept cue's score towards those of the entries visible with it
+  (measured on PassiveTMaze length 1500, seed 1: the -1 cue ended 0.002-0.004 below the last
+  corridor steps and was evicted before the junction). That same pull clears the noise votes while
+  the cue is still being found: gating votes by how much the best entry beats the average one, and
+  a loss without the pull, were tried and not kept (results log, "Why retention forgets a solved
+  cue"). And a cue that is kept but never read can still be dropped (delay 1024 seed 4: kept at
+  99% of the decisions for a tenth of training, then at 29-57%).
 
   The bootstrapping problem (an entry that never survives is never read, so the query never learns to
   look for it) is attacked from two sides.
