@@ -50,6 +50,9 @@ trace-fifo                 | trace_ppo.py              | --retention fifo
 trace-persist              | trace_ppo.py              | --retention learned --persistent-slots 4
 # trace_ppo on Passive T-Maze (issue 5 item 3): normalisation, no entropy bonus, the exploration floor
 trace-explore              | trace_ppo.py              | --retention learned --normalize True --ent-coef 0 --explore-visits 20
+# the baselines with the normalisation and entropy flags of trace-explore (they have no exploration floor)
+ppo-norm                   | ppo_baseline.py           | --normalize True --ent-coef 0
+lstm-ppo-norm              | recurrent_ppo_baseline.py | --normalize True --ent-coef 0
 # AdaMemento on sparse-reward tasks (success = return > 0, issue 3), and its ablations:
 adamemento                 | adamemento_ppo.py         | --success-rule positive
 ppo-rnd                    | adamemento_ppo.py         | --success-rule positive --intrinsic rnd --no-reflection
@@ -75,9 +78,9 @@ memory      | MemoryTask-v0           | delay=16 difficulty=1   | 32000   | 200 
 memory      | MemoryTask-v0           | delay=64 difficulty=1   | 128000  | 200 | ppo lstm-ppo trace-learned trace-fifo
 memory      | MemoryTask-v0           | delay=256 difficulty=1  | 512000  | 200 | ppo lstm-ppo trace-learned trace-fifo
 memory      | MemoryTask-v0           | delay=1024 difficulty=1 | 2048000 | 200 | ppo lstm-ppo trace-learned trace-fifo
-memory      | PassiveTMaze-v0         | length=100           | 202000    | 200      | ppo lstm-ppo trace-learned trace-fifo trace-explore
-memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200      | ppo lstm-ppo trace-learned trace-fifo trace-explore
-memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo lstm-ppo trace-learned trace-fifo trace-explore
+memory      | PassiveTMaze-v0         | length=100           | 202000    | 200      | ppo lstm-ppo trace-learned trace-fifo trace-explore ppo-norm lstm-ppo-norm
+memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200      | ppo lstm-ppo trace-learned trace-fifo trace-explore ppo-norm lstm-ppo-norm
+memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo lstm-ppo trace-learned trace-fifo trace-explore ppo-norm lstm-ppo-norm
 memory      | RecallAcrossEpisodes-v0 |                      | 200000    | 200      | ppo lstm-ppo trace-learned trace-fifo trace-persist
 exploration | CliffWalkingFail-v0     |                      | 100000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 exploration | DarkChamber-v0          | cell_pixels=1        | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
