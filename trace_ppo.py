@@ -161,8 +161,7 @@ Exploration floor (--explore-visits m, off by default)
   Measured (README, length 1500, 3M steps, with --normalize True --ent-coef 0): m = 20 solved 2 of
   5 seeds (eval 0.48 / 1.0 / 1.0 / 0.435 / 0.55; seeds 4 and 5 kept the cue and attended to it,
   but their junction softmax had settled on one wrong move with p >= 0.9994 that the floor did
-  not undo),
-  m = 100 1 of 3 (0.48 / 1.0 / 0.0, seed 3 never walked the corridor).
+  not undo), m = 100 1 of 3 (0.48 / 1.0 / 0.0, seed 3 never walked the corridor).
 """
 
 from __future__ import annotations
