@@ -87,32 +87,37 @@ class _CellRowEnv(gym.Env):
 # MemoryTask-v0
 # ---------------------------------------------------------------------------------------
 class MemoryTaskEnv(_CellRowEnv):
-    """Delayed recall: remember the bit shown at the first step, report it ``delay`` steps later.
+    """Delayed recall: remember the bit shown once, report it at the end of the episode.
 
-    Observation ``Box(0, 1, (3,), float32)``:
-      - at reset: ``[target, distractor, 0]``
-      - after every action: ``[d1, d2, 0]``
-    ``difficulty=0``: distractors are 0. ``difficulty=1``: distractors are random bits, so the
-    cue looks exactly like every other observation and only *when* it was seen (the first
-    step of the episode) identifies it.
+    Observation ``Box(0, 1, (3,), float32)``: ``[cue bit, distractor, 1]`` at the cue step,
+    ``[d1, d2, 0]`` at every other step. ``difficulty=0``: distractors are 0. ``difficulty=1``:
+    distractors are random bits, so the cue's first channel looks like any other observation's.
+
+    ``cue_time="start"`` (default): the cue is the observation at reset (step 0) and its third
+    channel is 0 like every other's, so only *when* it was seen identifies it. ``cue_time="random"``:
+    the cue step is drawn uniformly from the first half of the episode (``0 .. delay//2 - 1``; 0 for
+    ``delay < 4``) and marked by a 1 in the third channel, so only *what* it holds identifies it.
 
     Actions ``Discrete(2)``. An episode is exactly ``delay`` actions. Only the last action is
-    rewarded: +1 if it equals the target bit, -1 otherwise (a random guess scores 0). Every
-    other reward is 0. The last step is a termination (not a truncation) and its info holds
-    ``is_success``. Every info holds ``cue_step`` = 0, the step index of the cue, which agents
-    may use for logging only.
+    rewarded: +1 if it equals the cue bit, -1 otherwise (a random guess scores 0). Every other
+    reward is 0. The last step is a termination (not a truncation) and its info holds
+    ``is_success``. Every info holds ``cue_step``, the step index of the cue, which agents may use
+    for logging only.
 
     Unlike the original, the task is seeded through ``reset(seed=...)``.
     """
 
-    def __init__(self, delay: int = 8, difficulty: int = 0, render_mode: str | None = None):
+    def __init__(self, delay: int = 8, difficulty: int = 0, cue_time: str = "start",
+                 render_mode: str | None = None):
         self.delay = _check_int("delay", delay, 1)
         self.difficulty = _check_choice("difficulty", difficulty, (0, 1))
+        self.cue_time = _check_choice("cue_time", cue_time, ("start", "random"))
         self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
         self.observation_space = spaces.Box(0.0, 1.0, (3,), np.float32)
         self.action_space = spaces.Discrete(2)
         self._target = 0
         self._t = 0
+        self._cue_step = 0
         self._obs = np.zeros(3, np.float32)
 
     def _distractors(self, n: int) -> np.ndarray:
@@ -120,24 +125,32 @@ class MemoryTaskEnv(_CellRowEnv):
             return np.zeros(n, np.float32)
         return self.np_random.integers(0, 2, size=n).astype(np.float32)
 
+    def _observe(self) -> np.ndarray:
+        if self._t == self._cue_step:
+            self._obs = np.array([self._target, self._distractors(1)[0], float(self.cue_time == "random")],
+                                 np.float32)
+        else:
+            d = self._distractors(2)
+            self._obs = np.array([d[0], d[1], 0.0], np.float32)
+        return self._obs.copy()
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self._target = int(self.np_random.integers(0, 2))
+        self._cue_step = int(self.np_random.integers(0, max(1, self.delay // 2))) if self.cue_time == "random" else 0
         self._t = 0
-        self._obs = np.array([self._target, self._distractors(1)[0], 0.0], np.float32)
-        return self._obs.copy(), {"cue_step": 0}
+        return self._observe(), {"cue_step": self._cue_step}
 
     def step(self, action):
         if not self.action_space.contains(action):
             raise ValueError(f"action must be 0 or 1, got {action!r}")
         self._t += 1
-        d = self._distractors(2)
-        self._obs = np.array([d[0], d[1], 0.0], np.float32)
-        info: dict[str, Any] = {"cue_step": 0}
+        obs = self._observe()
+        info: dict[str, Any] = {"cue_step": self._cue_step}
         reward, terminated = 0.0, False
         if self._t >= self.delay:
             reward, terminated = _judge_answer(action, self._target, info), True
-        return self._obs.copy(), reward, terminated, False, info
+        return obs, reward, terminated, False, info
 
 
 # ---------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def rollout(env: gym.Env, seed: int, n_steps: int = 60) -> list:
     return traj
 
 
-SEED_CASES = [(env_id, {}) for env_id in REGISTERED] + [("MemoryTask-v0", {"difficulty": 1})]
+SEED_CASES = [(env_id, {}) for env_id in REGISTERED] + [("MemoryTask-v0", {"difficulty": 1}),
+                                                          ("MemoryTask-v0", {"difficulty": 1, "cue_time": "random"})]
 
 
 @pytest.mark.parametrize("env_id,kwargs", SEED_CASES, ids=[f"{e}-{k}" for e, k in SEED_CASES])
@@ -194,6 +195,57 @@ def test_memory_task_optimal_and_chance():
         returns_const.append(env.step(1)[1])
     assert np.mean(returns_opt) == 1.0
     assert abs(np.mean(returns_const)) < 0.2  # a fixed answer is right half of the time
+
+
+def play_random_cue(env: MemoryTaskEnv, seed: int, actions) -> tuple[int, int]:
+    """One episode of ``cue_time="random"`` checked against its rule; returns (cue step, target)."""
+    obs, info = env.reset(seed=seed)
+    cue_step, seen = info["cue_step"], [obs]
+    assert 0 <= cue_step < max(1, env.delay // 2)
+    for t, action in enumerate(actions, start=1):
+        obs, reward, term, trunc, info = env.step(action)
+        assert info["cue_step"] == cue_step and trunc is False
+        seen.append(obs)
+        assert term == (t == env.delay) and (reward == 0.0) == (t < env.delay)
+    marks = [t for t, o in enumerate(seen) if o[2] != 0.0]
+    assert marks == [cue_step] and seen[cue_step][2] == 1.0          # marked once, at the reported step
+    target = int(seen[cue_step][0])
+    assert reward == (1.0 if actions[-1] == target else -1.0) and info["is_success"] == (actions[-1] == target)
+    if env.difficulty == 0:                                            # nothing else is non-zero
+        assert all(not o.any() for t, o in enumerate(seen) if t != cue_step)
+    return cue_step, target
+
+
+@HYP
+@given(difficulty=st.sampled_from([0, 1]), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_random_cue_property(difficulty, seed, data):
+    delay = data.draw(st.integers(1, 300), label="delay")
+    actions = data.draw(st.lists(st.integers(0, 1), min_size=delay, max_size=delay), label="actions")
+    play_random_cue(MemoryTaskEnv(delay=delay, difficulty=difficulty, cue_time="random"), seed, actions)
+
+
+def test_random_cue_covers_the_first_half_uniformly_and_is_seeded():
+    env = MemoryTaskEnv(delay=16, difficulty=1, cue_time="random")
+    steps = [play_random_cue(env, seed, [0] * 16)[0] for seed in range(800)]
+    counts = np.bincount(steps, minlength=8)
+    assert len(counts) == 8 and counts.min() > 60                     # every step of 0..7, ~100 each
+    targets = [play_random_cue(env, seed, [0] * 16)[1] for seed in range(200)]
+    assert 0.35 < np.mean(targets) < 0.65
+    again = [play_random_cue(env, seed, [0] * 16)[0] for seed in range(800)]
+    assert again == steps
+
+
+def test_random_cue_passes_check_env():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(gym.make("MemoryTask-v0", delay=9, difficulty=1, cue_time="random").unwrapped)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_start_cue_is_unchanged_by_the_cue_time_option():
+    a, b = MemoryTaskEnv(delay=7, difficulty=1), MemoryTaskEnv(delay=7, difficulty=1, cue_time="start")
+    assert rollout(a, 3, 40) == rollout(b, 3, 40)
+    assert b.reset(seed=0)[1] == {"cue_step": 0}
 
 
 def test_memory_task_rejects_invalid_actions():
@@ -375,6 +427,7 @@ INVALID = [
     ("MemoryTask-v0", "delay", None), ("MemoryTask-v0", "difficulty", 2), ("MemoryTask-v0", "difficulty", -1),
     ("MemoryTask-v0", "difficulty", True), ("MemoryTask-v0", "difficulty", "1"),
     ("MemoryTask-v0", "difficulty", 1.0), ("MemoryTask-v0", "difficulty", np.float64(0.0)),
+    ("MemoryTask-v0", "cue_time", "end"), ("MemoryTask-v0", "cue_time", 0), ("MemoryTask-v0", "cue_time", None),
     ("PassiveTMaze-v0", "length", 0), ("PassiveTMaze-v0", "length", -3), ("PassiveTMaze-v0", "length", 2.5),
     ("PassiveTMaze-v0", "length", False), ("PassiveTMaze-v0", "length", "5"),
     ("PassiveTMaze-v0", "penalty", 0.5), ("PassiveTMaze-v0", "penalty", True),
