@@ -1,48 +1,42 @@
 """Strategic Memory agent: PPO with a slot memory whose retention is learned from what entries hold.
 
-One file, CleanRL style, diffable against ppo_baseline.py. Design, ablations and measurements:
-docs/trace_ppo.md.
+One file, CleanRL style. Design, ablations and every measurement: docs/trace_ppo.md.
 
 Read, act, write
-  Every step the agent READS its memory, acts, then WRITES one entry, the embedding
-  e_t = Embed(obs_t, previous action, previous reward, tau_t) of the step (tau_t: the agent's own
-  clock, steps since its episode began). The read is multi-head attention from a query made of e_t
-  over the occupied slots, and actor and critic see [e_t, read_t]. There is no recurrent state:
-  whatever the agent remembers, it remembers through its slots.
-  There are M episodic slots, cleared when an episode starts, and optionally K persistent slots that
-  survive resets. When the M slots are full, the new entry and the M stored ones compete and the one
-  with the lowest retention score r(entry) is dropped (--retention fifo / random for the controls),
-  so acting costs O(M) per step however long the episode is.
+  Each step the agent READS its memory, acts, then WRITES one entry: the embedding of the step's
+  observation, previous action and reward and its own clock (steps since its episode began). The read
+  is multi-head attention from the current step over the occupied slots; actor and critic see
+  [step, read]. There is no recurrent state: what the agent remembers sits in its slots. M episodic
+  slots are cleared when an episode starts (K persistent slots survive resets). When the M slots are
+  full, the new entry and the stored ones compete and the lowest retention score r(entry) is dropped,
+  so acting costs O(M) per step however long the episode (--retention fifo / random: the controls).
 
-What retention is trained on, and why it works
-  r sees an entry's content only (embedding, clock, previous action and reward, persistent tag),
-  never its slot or write order. It is taught in hindsight by an ENTRY CRITIC that may look at
-  every earlier step of the episode, kept or evicted: each env keeps its current episode's raw
-  inputs (a few KB), re-encoded at every update. The critic c(step q, action a_q, entry j) predicts
-  q's one-step TD target y_q = r_q + gamma V(s_q+1) from the ONE entry j and is fit on every pair.
-  An entry that decides the outcome (the cue of a decision) predicts it with a small error, the
-  others all with about the same larger one. Each step q then votes for the entries that predict
-  it best: softmax(r) over q's entries is pulled by cross-entropy towards
+What retention is taught, and why it works
+  r sees an entry's content only, never its slot or write order. It is taught in hindsight: every
+  env keeps the raw steps of its running episode (a few KB), so at each update an ENTRY CRITIC can
+  look back at every earlier step, kept or evicted. c(step q, action, entry j) predicts q's one-step
+  TD target y_q = r_q + gamma V(s_q+1) from the ONE entry j, judging j by what the env showed at its
+  step (not by the agent's own action, or the later steps the agent copies a cue into would share
+  its credit). The entry that decides an outcome predicts it with a small error, the others with
+  about the same larger one. So q votes, by cross-entropy, for softmax(r) over its entries to follow
       u_qj = softmax_j(-err_qj / (0.1 mean_j err_qj)),
-  weighted by how much those entries beat the average one, G_q = mean_j err_qj - sum_j u_qj err_qj.
-  A step that no entry explains better than another (value noise, or a task already solved)
-  weighs nothing, so it can neither teach "keep the earliest entries" nor erode a kept cue. The
-  scorer and the critic read detached embeddings and have their own optimizer: retention never
-  shapes what the policy reads.
+  weighted by how much its best entries beat the average one, G_q = mean_j err_qj - sum_j u_qj err_qj.
+  A step that no entry explains better than another (value noise, a task already solved) weighs
+  nothing, so it cannot teach "keep the earliest entries" nor erode a kept cue. Critic and scorer read
+  detached inputs and have their own optimizer: retention never shapes what the policy reads.
 
-Training the read, exactly replayed
-  The rollout records, at every step, which source each slot holds; the update re-encodes the
-  sources with the current parameters and replays every read at once, so the first epoch
-  reproduces the rollout's log-probabilities and values exactly and PPO's gradient reaches the
-  attention and the encoder. Two dense auxiliary losses help the read find what is kept: an
-  action-value head Q(e, read, a) -> y_q, and reconstructing a random slot's observation from the
-  read and that slot's clock.
+Teaching the read, exactly replayed
+  The rollout records which source each slot holds at every step; the update re-encodes the sources
+  and replays every read with the same attention as acting, so PPO's gradient reaches attention and
+  encoder (the first epoch reproduces the rollout's log-probabilities exactly). Attention head 0 is
+  taught to look where the critic found a voting step's outcome decided (u over the slots it read,
+  weighted by G), and two dense losses help: an action-value head Q(step, read, a) -> y, and
+  rebuilding a random slot's observation from the read and the slot's clock.
 
-PPO for one decision in a thousand steps (vector preset): no per-minibatch advantage
-normalisation, no entropy bonus, learning rate 1e-3, and a count-based exploration floor: in an
-observation seen N times the behaviour policy acts uniformly with probability min(1, m / N)
-(SimHash counts), so a rare input -- a T-maze junction -- is tried although the softmax has
-already ruled its actions out; PPO trains the softmax on those samples.
+PPO for one decision in a thousand steps (vector preset): observation and reward normalisation, no
+entropy bonus, no per-minibatch advantage normalisation, and a count-based exploration floor: an
+observation seen N times is acted on uniformly with probability min(1, m / N), so a rare input (a
+T-maze junction) is tried although the softmax has ruled its actions out.
 """
 
 from __future__ import annotations
@@ -156,6 +150,8 @@ class Args:
     """attention heads of the memory read"""
     teacher_window: Optional[int] = None
     """how many of the current episode's latest steps the entry critic may look back at [4096 / 128 / 4096]"""
+    read_coef: float = 1.0
+    """coefficient of teaching attention head 0 to look at the held entries the entry critic credits (0 = off)"""
     action_value_coef: float = 0.5
     """coefficient of the auxiliary action-value head Q(e, read, a) -> TD target (0 = off)"""
     aux_recon_coef: Optional[float] = None
@@ -179,6 +175,7 @@ PRESETS = {
                        explore_visits=0.0, teacher_window=4096),
 }
 USEFULNESS_TEMPERATURE = 0.1  # relative to the mean error: the votes go to the few entries that explain a step
+PERSISTENT_LOOK_BACK = 16  # with persistent slots, retention also judges the entries of the last 16 episodes
 VOTER_FRACTION = 8  # the rollout's 1/8 steps with the largest |TD error| teach retention; the rest hardly vote
 
 
@@ -319,24 +316,24 @@ TAG_DIM = 3  # persistent slots: [1, symlog(return of the entry's episode), log(
 
 
 class Votes(NamedTuple):
-    """What retention is taught from: B voting steps and the entries each may look back at."""
-    entries: torch.Tensor   # (N, P, F) features of every env's look-back pool
+    """What retention is taught from: B voting steps, and the look-back entries each could have held."""
+    entries: torch.Tensor   # (N, P, F) features of every env's look-back pool (untagged)
     clock: torch.Tensor     # (N, P) their clocks
-    own: torch.Tensor       # (B, P) the entries of env[b] that are earlier steps of step b's episode
+    seen: torch.Tensor      # (B, P) the entries of env[b] that step b could have held (its candidates)
+    tag: torch.Tensor       # (B, P, 3) the persistent tag each candidate would carry at step b (0: its episode)
     env: torch.Tensor       # (B,) the step's env
     e_step: torch.Tensor    # (B, D) the step's embedding
     action: torch.Tensor    # (B, A) its action (one-hot for discrete actions)
     y: torch.Tensor         # (B,) its TD target
-    extra: torch.Tensor     # (B, K, F) its persistent slots' entries, tagged
-    extra_ok: torch.Tensor  # (B, K) which of them are occupied
+    held: torch.Tensor      # (B, S) which candidate each of its slots held (-1: empty, or older than the look-back)
 
     def of_envs(self, envs: torch.Tensor) -> "Votes":
         """The votes of the steps of ``envs`` only, with those envs' look-back pools."""
         pos = torch.full((len(self.entries),), -1, dtype=torch.long, device=envs.device)
         pos[envs] = torch.arange(len(envs), device=envs.device)
         b = torch.nonzero(pos[self.env] >= 0).squeeze(1)
-        return Votes(self.entries[envs], self.clock[envs], self.own[b], pos[self.env[b]], self.e_step[b],
-                     self.action[b], self.y[b], self.extra[b], self.extra_ok[b])
+        return Votes(self.entries[envs], self.clock[envs], self.seen[b], self.tag[b], pos[self.env[b]], self.e_step[b],
+                     self.action[b], self.y[b], self.held[b])
 
 
 class Retention(nn.Module):
@@ -371,24 +368,26 @@ class Retention(nn.Module):
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.scorer(x).squeeze(-1)
 
-    def loss(self, v: "Votes") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Entry-critic loss, retention loss and the weights G of the voting steps ``v`` (see ``Votes``): the
-        target of a step is u_j = softmax_j(-err_j / (0.1 mean err)) over the critic's errors, its weight
-        G = mean err - sum_j u_j err_j, how much better its best entries explain it than the average one."""
-        k = self.n_env_part
-        h = torch.cat([self.critic_entry(v.entries[..., :k]).index_select(0, v.env), self.critic_entry(v.extra[..., :k])], 1)
-        r = torch.cat([self.score(v.entries).index_select(0, v.env), self.score(v.extra)], 1)
-        seen = torch.cat([v.own, v.extra_ok], 1)
+    def loss(self, v: Votes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Entry-critic loss, retention loss, the weights G and the targets of the voting steps ``v``: the
+        target of a step is u_j = softmax_j(-err_j / (0.1 mean err)) over the critic's errors on its candidates,
+        its weight G = mean err - sum_j u_j err_j, how much better its best entries explain it than the average.
+        A candidate's persistent tag enters both first layers as a per-(step, entry) term."""
+        k, tags = self.n_env_part, slice(self.n_env_part - TAG_DIM, self.n_env_part)
+        h = self.critic_entry(v.entries[..., :k]).index_select(0, v.env) + v.tag @ self.critic_entry.weight[:, tags].T
+        pre = self.scorer[0](v.entries).index_select(0, v.env) + v.tag @ self.scorer[0].weight[:, tags].T
+        r = self.scorer[2](torch.tanh(pre)).squeeze(-1)
         out = self.critic_out(torch.tanh(self.critic_step(v.e_step).unsqueeze(1) + h))
         pred = (out * torch.cat([torch.ones_like(v.action[:, :1]), v.action], 1).unsqueeze(1)).sum(-1)
         err = (pred - v.y[:, None]) ** 2
+        seen = v.seen
         mean_err = (err * seen).sum(1) / seen.sum(1).clamp(min=1)
         critic_loss = mean_err.mean()
         with torch.no_grad():
             target = torch.softmax((-err / (USEFULNESS_TEMPERATURE * mean_err[:, None] + 1e-8)).masked_fill(~seen, -1e30), 1)
             gain = (mean_err - (target * err).sum(1)) * seen.any(1)
         ce = -(target * torch.log_softmax(r.masked_fill(~seen, -1e30), 1) * seen).sum(1)
-        return critic_loss, (gain * ce).mean(), gain
+        return critic_loss, (gain * ce).mean(), gain, target
 
 
 class Agent(nn.Module):
@@ -402,6 +401,7 @@ class Agent(nn.Module):
         self.scale = 255.0 if obs_space.dtype == np.uint8 else 1.0
         self.n_act = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
         self.obs_rms = RunningMeanStd(obs_space.shape) if args.normalize else None
+        self._norm_count = None
         if self.image:
             self.cnn, n_feat, self.channels_last = image_encoder(obs_space.shape)
         else:
@@ -431,10 +431,12 @@ class Agent(nn.Module):
         return [p for p in self.parameters() if id(p) not in ret]
 
     def normalize_obs(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / self.scale
-        if self.obs_rms is not None:
-            x = ((x - self.obs_rms.mean) / torch.sqrt(self.obs_rms.var + 1e-8)).clamp(-10, 10).float()
-        return x
+        if self.obs_rms is None:
+            return x.float() / self.scale
+        if self._norm_count != self.obs_rms.count.item():  # statistics move between rollouts only: cache them
+            self._norm_count = self.obs_rms.count.item()
+            self._norm = (self.obs_rms.mean.float() * self.scale, (self.obs_rms.var + 1e-8).rsqrt().float() / self.scale)
+        return ((x.float() - self._norm[0]) * self._norm[1]).clamp(-10, 10)
 
     def content(self, obs: torch.Tensor) -> torch.Tensor:
         """An observation's raw content, as retention sees it and the auxiliary read reconstructs it: the
@@ -451,27 +453,24 @@ class Agent(nn.Module):
             x = self.cnn(x.permute(0, 3, 1, 2) if self.channels_last else x)
         return self.embed_net(torch.cat([x.flatten(1), prev_act, prev_rew.unsqueeze(-1), time_encoding(tau)], -1))
 
-    def heads_split(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(*x.shape[:-1], self.num_heads, -1)
+    def retention_features(self, e: torch.Tensor, raw: dict, tag: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Entries as retention sees them (``Retention.features``), from their embeddings and raw inputs."""
+        content = self.content(raw["obs"].flatten(0, raw["tau"].dim() - 1))
+        content = content.view(*raw["tau"].shape, content.shape[-1])
+        return Retention.features(e, content, raw["tau"], raw["pact"], raw["prew"], tag)
 
-    # An entry e in a slot with tag g has key k_proj(e + tag_proj(g)) = k_proj(e) + (W_k W_tag) g, so each
-    # entry is projected once and only the tag part depends on its slot (likewise for the value).
-    def tag_key(self, tags: torch.Tensor) -> torch.Tensor:
-        return F.linear(tags, self.k_proj.weight @ self.tag_proj.weight)
-
-    def tag_value(self, tags: torch.Tensor) -> torch.Tensor:
-        return F.linear(tags, self.v_proj.weight @ self.tag_proj.weight)
-
-    def attend(self, e: torch.Tensor, k: torch.Tensor, v: torch.Tensor, occupied: torch.Tensor):
-        """The read while acting: multi-head scaled dot-product attention of queries e (B, D) over slots
-        with keys k and values v (B, S, D); empty slots get weight 0, an empty memory reads 0.
-        Returns the read (B, D) and the weights (B, H, S); ``replay`` reproduces both."""
-        q = self.heads_split(self.q_proj(e) / math.sqrt(e.shape[-1] // self.num_heads))  # B H dh
-        k, v = self.heads_split(k), self.heads_split(v)           # B S H dh
-        logits = (q.unsqueeze(1) * k).sum(-1).transpose(1, 2)    # B H S (faster on CPU than B x H matmuls)
+    def attend(self, e: torch.Tensor, slots: torch.Tensor, tags: Optional[torch.Tensor], held: torch.Tensor):
+        """The read: multi-head scaled dot-product attention of queries made of e (B, D) over the entries
+        ``slots`` (B, S, D), persistent ones shifted by their tag, empty slots weighing 0 (an empty memory reads
+        0). Returns the read (B, D) and the weights (B, H, S); acting and the update's replay both call it."""
+        if tags is not None:
+            slots = slots + self.tag_proj(tags)
+        split = lambda x: x.view(*x.shape[:-1], self.num_heads, -1)  # noqa: E731
+        q = split(self.q_proj(e) / math.sqrt(e.shape[-1] // self.num_heads))        # B H dh
+        k, v = split(self.k_proj(slots)), split(self.v_proj(slots))                 # B S H dh
+        logits = (q.unsqueeze(1) * k).sum(-1).transpose(1, 2)                      # B H S
         # A large finite negative (not -inf) keeps all-empty rows finite in the backward pass.
-        logits = logits.masked_fill(~occupied.unsqueeze(1), -1e30)
-        w = torch.softmax(logits, -1) * occupied.any(-1).float()[:, None, None]
+        w = torch.softmax(logits.masked_fill(~held.unsqueeze(1), -1e30), -1) * held.any(-1).float()[:, None, None]
         read = (w.transpose(1, 2).unsqueeze(-1) * v).sum(1).flatten(1)
         return self.read_norm(self.o_proj(read)), w
 
@@ -496,7 +495,9 @@ class Agent(nn.Module):
                 action = dist.sample()
             else:
                 probs = (1.0 - floor).unsqueeze(-1) * dist.probs + floor.unsqueeze(-1) / self.n_act
-                action = torch.multinomial(probs, 1).squeeze(1)
+                # inverse-CDF sampling (torch.multinomial costs ~20x more per call on CPU)
+                below = probs.cumsum(-1) < torch.rand_like(floor).unsqueeze(-1)
+                action = below.sum(-1).clamp(max=self.n_act - 1)
             return action, dist.log_prob(action), None, value
         return action, dist.log_prob(action), dist.entropy(), value
 
@@ -511,53 +512,40 @@ class Agent(nn.Module):
 # Memory: slots, their sources, and the look-back of the current episodes
 # ---------------------------------------------------------------------------------------
 class Memory:
-    """The memories of N envs: M episodic then K persistent slots per env, each holding one entry (its raw
-    inputs, its cached encoding, its score) and ``src``, the index of its source in this rollout's pool
-    [the S slot entries at the rollout's start, then the rollout's T steps] (-1 = empty); what the next
-    entry needs (previous action and reward, clock); and the raw steps of the last rollouts, from which
-    the entry critic looks back over each env's current episode."""
+    """The memories of N envs: M episodic then K persistent slots per env. A slot holds one entry (its raw
+    inputs, its embedding, its retention score) and ``src``, the index of its source in this rollout's pool
+    [the S entries held when the rollout began, the rollout's T steps] (-1 = empty), which the update needs
+    to replay every read. The memory also keeps what the next entry needs (previous action and reward,
+    clock) and the raw steps of the last rollouts, from which retention looks back over each episode."""
 
     def __init__(self, agent: Agent, n: int, args: Args, obs_space: spaces.Box, device, generator=None):
         self.agent, self.n, self.m, self.k = agent, n, args.memory_slots, args.persistent_slots
         self.s, self.policy, self.window, self.generator = self.m + self.k, args.retention, args.teacher_window, generator
-        n_act, d, s = agent.n_act, args.hidden_size, self.s
+        n_act, s = agent.n_act, self.s
         obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
-
-        def zeros(*shape, dtype=torch.float32):
-            return torch.zeros(shape, dtype=dtype, device=device)
-
         self.src = torch.full((n, s), -1, dtype=torch.long, device=device)
-        self.obs, self.pact, self.prew = zeros(n, s, *obs_space.shape, dtype=obs_dtype), zeros(n, s, n_act), zeros(n, s)
-        self.tau, self.order = zeros(n, s, dtype=torch.long), zeros(n, s, dtype=torch.long)
-        self.emb, self.key, self.val, self.score = zeros(n, s, d), zeros(n, s, d), zeros(n, s, d), zeros(n, s)
-        self.outcome, self.episodes_ago = zeros(n, s), zeros(n, s)      # tags of persistent entries
-        self.prev_act, self.prev_rew, self.clock = zeros(n, n_act), zeros(n), zeros(n, dtype=torch.long)
-        self.ep_return = np.zeros(n)
-        self.writes = 0
-        self.history: list[dict] = []  # raw steps of the last rollouts, dicts of (T, N, ...) tensors
-
-    @property
-    def occupied(self) -> torch.Tensor:
-        return self.src >= 0
+        self.entry = dict(obs=torch.zeros((n, s) + obs_space.shape, dtype=obs_dtype, device=device),
+                          pact=torch.zeros((n, s, n_act), device=device), prew=torch.zeros((n, s), device=device),
+                          tau=torch.zeros((n, s), dtype=torch.long, device=device))
+        self.emb, self.score = torch.zeros((n, s, args.hidden_size), device=device), torch.zeros((n, s), device=device)
+        self.order = torch.zeros((n, s), dtype=torch.long, device=device)       # write order, for FIFO
+        self.outcome, self.episodes_ago = torch.zeros((n, s), device=device), torch.zeros((n, s), device=device)
+        self.prev_act, self.prev_rew = torch.zeros((n, n_act), device=device), torch.zeros(n, device=device)
+        self.clock = torch.zeros(n, dtype=torch.long, device=device)
+        self.ep_return, self.writes, self.history = np.zeros(n), 0, []
 
     def tags(self) -> torch.Tensor:
+        """[persistent, symlog(return of its episode), log(1 + episodes ago)] per slot; 0 for episodic slots."""
         persistent = torch.zeros_like(self.score)
         persistent[:, self.m:] = 1.0
         tag = torch.stack([persistent, symlog(self.outcome), torch.log1p(self.episodes_ago)], -1)
-        return tag * self.occupied.unsqueeze(-1)
-
-    def read(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.key, self.val
-        if self.k:
-            tags = self.tags()
-            k, v = k + self.agent.tag_key(tags), v + self.agent.tag_value(tags)
-        return self.agent.attend(e, k, v, self.occupied)
+        return tag * (self.src >= 0).unsqueeze(-1)
 
     def act(self, obs: torch.Tensor, greedy: bool = False, floor: Optional[torch.Tensor] = None):
         """Read and act for all envs. Returns (action, log-prob, value), the read's weights and this step's
         embedding, which ``write`` stores after the env step."""
         e = self.agent.embed(obs, self.prev_act, self.prev_rew, self.clock)
-        read, w = self.read(e)
+        read, w = self.agent.attend(e, self.emb, self.tags() if self.k else None, self.src >= 0)
         action, logprob, _, value = self.agent.heads(e, read, greedy=greedy, floor=floor)
         return (action, logprob, value), w, e
 
@@ -565,27 +553,24 @@ class Memory:
         """Store this step's entry in the episodic slots. When they are full, ``learned`` drops the lowest
         score among the M entries and the new one (which may be the one not kept), ``fifo`` the oldest,
         ``random`` a uniform one. Returns the age of the dropped entry per env (-1: nothing dropped)."""
-        m = self.m
-        score = self.agent.retention.score(Retention.features(e, self.agent.content(obs), self.clock, self.prev_act,
-                                                              self.prev_rew))
-        occupied = self.src[:, :m] >= 0
-        full = occupied.all(1)
+        m, new = self.m, dict(obs=obs, pact=self.prev_act, prew=self.prev_rew, tau=self.clock)
+        score = self.agent.retention.score(self.agent.retention_features(e, new))
+        held = self.src[:, :m] >= 0
+        full = held.all(1)
         if self.policy == "learned":
             victim = torch.cat([self.score[:, :m], score.unsqueeze(1)], 1).argmin(1)
         elif self.policy == "fifo":
             victim = self.order[:, :m].argmin(1)
         else:
             victim = torch.randint(0, m, (self.n,), generator=self.generator, device=e.device)
-        target = torch.where(full, victim, (~occupied).float().argmax(1))
-        victim_tau = torch.cat([self.tau[:, :m], self.clock.unsqueeze(1)], 1).gather(1, victim.unsqueeze(1)).squeeze(1)
-        rows = torch.nonzero(target < m).squeeze(1)
-        slot = target[rows]
-        for field, value in ((self.emb, e), (self.key, self.agent.k_proj(e)), (self.val, self.agent.v_proj(e)),
-                             (self.score, score), (self.tau, self.clock), (self.obs, obs), (self.pact, self.prev_act),
-                             (self.prew, self.prev_rew)):
-            field[rows, slot] = value[rows].to(field.dtype)  # MuJoCo observations are float64
-        self.src[rows, slot] = pool_index
-        self.order[rows, slot] = self.writes
+        slot = torch.where(full, victim, (~held).float().argmax(1))
+        victim_tau = torch.cat([self.entry["tau"][:, :m], self.clock.unsqueeze(1)], 1).gather(1, victim[:, None])[:, 0]
+        rows = torch.nonzero(slot < m).squeeze(1)
+        slot = slot[rows]
+        for k, v in new.items():
+            self.entry[k][rows, slot] = v[rows].to(self.entry[k].dtype)  # MuJoCo observations are float64
+        self.emb[rows, slot], self.score[rows, slot] = e[rows], score[rows]
+        self.src[rows, slot], self.order[rows, slot] = pool_index, self.writes
         self.writes += 1
         return torch.where(full, self.clock - victim_tau, -1)
 
@@ -601,58 +586,61 @@ class Memory:
         """The episodes of envs ``rows`` ended: their entries and the persistent ones compete for the K
         persistent slots (learned: highest score with their current tags; fifo: latest; random), which
         are tagged with the episode's return; then the episodic slots are cleared."""
+        for i in rows.tolist() if self.k else []:
+            held = torch.nonzero(self.src[i] >= 0).squeeze(1)
+            one = {k: v[i, held] for k, v in self.entry.items()}
+            key = {"learned": lambda: self.agent.retention.score(self.agent.retention_features(
+                       self.emb[i, held], one, self.tags()[i, held])),
+                   "fifo": lambda: self.order[i, held].float(),
+                   "random": lambda: torch.rand(len(held), generator=self.generator, device=held.device)}[self.policy]()
+            keep = held[key.argsort(descending=True, stable=True)][: self.k]
+            dest = torch.arange(self.m, self.m + len(keep), device=keep.device)
+            for field in (self.src, self.emb, self.score, self.order, self.outcome, self.episodes_ago,
+                          *self.entry.values()):
+                kept = field[i, keep].clone()
+                field[i, self.m:] = -1 if field is self.src else 0
+                field[i, dest] = kept
+            self.outcome[i, dest[keep < self.m]] = float(self.ep_return[i])
+            self.episodes_ago[i, self.m:] += 1.0
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.src.device)
-        if self.k:
-            content = self.agent.content(self.obs[rows_t].flatten(0, 1)).view(len(rows), self.s, -1)
-            rank = self.agent.retention.score(Retention.features(
-                self.emb[rows_t], content, self.tau[rows_t], self.pact[rows_t], self.prew[rows_t], self.tags()[rows_t]))
-            for r, i in enumerate(rows.tolist()):
-                occ = torch.nonzero(self.src[i] >= 0).squeeze(1)
-                key = {"learned": rank[r, occ], "fifo": self.order[i, occ].float(),
-                       "random": torch.rand(len(occ), generator=self.generator, device=occ.device)}[self.policy]
-                keep = occ[key.argsort(descending=True, stable=True)][: self.k]
-                dest = torch.arange(self.m, self.m + len(keep), device=keep.device)
-                for field in (self.src, self.obs, self.pact, self.prew, self.tau, self.order, self.emb, self.key,
-                              self.val, self.score, self.outcome, self.episodes_ago):
-                    kept = field[i, keep].clone()
-                    field[i, self.m:] = -1 if field is self.src else 0
-                    field[i, dest] = kept
-                self.outcome[i, dest[keep < self.m]] = float(self.ep_return[i])
-                self.episodes_ago[i, self.m:] += 1.0
         self.src[rows_t, : self.m] = -1
         self.prev_act[rows_t], self.prev_rew[rows_t], self.clock[rows_t] = 0.0, 0.0, 0
         self.ep_return[rows] = 0.0
 
     @torch.no_grad()
-    def begin_rollout(self) -> dict:
-        """Re-encode the stored entries with the current parameters (so the rollout and the update agree);
-        they become pool entries 0..S-1. Returns their raw inputs (the pool's carry-in part)."""
+    def begin_rollout(self) -> tuple[dict, tuple]:
+        """Re-encode the held entries with the current parameters (so that the rollout and the update agree);
+        they become pool entries 0..S-1. Returns their raw inputs (the pool's carry-in) and the look-back."""
         n, s = self.n, self.s
-        flat = lambda x: x.reshape(n * s, *x.shape[2:])  # noqa: E731
-        e = self.agent.embed(flat(self.obs), flat(self.pact), flat(self.prew), flat(self.tau))
-        tags = flat(self.tags())
-        score = self.agent.retention.score(Retention.features(e, self.agent.content(flat(self.obs)), flat(self.tau),
-                                                              flat(self.pact), flat(self.prew), tags))
+        flat = {k: v.flatten(0, 1) for k, v in self.entry.items()}
+        e = self.agent.embed(flat["obs"], flat["pact"], flat["prew"], flat["tau"])
+        score = self.agent.retention.score(self.agent.retention_features(e, flat, self.tags().flatten(0, 1)))
         self.emb, self.score = e.view(n, s, -1), score.view(n, s)
-        self.key, self.val = self.agent.k_proj(self.emb), self.agent.v_proj(self.emb)
-        slots = torch.arange(s, device=self.src.device).expand(n, s)
-        self.src = torch.where(self.occupied, slots, -1)
-        return dict(obs=self.obs.clone(), pact=self.pact.clone(), prew=self.prew.clone(), tau=self.tau.clone())
+        self.src = torch.where(self.src >= 0, torch.arange(s, device=self.src.device).expand(n, s), -1)
+        return {k: v.clone() for k, v in self.entry.items()}, self.look_back()
 
     def look_back(self) -> tuple[Optional[dict], torch.Tensor, torch.Tensor]:
-        """The current episodes' steps before this rollout, at most ``window`` of them, from the stored
-        rollouts: raw inputs (N, L, ...) (None if L = 0), which are valid (N, L), and per env the clock
-        where its look-back starts."""
-        length = min(int(self.clock.max()), self.window, sum(len(h["tau"]) for h in self.history))
-        n_back = self.clock.clamp(max=length)
+        """The steps before this rollout that retention may look back at (at most ``window``), from the stored
+        rollouts: those of the running episodes, or with persistent slots also those of the last
+        PERSISTENT_LOOK_BACK episodes before (whose entries could be held there). Returns their raw inputs (N, L,
+        ...) (None if L = 0), which are valid (N, L), and per env the clock where the running episode's look-back
+        starts."""
+        steps = {k: torch.cat([h[k] for h in self.history])[-self.window:].transpose(0, 1)
+                 for k in self.history[0]} if self.history else None
+        n_hist = steps["tau"].shape[1] if steps else 0
+        n_back = self.clock.clamp(max=n_hist)
+        if self.k and n_hist:  # episodes back from each step: episode starts after it
+            back = (steps["tau"] == 0).long().flip(1).cumsum(1).flip(1) - (steps["tau"] == 0).long()
+            keep = back + (self.clock.unsqueeze(1) == 0).long() <= PERSISTENT_LOOK_BACK
+            n_back = keep.sum(1)
+        length = int(n_back.max()) if n_hist else 0
         valid = torch.arange(length, device=self.clock.device) >= (length - n_back).unsqueeze(1)
-        prefix = {k: torch.cat([h[k] for h in self.history])[-length:].transpose(0, 1) for k in self.history[0]} \
-            if length else None
-        return prefix, valid, self.clock - n_back
+        steps = {k: v[:, n_hist - length:] for k, v in steps.items()} if length else None
+        return steps, valid, self.clock - self.clock.clamp(max=length)
 
-    def end_rollout(self, raw: dict, num_steps: int) -> None:
+    def end_rollout(self, steps: dict, num_steps: int) -> None:
         """Keep this rollout's raw steps for the look-back of the next ones."""
-        self.history = (self.history + [raw])[-(math.ceil(self.window / num_steps) + 1):]
+        self.history = (self.history + [{k: v.clone() for k, v in steps.items()}])[-(math.ceil(self.window / num_steps) + 1):]
 
 
 # ---------------------------------------------------------------------------------------
@@ -662,13 +650,14 @@ class Rollout:
     """(T, N) tensors of one rollout: the inputs of every entry, what PPO needs, and at every step which
     source each slot held (``src``) with the slots' persistent tags (the update replays the reads)."""
 
-    def __init__(self, t: int, n: int, s: int, obs_space: spaces.Box, act_space: spaces.Space, n_act: int, device):
-        obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
+    def __init__(self, t: int, n: int, mem: Memory, obs_space: spaces.Box, act_space: spaces.Space, device):
+        obs_dtype, s, n_act = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32, mem.s, mem.agent.n_act
+        self.tagged = mem.k > 0
         self.obs = torch.zeros((t, n) + obs_space.shape, dtype=obs_dtype, device=device)
         self.actions = torch.zeros((t, n) + act_space.shape, device=device)
         self.pact = torch.zeros((t, n, n_act), device=device)
-        self.logprobs, self.rewards, self.dones, self.values, self.prew, self.floor = (
-            torch.zeros((t, n), device=device) for _ in range(6))
+        self.logprobs, self.rewards, self.dones, self.values, self.prew, self.floor, self.ret = (
+            torch.zeros((t, n), device=device) for _ in range(7))  # ret: an episode's return, at its last step
         self.tau = torch.zeros((t, n), dtype=torch.long, device=device)
         self.src = torch.zeros((t, n, s), dtype=torch.long, device=device)
         self.tag = torch.zeros((t, n, s, TAG_DIM), device=device)
@@ -683,6 +672,10 @@ class Rollout:
     def raw(self) -> dict:
         return dict(obs=self.obs, pact=self.pact, prew=self.prew, tau=self.tau)
 
+    def steps(self) -> dict:
+        """The raw steps with where episodes ended and their returns, as the look-back keeps them."""
+        return dict(self.raw(), done=self.dones, ret=self.ret)
+
     def episode_ids(self) -> torch.Tensor:
         """(T, N): which episode of its env each step belongs to (0 = the one running at the rollout's start)."""
         return torch.cumsum((self.tau == 0).long(), 0)
@@ -694,16 +687,26 @@ class RewardScaler:
     def __init__(self, num_envs: int, gamma: float):
         self.gamma = gamma
         self.returns = np.zeros(num_envs)
-        self.rms = RunningMeanStd(())
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
 
     def scale(self) -> float:
-        return math.sqrt(self.rms.var.item() + 1e-8)
+        return math.sqrt(self.var + 1e-8)
 
     def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
         self.returns = self.returns * self.gamma + rewards
-        self.rms.update(torch.as_tensor(self.returns))
+        n, batch_mean, batch_var = len(self.returns), self.returns.mean(), self.returns.var()
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
         self.returns[dones] = 0.0
         return np.clip(rewards / self.scale(), -10, 10)
+
+    def state_dict(self) -> dict:
+        return dict(mean=self.mean, var=self.var, count=self.count)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
@@ -727,8 +730,9 @@ def td_targets(rewards, values, dones, last_value, gamma: float) -> tuple[torch.
     """The one-step TD target r_t + gamma V(s_t+1) of every action (cut at episode ends) and its TD error,
     flattened over (T, N): what the entry critic and the action-value head predict. One step, not the
     lambda-return: the reward is put on the action that earned it, later ones enter only through V."""
-    td_error = compute_gae(rewards, values, dones, last_value, gamma, 0.0)
-    return (td_error + values).reshape(-1), td_error.reshape(-1)
+    next_values = torch.cat([values[1:], last_value.unsqueeze(0)])
+    y = rewards + gamma * next_values * (1.0 - dones)
+    return y.reshape(-1), (y - values).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -736,105 +740,102 @@ def td_targets(rewards, values, dones, last_value, gamma: float) -> tuple[torch.
 # ---------------------------------------------------------------------------------------
 def pool_embed(agent: Agent, pool: dict) -> torch.Tensor:
     """Embeddings (N, P, D) of every pool entry with the current parameters."""
-    n, p = pool["prew"].shape
-    flat = lambda x: x.reshape(n * p, *x.shape[2:])  # noqa: E731
-    return agent.embed(flat(pool["obs"]), flat(pool["pact"]), flat(pool["prew"]), flat(pool["tau"])).view(n, p, -1)
+    n, p = pool["tau"].shape
+    return agent.embed(*(pool[k].flatten(0, 1) for k in ("obs", "pact", "prew", "tau"))).view(n, p, -1)
 
 
-def env_groups(i_idx: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """Rows of the queries of envs ``i_idx`` (B,) in a layout grouped by env and padded to the largest
-    group c: query b goes to row i_idx[b] * c + (its rank among its env's queries)."""
-    counts = torch.bincount(i_idx, minlength=n)
-    c = int(counts.max())
-    order = torch.argsort(i_idx, stable=True)
-    rank = torch.empty_like(i_idx)
-    rank[order] = torch.arange(len(i_idx), device=i_idx.device) - (torch.cumsum(counts, 0) - counts)[i_idx[order]]
-    return i_idx * c + rank, c
-
-
-def replay(agent: Agent, pool_e: torch.Tensor, ro: Rollout, t_idx: torch.Tensor, i_idx: torch.Tensor, m: int,
-           weights: bool = False):
-    """Reproduce the rollout's reads of the queries (t_idx, i_idx) from the recorded slot sources (``m``
-    episodic slots, then the persistent ones) over the pool [S carried entries, T steps].
-
-    Returns the queries' embeddings (B, D), their reads (B, D), their slot sources (B, S) and, if
-    ``weights``, the read's weights per slot (B, H, S). The queries are grouped by env (``env_groups``),
-    so each env's logits are ONE dense (queries x pool) product restricted by an additive mask to the
-    entries each query's slots held (on CPU much cheaper than gathering every query's keys). Entries in
-    persistent slots carry their slot's tag in key and value, so their logits are gathered per query."""
-    src = ro.src[t_idx, i_idx]                                    # B S
-    occupied = src >= 0
-    k_pool, v_pool = agent.k_proj(pool_e), agent.v_proj(pool_e)
+def replay(agent: Agent, pool_e: torch.Tensor, ro: Rollout, t_idx: torch.Tensor, i_idx: torch.Tensor):
+    """Reproduce the rollout's reads of the steps (t_idx, i_idx) over the pool [S carried entries, T steps]
+    from the recorded slot sources and tags, with the same ``attend`` as acting. Returns the steps'
+    embeddings (B, D), their reads (B, D), their slot sources (B, S) and the read's weights (B, H, S)."""
+    src = ro.src[t_idx, i_idx]
     n, p, d = pool_e.shape
-    b, h, dh, n_pers, s_off = len(t_idx), agent.num_heads, d // agent.num_heads, src.shape[1] - m, src.shape[1]
-    e = pool_e.reshape(n * p, d).index_select(0, i_idx * p + s_off + t_idx)
-    q = agent.q_proj(e) / math.sqrt(dh)                           # scaled as in Agent.attend
-    row, c = env_groups(i_idx, n)
-    q_g = agent.heads_split(q.new_zeros(n * c, d).index_copy(0, row, q).view(n, c, d)).transpose(1, 2)
-    logits = q_g @ agent.heads_split(k_pool).permute(0, 2, 3, 1)   # n H c P
-    v = agent.heads_split(v_pool).transpose(1, 2)                  # n H P dh
-
-    def ungroup(x):  # (n, H, c, ...) -> (B, H, ...)
-        return x.transpose(1, 2).reshape(n * c, h, *x.shape[3:]).index_select(0, row)
-
-    # The episodic slots' entries as a (B, P) mask (empty slots scatter into a spare last column), made
-    # an additive bias in the grouped layout: 0 where held, -1e30 elsewhere.
-    held = torch.zeros((b, p + 1), dtype=torch.bool, device=src.device).scatter_(
-        1, torch.where(occupied[:, :m], src[:, :m], p), True)[:, :p]
-    bias = q.new_full((n * c, p), -1e30).index_copy(0, row, q.new_zeros(b, p).masked_fill(~held, -1e30))
-    mem_logits = logits + bias.view(n, 1, c, p)
-    if n_pers:
-        rows_p = (i_idx.unsqueeze(1) * p + src[:, m:].clamp(min=0)).reshape(-1)
-        tag = ro.tag[t_idx, i_idx][:, m:]
-        gather = lambda x: x.reshape(n * p, d).index_select(0, rows_p).view(b, n_pers, d)  # noqa: E731
-        k_p = agent.heads_split(gather(k_pool) + agent.tag_key(tag))
-        v_p = agent.heads_split(gather(v_pool) + agent.tag_value(tag))
-        logits_p = (agent.heads_split(q).unsqueeze(1) * k_p).sum(-1).transpose(1, 2)            # B H K
-        logits_p = logits_p.masked_fill(~occupied[:, m:].unsqueeze(1), -1e30)
-        logits_p = logits.new_full((n * c, h, n_pers), -1e30).index_copy(0, row, logits_p)
-        mem_logits = torch.cat([mem_logits, logits_p.view(n, c, h, n_pers).transpose(1, 2)], -1)
-    w = torch.softmax(mem_logits, -1)
-    read = ungroup(w[..., :p] @ v)                                 # B H dh
-    if n_pers:
-        read = read + (ungroup(w[..., p:]).unsqueeze(-1) * v_p.transpose(1, 2)).sum(-2)
-    # With no occupied slot the read is 0 (the softmax of an all-masked row is uniform, not 0).
-    read = agent.read_norm(agent.o_proj(read.flatten(1) * occupied.any(-1, keepdim=True).float()))
-    w_slots = None
-    if weights:
-        w_rows = ungroup(w)                                        # B H (P + K)
-        w_epi = w_rows[..., :p].gather(-1, src[:, :m].clamp(min=0).unsqueeze(1).expand(-1, h, -1))
-        w_slots = torch.cat([w_epi, w_rows[..., p:]], -1) * occupied.unsqueeze(1).float()
-    return e, read, src, w_slots
+    flat = pool_e.reshape(n * p, d)
+    e = flat.index_select(0, i_idx * p + src.shape[1] + t_idx)
+    slots = flat.index_select(0, (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)).view(*src.shape, d)
+    read, w = agent.attend(e, slots, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0)
+    return e, read, src, w
 
 
 @torch.no_grad()
 def retention_votes(agent: Agent, look: dict, ro: Rollout, voters: torch.Tensor, y: torch.Tensor, m: int) -> Votes:
-    """What the entry critic and the scorer see for the voting steps (flat indices t * N + i, TD targets
-    ``y``): ``look`` is the
-    look-back pool [S carried entries, L earlier steps of the running episodes, T steps] of raw inputs
-    with each entry's episode id (``ep``, -1 = never an own-episode entry) and ``start``, each env's
-    first clock in it. A step may look back at every earlier step of its own episode in the pool, at
-    the carried episodic entries older than the look-back, and at its persistent slots (tagged)."""
+    """What the entry critic and the scorer see for the voting steps (flat indices t * N + i, TD targets ``y``),
+    over the look-back pool ``look`` (``look_back_pool``). A step's candidates are the entries it could have
+    held: every earlier step of its episode in the pool, the carried episodic entries older than the look-back,
+    and with persistent slots every step of the episodes before, tagged as it would be in a persistent slot."""
     n, p = look["tau"].shape
     t_idx, i_idx = voters // n, voters % n
+    s, lb = ro.src.shape[2], p - ro.src.shape[2] - ro.tau.shape[0]
     e = pool_embed(agent, look)
-    content = agent.content(look["obs"].flatten(0, 1)).view(n, p, -1)
-    x = Retention.features(e, content, look["tau"], look["pact"], look["prew"])
-    s, t_len = ro.src.shape[2], ro.tau.shape[0]
-    lb = p - s - t_len
     tau_q, ep_q = ro.tau[t_idx, i_idx], ro.episode_ids()[t_idx, i_idx]
-    own = (look["ep"][i_idx] == ep_q[:, None]) & (look["tau"][i_idx] < tau_q[:, None])
+    ep, tau = look["ep"][i_idx], look["tau"][i_idx]                                  # B P
+    own = (ep == ep_q[:, None]) & (tau < tau_q[:, None])
     src = ro.src[t_idx, i_idx]
-    old = (src[:, :m] >= 0) & (src[:, :m] < s)
-    old &= look["tau"][i_idx].gather(1, src[:, :m].clamp(0, s - 1)) < look["start"][i_idx, None]
+    old = (src[:, :m] >= 0) & (src[:, :m] < s) & (tau.gather(1, src[:, :m].clamp(0, s - 1)) < look["start"][i_idx, None])
     own[:, :s] |= torch.zeros_like(own[:, :s + 1]).scatter_(1, torch.where(old, src[:, :m], s), True)[:, :s]
-    pers = src[:, m:]
-    idx = torch.where(pers < s, pers, pers + lb).clamp(min=0)
-    pick = lambda v: v[i_idx.unsqueeze(1), idx]  # noqa: E731
-    extra = Retention.features(pick(e), pick(content), pick(look["tau"]), pick(look["pact"]), pick(look["prew"]),
-                               ro.tag[t_idx, i_idx][:, m:])
-    return Votes(x, look["tau"], own, i_idx, e[i_idx, s + lb + t_idx], agent.action_input(ro.actions[t_idx, i_idx]),
-                 y, extra, pers >= 0)
+    before = (ep < ep_q[:, None]) & (ep > -10 ** 9) & ro.tagged
+    lag = (ep_q[:, None] - ep).clamp(min=0).float()
+    tag = torch.stack([before.float(), symlog(look["ret"][i_idx]), torch.log1p(lag)], -1) * before.unsqueeze(-1)
+    # Which candidate each slot held: episodic slots by clock among the step's own entries, persistent ones by
+    # clock among the entries of the episode their tag says they came from.
+    clock = torch.where(src < s, tau.gather(1, src.clamp(0, s - 1)), ro.tau[(src - s).clamp(0, ro.tau.shape[0] - 1), i_idx[:, None]])
+    ago = torch.expm1(ro.tag[t_idx, i_idx][..., 2]).round().long()
+    match = (tau.unsqueeze(1) == clock.unsqueeze(2)) & (src >= 0).unsqueeze(2)        # B S P
+    match[:, :m] &= own.unsqueeze(1)
+    match[:, m:] &= before.unsqueeze(1) & (ep.unsqueeze(1) == (ep_q[:, None] - ago[:, m:]).unsqueeze(2))
+    held = torch.where(match.any(2), match.float().argmax(2), -1)
+    raw = {k: look[k] for k in ("obs", "pact", "prew", "tau")}
+    return Votes(agent.retention_features(e, raw), look["tau"], own | before, tag, i_idx, e[i_idx, s + lb + t_idx],
+                 agent.action_input(ro.actions[t_idx, i_idx]), y, held)
+
+
+def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args: Args, stats: dict):
+    """``update_epochs`` passes over the votes in minibatches of whole envs (a minibatch needs the look-back
+    of its own envs only). Returns, per vote, the trained critic's target over the slots the step read (its
+    mass on them renormalised) and that vote's weight, G times the mass: what the read is taught to look at."""
+    n = len(votes.entries)
+    for _ in range(args.update_epochs):
+        for envs in torch.randperm(n, device=votes.env.device).chunk(min(n, args.num_minibatches)):
+            chunk = votes.of_envs(envs)
+            if not len(chunk.y):
+                continue
+            critic_loss, ret_loss, _, _ = agent.retention.loss(chunk)
+            optimizer.zero_grad()
+            (critic_loss + ret_loss).backward()
+            nn.utils.clip_grad_norm_(agent.retention.parameters(), args.max_grad_norm)
+            optimizer.step()
+            stats["retention_loss"].append(ret_loss.item())
+            stats["entry_critic_loss"].append(critic_loss.item())
+    with torch.no_grad():
+        _, _, gain, target = agent.retention.loss(votes)
+        on_slots = target.gather(1, votes.held.clamp(min=0)) * (votes.held >= 0)
+        mass = on_slots.sum(1)
+    return on_slots / mass.clamp(min=1e-12)[:, None], gain * mass, gain
+
+
+def look_back_pool(carry: dict, back: tuple, ro: Rollout) -> dict:
+    """Retention's look-back pool per env: [S entries held at the rollout's start, L earlier steps, T steps]
+    (see ``retention_votes``), from the carry-in, ``Memory.look_back()`` at the rollout's start and the rollout.
+    Each entry gets its episode's index (0: running when the rollout began; earlier ones negative, invalid
+    ones and the carried entries -10^9), its episode's return (0 while it runs) and its clock."""
+    prefix, valid, start = back
+    n, s = carry["tau"].shape
+    now = ro.steps()
+    parts = ([prefix] if prefix is not None else []) + [{k: v.transpose(0, 1) for k, v in now.items()}]
+    steps = {k: torch.cat([part[k] for part in parts], 1) for k in now}          # (N, L + T, ...)
+    L = steps["tau"].shape[1] - ro.tau.shape[0]
+    ep = torch.cumsum((steps["tau"] == 0).long(), 1)
+    ep = ep - (ep[:, L - 1:L] if L else 0)                                        # 0: running at the rollout's start
+    ep = torch.where(torch.cat([valid, torch.ones_like(ro.tau.T, dtype=torch.bool)], 1), ep, -10 ** 9)
+    # Each step's episode return: the return recorded at the next episode end at or after it (0 if none yet).
+    pos = torch.arange(ep.shape[1], device=ep.device).expand_as(ep)
+    end_at = torch.where(steps["done"] > 0, pos, ep.shape[1]).flip(1).cummin(1).values.flip(1)
+    ret = torch.cat([steps["ret"], steps["ret"].new_zeros(n, 1)], 1).gather(1, end_at)
+    look = {k: torch.cat([carry[k], steps[k]], 1) for k in carry}
+    look["ep"] = torch.cat([torch.full((n, s), -10 ** 9, device=ep.device), ep], 1)
+    look["ret"] = torch.cat([torch.zeros((n, s), device=ep.device), ret], 1)
+    look["start"] = start
+    return look
 
 
 # ---------------------------------------------------------------------------------------
@@ -871,8 +872,8 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: in
     while any(d < q for d, q in zip(done_count, quota)):
         obs_t = torch.as_tensor(obs, device=device)
         (action, _, _), w, e = mem.act(obs_t, greedy=True)
-        held = mem.occupied[:, :m]
-        read_tau = torch.where(held, mem.tau[:, :m], -1)  # clocks of the entries read now
+        held = mem.src[:, :m] >= 0
+        read_tau = torch.where(held, mem.entry["tau"][:, :m], -1)  # clocks of the entries read now
         if picture is None:
             rows.append((read_tau[0][held[0]].cpu().numpy(), w[0].mean(0)[:m][held[0]].cpu().numpy()))
         obs, reward, term, trunc, info = envs.step(action.cpu().numpy())
@@ -960,40 +961,6 @@ class MemoryStats:
         self.sums = dict(age=0.0, dropped=0, cue_in=0, cue_n=0)
 
 
-def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args: Args, stats: dict) -> dict:
-    """``update_epochs`` passes over the votes in minibatches of whole envs (a minibatch needs the look-back
-    of its own envs only). Returns the votes' weights G for logging."""
-    n, gains = len(votes.entries), []
-    for _ in range(args.update_epochs):
-        for envs in torch.randperm(n, device=votes.env.device).chunk(min(n, args.num_minibatches)):
-            chunk = votes.of_envs(envs)
-            if not len(chunk.y):
-                continue
-            critic_loss, ret_loss, gain = agent.retention.loss(chunk)
-            optimizer.zero_grad()
-            (critic_loss + ret_loss).backward()
-            nn.utils.clip_grad_norm_(agent.retention.parameters(), args.max_grad_norm)
-            optimizer.step()
-            stats["retention_loss"].append(ret_loss.item())
-            stats["entry_critic_loss"].append(critic_loss.item())
-            gains.append(gain)
-    gains = torch.cat(gains) if gains else torch.zeros(1)
-    return dict(vote_gain_mean=gains.mean().item(), vote_gain_max=gains.max().item())
-
-
-def look_back_pool(carry: dict, back: tuple, ro: Rollout) -> dict:
-    """The entry critic's pool [S carried entries, L earlier steps of the running episodes, T steps] (see
-    ``retention_votes``), from the carry-in, ``Memory.look_back()`` at the rollout's start and the rollout."""
-    prefix, valid, start = back
-    parts = [carry] + ([prefix] if prefix is not None else []) + [{k: v.transpose(0, 1) for k, v in ro.raw().items()}]
-    look = {k: torch.cat([part[k] for part in parts], 1) for k in carry}
-    n, s = carry["tau"].shape
-    look["ep"] = torch.cat([torch.full((n, s), -1, device=valid.device), torch.where(valid, 0, -1),
-                            ro.episode_ids().T], 1)
-    look["start"] = start
-    return look
-
-
 # ---------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------
@@ -1077,7 +1044,7 @@ def main(args: Args) -> None:
         if counter is not None:
             counter.counts.copy_(resume_state["visit_counts"])
         if reward_scaler is not None:
-            reward_scaler.rms.load_state_dict(resume_state["reward_rms"])
+            reward_scaler.load_state_dict(resume_state["reward_rms"])
         start_iteration = resume_state["iteration"] + 1
         global_step, elapsed_before = resume_state["global_step"], resume_state["wall_time_s"]
         random.setstate(resume_state["rng"]["python"])
@@ -1093,13 +1060,13 @@ def main(args: Args) -> None:
         save_atomic(dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(),
                          ret_optimizer=ret_optimizer.state_dict(), iteration=iteration, global_step=global_step,
                          wall_time_s=wall, args=asdict(args), visit_counts=counter.counts if counter else None,
-                         reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
+                         reward_rms=reward_scaler.state_dict() if reward_scaler else None,
                          rng=dict(python=random.getstate(), numpy=np.random.get_state(),
                                   torch=torch.get_rng_state())), ckpt_path)
         writer.flush()  # the TB log of a killed run then reaches at least its checkpoint
 
-    ro = Rollout(T, N, S, obs_space, act_space, agent.n_act, device)
     mem = Memory(agent, N, args, obs_space, device)
+    ro = Rollout(T, N, mem, obs_space, act_space, device)
     stats_mem = MemoryStats()
     next_obs = torch.as_tensor(envs.reset(seed=args.seed + start_iteration - 1)[0], device=device)
     progress = Progress(args.total_timesteps)
@@ -1109,7 +1076,7 @@ def main(args: Args) -> None:
             for opt in (optimizer, ret_optimizer):
                 opt.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
-        carry, back = mem.begin_rollout(), mem.look_back()
+        carry, back = mem.begin_rollout()
         for step in range(T):
             global_step += N
             ro.record_inputs(step, next_obs, mem)
@@ -1142,6 +1109,7 @@ def main(args: Args) -> None:
                     (_, _, v_final), _, _ = mem.act(torch.as_tensor(final, device=device))
                 reward[cut] += args.gamma * v_final[cut]
             ro.rewards[step], ro.dones[step] = reward, torch.as_tensor(done, dtype=torch.float32, device=device)
+            ro.ret[step] = torch.as_tensor(np.where(done, mem.ep_return, 0.0), dtype=torch.float32, device=device)
             done_rows = np.flatnonzero(done)
             for i in done_rows:
                 ep_r, ep_l, success = finished_episode(info, i)
@@ -1154,7 +1122,7 @@ def main(args: Args) -> None:
             if len(done_rows):
                 mem.end_episodes(done_rows)
             next_obs = torch.as_tensor(next_obs_np, device=device)
-        mem.end_rollout({k: v.clone() for k, v in ro.raw().items()}, T)
+        mem.end_rollout(ro.steps(), T)
 
         with torch.no_grad():
             (_, _, last_value), _, _ = mem.act(next_obs)
@@ -1165,15 +1133,27 @@ def main(args: Args) -> None:
         b_actions = b_actions if agent.continuous else b_actions.long()
         b_logprobs = ro.logprobs.reshape(-1)
         pool = {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in ro.raw().items()}
-        b_inds = np.arange(batch_size)
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
-                                 "action_value_loss", "aux_recon_loss", "retention_loss", "entry_critic_loss")}
+                                 "action_value_loss", "aux_recon_loss", "read_loss", "retention_loss", "entry_critic_loss")}
+        vote_stats, read_target, read_weight = {}, torch.zeros((batch_size, S), device=device), torch.zeros(batch_size, device=device)
+        if args.retention == "learned":
+            # The steps the critic found most surprising vote; each is weighted by its gain G (module docstring).
+            voters = b_td_error.abs().topk(max(1, batch_size // VOTER_FRACTION)).indices
+            # The critic explains TD targets in the env's own reward units, which stay put while the reward scale moves.
+            y = b_y[voters] * (reward_scaler.scale() if reward_scaler is not None else 1.0)
+            votes = retention_votes(agent, look_back_pool(carry, back, ro), ro, voters, y, M)
+            read_target[voters], read_weight[voters], gain = train_retention(agent, ret_optimizer, votes, args, stats)
+            vote_stats = dict(vote_gain_mean=gain.mean().item(), vote_gain_max=gain.max().item())
+            if not np.isfinite(stats["retention_loss"] + stats["entry_critic_loss"]).all():
+                raise TrainingDiverged(f"non-finite retention loss at step {global_step}; stopped, last good "
+                                       f"checkpoint kept at {ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+        b_inds = np.arange(batch_size)
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, batch_size, minibatch_size):
                 mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
                 t_idx, i_idx = mb // N, mb % N
-                e, read, src, _ = replay(agent, pool_embed(agent, pool), ro, t_idx, i_idx, M)
+                e, read, src, w = replay(agent, pool_embed(agent, pool), ro, t_idx, i_idx)
                 _, newlogprob, entropy, newvalue = agent.heads(e, read, b_actions[mb])
                 logratio = newlogprob - b_logprobs[mb]
                 if epoch == 0 and start == 0:  # before any gradient step the update reproduces the rollout exactly
@@ -1194,6 +1174,11 @@ def main(args: Args) -> None:
                     v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                if args.read_coef > 0:  # head 0 looks where the critic found the step's outcome decided (votes only)
+                    ce = -(read_target[mb] * torch.log(w[:, 0] + 1e-8)).sum(-1)
+                    read_loss = (read_weight[mb] * ce).sum() / (read_weight[mb] > 0).sum().clamp(min=1)
+                    loss = loss + args.read_coef * read_loss
+                    stats["read_loss"].append(read_loss.item())
                 if agent.action_value is not None:  # what the read must hold to predict the step's outcome
                     q = agent.action_value(torch.cat([e, read, agent.action_input(b_actions[mb])], -1)).squeeze(-1)
                     av_loss = 0.5 * ((q - b_y[mb]) ** 2).mean()
@@ -1220,17 +1205,6 @@ def main(args: Args) -> None:
                     stats[k].append(v.item())
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
-        vote_stats = {}
-        if args.retention == "learned":
-            # The steps the critic found most surprising vote; each is weighted by its gain G (module docstring).
-            voters = b_td_error.abs().topk(max(1, batch_size // VOTER_FRACTION)).indices
-            # The critic explains TD targets in the env's own reward units, which stay put while the reward scale moves.
-            y = b_y[voters] * (reward_scaler.scale() if reward_scaler is not None else 1.0)
-            votes = retention_votes(agent, look_back_pool(carry, back, ro), ro, voters, y, M)
-            vote_stats = train_retention(agent, ret_optimizer, votes, args, stats)
-            if not np.isfinite(stats["retention_loss"] + stats["entry_critic_loss"]).all():
-                raise TrainingDiverged(f"non-finite retention loss at step {global_step}; stopped, last good "
-                                       f"checkpoint kept at {ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
         # Normalisation statistics change between rollouts, never inside one (exact replay).
         if agent.obs_rms is not None:
             agent.obs_rms.update(ro.obs.float())

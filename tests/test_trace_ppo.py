@@ -59,8 +59,8 @@ def run_rollout(envs, mem: Memory, steps: int, seed: int = 0, obs=None, on_step=
     """The rollout loop of trace_ppo.main. Starts from reset unless ``obs`` is given. Returns the Rollout,
     the carry-in, the look-back (taken at the start), what the policy output at each step, and the last obs."""
     agent, n, s = mem.agent, mem.n, mem.s
-    ro = Rollout(steps, n, s, envs.single_observation_space, envs.single_action_space, agent.n_act, torch.device("cpu"))
-    carry, back = mem.begin_rollout(), mem.look_back()
+    ro = Rollout(steps, n, mem, envs.single_observation_space, envs.single_action_space, torch.device("cpu"))
+    carry, back = mem.begin_rollout()
     out = {k: [] for k in ("w", "logits")}
     if obs is None:
         obs = torch.as_tensor(envs.reset(seed=seed)[0])
@@ -68,7 +68,8 @@ def run_rollout(envs, mem: Memory, steps: int, seed: int = 0, obs=None, on_step=
         ro.record_inputs(step, obs, mem)
         with torch.no_grad():
             (action, logprob, value), w, e = mem.act(obs)
-            out["logits"].append(agent.actor(torch.cat([e, mem.read(e)[0]], -1)))
+            read, _ = agent.attend(e, mem.emb, mem.tags() if mem.k else None, mem.src >= 0)
+            out["logits"].append(agent.actor(torch.cat([e, read], -1)))
         ro.values[step], ro.actions[step], ro.logprobs[step], ro.attn[step] = value, action, logprob, w.mean(1)
         out["w"].append(w)
         nxt, reward, term, trunc, info = envs.step(action.numpy())
@@ -77,13 +78,14 @@ def run_rollout(envs, mem: Memory, steps: int, seed: int = 0, obs=None, on_step=
         with torch.no_grad():
             mem.write(e, obs, s + step)
         mem.advance(action, reward)
+        ro.ret[step] = torch.as_tensor(np.where(term | trunc, mem.ep_return, 0.0), dtype=torch.float32)
         done = np.flatnonzero(term | trunc)
         if on_step is not None:
             on_step(step, done)
         if len(done):
             mem.end_episodes(done)
         obs = torch.as_tensor(nxt)
-    mem.end_rollout({k: v.clone() for k, v in ro.raw().items()}, steps)
+    mem.end_rollout(ro.steps(), steps)
     return ro, carry, back, {k: torch.stack(v) for k, v in out.items()}, obs
 
 
@@ -101,7 +103,7 @@ def test_never_more_than_m_entries_and_cleared_at_episode_start(retention):
     checked = []
 
     def on_step(step, done):
-        occ = mem.occupied
+        occ = mem.src >= 0
         # After t + 1 writes in an episode, min(t + 1, M) slots are used (nothing lost, nothing extra).
         assert torch.equal(occ.sum(1), torch.clamp(mem.clock, max=3))
         checked.append(len(done))
@@ -137,7 +139,7 @@ def test_fifo_evicts_oldest():
 
     def on_step(step, done):
         for i in range(2):  # the memory holds exactly the last M steps of the episode
-            taus = sorted(mem.tau[i, :4][mem.occupied[i, :4]].tolist())
+            taus = sorted(mem.entry["tau"][i, :4][mem.src[i, :4] >= 0].tolist())
             t = int(mem.clock[i]) - 1  # the clock has advanced
             assert taus == list(range(max(0, t - 3), t + 1))
 
@@ -155,19 +157,16 @@ def test_attention_weights_sum_to_one_over_occupied_and_zero_on_empty():
     assert torch.all(sums[~has] == 0.0) and (~has).any() and has.any()
 
 
-def test_read_scale_does_not_grow_with_the_values():
-    """The read is layer-normalised: values 1000x larger give the same read (it cannot saturate the heads)."""
+def test_read_scale_does_not_grow_with_the_entries():
+    """The read is layer-normalised: entries 1000x larger cannot give a read that saturates the heads."""
     args = small_args()
     torch.manual_seed(0)
     agent = Agent(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), args)
     d = args.hidden_size
-    e, k, v = torch.randn(5, d), torch.randn(5, 4, d), torch.randn(5, 4, d)
-    occ = torch.ones(5, 4, dtype=torch.bool)
+    e, slots = torch.randn(5, d), 1000.0 * torch.randn(5, 4, d)
     with torch.no_grad():
-        read, _ = agent.attend(e, k, v, occ)
-        big, _ = agent.attend(e, k, 1000.0 * v, occ)
-        raw = agent.o_proj((1000.0 * v).mean(1))  # what the projection alone would pass on
-    assert torch.allclose(read, big, atol=1e-4)
+        read, _ = agent.attend(e, slots, None, torch.ones(5, 4, dtype=torch.bool))
+        raw = agent.o_proj(agent.v_proj(slots).mean(1))  # what the projections alone would pass on
     assert read.norm(dim=-1).max() <= math.sqrt(d) + 1e-3 < raw.norm(dim=-1).min()
 
 
@@ -182,17 +181,6 @@ def test_persistent_slots_survive_reset_with_outcome_tag():
     tags = ro.tag[later][:, 3:]  # [persistent, symlog(outcome), log1p(episodes ago)]
     assert torch.all(tags[..., 0] == 1.0) and torch.all(tags[..., 1].abs() == np.log(2.0))
     assert torch.all(tags[..., 2] > 0)
-
-
-def test_tagged_keys_and_values_equal_projecting_the_tagged_entry():
-    """k_proj(e + tag_proj(tag)) is computed as k_proj(e) + W_k W_tag tag (same for values)."""
-    args = small_args()
-    agent = Agent(spaces.Box(0, 1, (3,), np.float32), spaces.Discrete(2), args)
-    mem, tags = torch.randn(4, 5, args.hidden_size), torch.randn(4, 5, trace_ppo.TAG_DIM)
-    k, v = agent.k_proj(mem) + agent.tag_key(tags), agent.v_proj(mem) + agent.tag_value(tags)
-    tagged = mem + agent.tag_proj(tags)
-    assert torch.allclose(k, agent.k_proj(tagged), atol=1e-5) and torch.allclose(v, agent.v_proj(tagged), atol=1e-5)
-    assert not torch.allclose(k, agent.k_proj(mem), atol=1e-3)  # the tag does change the key
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +200,7 @@ def test_update_reproduces_rollout_logits_values_and_weights(persistent):
     assert (ro.tau == 0).any() and (ro.tau[0] > 0).any(), "episode boundaries inside and across rollouts"
     pool = {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in ro.raw().items()}
     t_idx, i_idx = all_queries(T, 3)
-    e, read, _, w = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx, 3, weights=True)
+    e, read, _, w = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx)
     _, logp, _, value = agent.heads(e, read, ro.actions.reshape(-1).long())
     assert torch.allclose(agent.actor(torch.cat([e, read], -1)), out["logits"].reshape(-1, 2), atol=1e-5)
     assert torch.allclose(logp, ro.logprobs.reshape(-1), atol=1e-5)
@@ -220,13 +208,8 @@ def test_update_reproduces_rollout_logits_values_and_weights(persistent):
     assert torch.allclose(w, out["w"].reshape(T * 3, *out["w"].shape[2:]), atol=1e-5)
     # A shuffled subset of the queries (a minibatch) gets the same reads.
     sub = torch.randperm(len(t_idx), generator=torch.Generator().manual_seed(0))[: len(t_idx) // 3]
-    _, read_sub, _, _ = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx[sub], i_idx[sub], 3)
+    _, read_sub, _, _ = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx[sub], i_idx[sub])
     assert torch.allclose(read_sub, read[sub], atol=1e-5)
-    # The memory's cached key/value projections match its entries after writes, evictions and resets.
-    occ = mem.occupied
-    with torch.no_grad():
-        assert torch.allclose(mem.key[occ], agent.k_proj(mem.emb[occ]), atol=1e-6)
-        assert torch.allclose(mem.val[occ], agent.v_proj(mem.emb[occ]), atol=1e-6)
 
 
 def test_policy_gradient_reaches_encoder_and_attention_but_not_retention():
@@ -235,7 +218,7 @@ def test_policy_gradient_reaches_encoder_and_attention_but_not_retention():
     ro, carry, *_ = run_rollout(envs, mem, 12)
     pool = {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in ro.raw().items()}
     t_idx, i_idx = all_queries(12, 2)
-    e, read, _, _ = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx, 3)
+    e, read, _, _ = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx)
     # Through the READ only (the step's own features detached): the gradient reaches the encoder through the
     # re-encoded memory entries.
     _, logp, _, _ = agent.heads(e.detach(), read, ro.actions.reshape(-1).long())
@@ -262,7 +245,7 @@ def test_look_back_holds_every_earlier_step_of_the_episode_across_rollouts():
     look = trace_ppo.look_back_pool(carry, back, ro)
     history = {k: torch.cat([r.raw()[k] for r in steps]) for k in ("obs", "pact", "prew", "tau")}  # (12, N, ...)
     t_idx, i_idx = all_queries(4, 2)
-    own = trace_ppo.retention_votes(agent, look, ro, t_idx * 2 + i_idx, torch.zeros(8), 2).own
+    own = trace_ppo.retention_votes(agent, look, ro, t_idx * 2 + i_idx, torch.zeros(8), 2).seen
     for b in range(len(t_idx)):
         t, i = 8 + int(t_idx[b]), int(i_idx[b])
         start = t - int(history["tau"][t, i])
@@ -284,13 +267,74 @@ def test_look_back_window_keeps_older_entries_still_in_memory():
         ro, carry, back, _, obs = run_rollout(envs, mem, 4, obs=obs)
     look = trace_ppo.look_back_pool(carry, back, ro)
     t_idx, i_idx = all_queries(4, 2)
-    own = trace_ppo.retention_votes(agent, look, ro, t_idx * 2 + i_idx, torch.zeros(8), 2).own
+    own = trace_ppo.retention_votes(agent, look, ro, t_idx * 2 + i_idx, torch.zeros(8), 2).seen
     for b in range(len(t_idx)):
         taus = look["tau"][int(i_idx[b])][own[b]].tolist()
         t = int(ro.tau[t_idx[b], i_idx[b]])
         in_slots = set(range(max(0, t - 2), t))  # FIFO: the last two steps
         window = set(range(8 - 3, 8)) | set(range(8, t))  # 3 steps before the rollout, then the rollout's own
         assert sorted(taus) == sorted(in_slots | window)
+
+
+@pytest.mark.parametrize("persistent", [0, 2])
+def test_votes_locate_the_entries_each_step_read(persistent):
+    """``held`` points every held slot at its own entry among the step's candidates -- the same clock, and for a
+    persistent slot the episode its tag says -- and -1 at empty slots: the read is taught from the critic's
+    verdict on exactly the entries it could attend to."""
+    args = small_args(memory_slots=2, num_envs=2, persistent_slots=persistent)
+    envs, agent, mem = make_memory(args, {"delay": 3, "difficulty": 1})
+    obs = None
+    for _ in range(3):
+        ro, carry, back, _, obs = run_rollout(envs, mem, 5, obs=obs)
+    look = trace_ppo.look_back_pool(carry, back, ro)
+    t_idx, i_idx = all_queries(5, 2)
+    votes = trace_ppo.retention_votes(agent, look, ro, t_idx * 2 + i_idx, torch.zeros(10), 2)
+    s, ep_ids = ro.src.shape[2], ro.episode_ids()
+    checked = 0
+    for b in range(10):
+        t, i = int(t_idx[b]), int(i_idx[b])
+        for slot, src in enumerate(ro.src[t, i].tolist()):
+            if src < 0:
+                assert votes.held[b, slot] == -1
+                continue
+            j = int(votes.held[b, slot])
+            clock = int(carry["tau"][i, src]) if src < s else int(ro.tau[src - s, i])
+            assert votes.seen[b, j] and int(look["tau"][i, j]) == clock
+            ago = round(math.expm1(ro.tag[t, i, slot, 2].item())) if slot >= 2 else 0
+            assert int(look["ep"][i, j]) == int(ep_ids[t, i]) - ago or (slot < 2 and j < s)
+            assert torch.allclose(votes.tag[b, j], ro.tag[t, i, slot], atol=1e-6)  # the tag it carried then
+            checked += 1
+    assert checked > 10
+
+
+def test_with_persistent_slots_earlier_episodes_are_candidates_tagged_as_they_would_be_held():
+    """RecallAcrossEpisodes (blocks of 3 episodes of 2 steps): a decision in the block's third episode may look
+    back at the block's cue, two episodes earlier, tagged [1, symlog(return of its episode), log(1 + 2)] --
+    whether or not a persistent slot kept it. Without persistent slots, only its own episode."""
+    for persistent in (0, 2):
+        args = small_args(memory_slots=2, num_envs=2, persistent_slots=persistent)
+        envs, agent, mem = make_memory(args, {"block": 3, "length": 2}, env_id="RecallAcrossEpisodes-v0")
+        obs = None
+        for _ in range(3):
+            ro, carry, back, _, obs = run_rollout(envs, mem, 8, obs=obs)
+        look = trace_ppo.look_back_pool(carry, back, ro)
+        t_idx, i_idx = all_queries(8, 2)
+        votes = trace_ppo.retention_votes(agent, look, ro, t_idx * 2 + i_idx, torch.zeros(16), 2)
+        cue = look["obs"][..., 1] == 1.0   # the block's first observation
+        for b in range(16):
+            t, i = int(t_idx[b]), int(i_idx[b])
+            ep_q = int(ro.episode_ids()[t, i])
+            cands = torch.nonzero(votes.seen[b] & cue[i]).squeeze(1).tolist()
+            if persistent == 0:
+                assert all(int(look["ep"][i, j]) == ep_q for j in cands)
+                continue
+            for j in cands:
+                lag = ep_q - int(look["ep"][i, j])
+                assert lag >= 0 and votes.tag[b, j, 2] == pytest.approx(np.log1p(lag))
+                if lag:
+                    assert votes.tag[b, j, 0] == 1 and abs(votes.tag[b, j, 1]) == pytest.approx(np.log(2.0))
+            if int(ro.tau[t, i]) > 0 or ep_q > 0:
+                assert cands, "the block's cue is always within the look-back of the block's later episodes"
 
 
 def train_entry_critic(retention: Retention, steps: int, seed: int = 0):
@@ -309,10 +353,10 @@ def train_entry_critic(retention: Retention, steps: int, seed: int = 0):
         env = torch.arange(b) % n
         action = torch.randint(0, 2, (b,), generator=gen)
         y = torch.where(action == (content[env, 0, 0] > 0).long(), 1.0, -1.0)
-        votes = Votes(x, torch.arange(p).repeat(n, 1), torch.ones(b, p, dtype=torch.bool), env,
+        votes = Votes(x, torch.arange(p).repeat(n, 1), torch.ones(b, p, dtype=torch.bool), torch.zeros(b, p, 3), env,
                       torch.tanh(torch.randn(b, d, generator=gen)), torch.nn.functional.one_hot(action, 2).float(), y,
-                      x.new_zeros(b, 0, x.shape[-1]), torch.zeros(b, 0, dtype=torch.bool))
-        critic_loss, ret_loss, gain = retention.loss(votes)
+                      torch.full((b, 0), -1))
+        critic_loss, ret_loss, gain, _ = retention.loss(votes)
         opt.zero_grad()
         (critic_loss + ret_loss).backward()
         opt.step()
@@ -342,10 +386,11 @@ def test_steps_that_no_entry_explains_do_not_vote():
     n, p, b = 4, 12, 64
     x = Retention.features(torch.randn(n, p, 16, generator=gen), torch.randn(n, p, 3, generator=gen),
                            torch.arange(p).repeat(n, 1), torch.zeros(n, p, 2), torch.zeros(n, p))
-    votes = Votes(x, torch.arange(p).repeat(n, 1), torch.ones(b, p, dtype=torch.bool), torch.arange(b) % n,
-                  torch.randn(b, 16, generator=gen), torch.nn.functional.one_hot(torch.randint(0, 2, (b,)), 2).float(),
-                  0.05 * torch.randn(b, generator=gen), x.new_zeros(b, 0, x.shape[-1]), torch.zeros(b, 0, dtype=torch.bool))
-    _, _, gain = retention.loss(votes)
+    votes = Votes(x, torch.arange(p).repeat(n, 1), torch.ones(b, p, dtype=torch.bool), torch.zeros(b, p, 3),
+                  torch.arange(b) % n, torch.randn(b, 16, generator=gen),
+                  torch.nn.functional.one_hot(torch.randint(0, 2, (b,)), 2).float(), 0.05 * torch.randn(b, generator=gen),
+                  torch.full((b, 0), -1))
+    _, _, gain, _ = retention.loss(votes)
     assert gain.max() < 0.01
 
 
@@ -367,18 +412,18 @@ def test_retention_loss_reaches_the_scorer_through_an_evicted_entry():
         assert (held >= 0).all() and (held_tau > 0).all()  # the decision's slots no longer hold step 0
         votes = trace_ppo.retention_votes(agent, trace_ppo.look_back_pool(carry, back, ro), ro, t_idx * 8 + i_idx,
                                           ro.rewards[t_idx, i_idx], 2)
-        cue = votes.own & (votes.clock[votes.env] == 0)
+        cue = votes.seen & (votes.clock[votes.env] == 0)
         assert cue.sum(1).eq(1).all()  # ... but it is in the look-back
         batches.append((votes, cue))
     opt = torch.optim.Adam(agent.retention.parameters(), lr=3e-3)
     for step in range(800):
-        critic_loss, ret_loss, gain = agent.retention.loss(batches[step % len(batches)][0])
+        critic_loss, ret_loss, gain, _ = agent.retention.loss(batches[step % len(batches)][0])
         opt.zero_grad()
         (critic_loss + ret_loss).backward()
         opt.step()
     for votes, cue in batches:
         with torch.no_grad():
-            scores = agent.retention.score(votes.entries)[votes.env].masked_fill(~votes.own, -1e9)
+            scores = agent.retention.score(votes.entries)[votes.env].masked_fill(~votes.seen, -1e9)
         assert (scores.argmax(1) == cue.float().argmax(1)).all()
 
 
@@ -414,13 +459,6 @@ def test_time_encoding_distinguishes_long_episodes_and_equals_its_formula():
     for hi in (10, 3000, 70000):  # the later calls outgrow the lookup table
         tau = torch.randint(0, hi, (5, 7))
         assert torch.allclose(trace_ppo.time_encoding(tau), formula(tau), atol=1e-6)
-
-
-def test_env_groups_gives_each_query_its_own_row_inside_its_env_block():
-    i_idx = torch.tensor([2, 0, 2, 2, 1, 0, 2])
-    row, c = trace_ppo.env_groups(i_idx, 4)
-    assert c == 4 and len(set(row.tolist())) == len(i_idx) and torch.equal(row // c, i_idx)
-    assert row[i_idx == 2].tolist() == [8, 9, 10, 11] and row[i_idx == 0].tolist() == [0, 1]
 
 
 def test_visit_counter_counts_each_hash_bucket():
@@ -471,7 +509,7 @@ def test_main_vector_env_replays_exactly_and_logs(tmp_path, monkeypatch):
     errs = [v for _, v in tb["debug/replay_max_error"]]
     assert len(errs) == 4 and max(errs) < 1e-5
     for key in ("charts/episodic_return", "charts/SPS", "losses/policy_loss", "losses/retention_loss",
-                "losses/entry_critic_loss", "losses/aux_recon_loss", "losses/action_value_loss",
+                "losses/entry_critic_loss", "losses/aux_recon_loss", "losses/action_value_loss", "losses/read_loss",
                 "memory/mean_age_evicted", "memory/attention_entropy", "memory/cue_in_memory_at_decision",
                 "memory/vote_gain_mean", "intrinsic/explore_floor_mean"):
         assert key in tb, key
