@@ -48,9 +48,12 @@ lstm-ppo                   | recurrent_ppo_baseline.py |
 trace-learned              | trace_ppo.py              | --retention learned
 trace-fifo                 | trace_ppo.py              | --retention fifo
 trace-persist              | trace_ppo.py              | --retention learned --persistent-slots 4
-# trace_ppo on Passive T-Maze (issue 5 item 3): normalisation, no entropy bonus, the exploration floor
-trace-explore              | trace_ppo.py              | --retention learned --normalize True --ent-coef 0 --explore-visits 20
-# the baselines with the normalisation and entropy flags of trace-explore (they have no exploration floor)
+# trace_ppo with one of its mechanisms off (the ablation suite)
+trace-no-read              | trace_ppo.py              | --read-coef 0
+trace-no-qaux              | trace_ppo.py              | --action-value-coef 0
+trace-no-recon             | trace_ppo.py              | --aux-recon-coef 0
+trace-no-floor             | trace_ppo.py              | --explore-visits 0
+# the baselines with the vector settings of trace_ppo: observation and reward normalisation, no entropy bonus
 ppo-norm                   | ppo_baseline.py           | --normalize True --ent-coef 0
 lstm-ppo-norm              | recurrent_ppo_baseline.py | --normalize True --ent-coef 0
 # AdaMemento on sparse-reward tasks (success = return > 0, issue 3), and its ablations:
@@ -78,10 +81,16 @@ memory      | MemoryTask-v0           | delay=16 difficulty=1   | 32000   | 200 
 memory      | MemoryTask-v0           | delay=64 difficulty=1   | 128000  | 200 | ppo lstm-ppo trace-learned trace-fifo
 memory      | MemoryTask-v0           | delay=256 difficulty=1  | 512000  | 200 | ppo lstm-ppo trace-learned trace-fifo
 memory      | MemoryTask-v0           | delay=1024 difficulty=1 | 2048000 | 200 | ppo lstm-ppo trace-learned trace-fifo
-memory      | PassiveTMaze-v0         | length=100           | 202000    | 200      | ppo lstm-ppo trace-learned trace-fifo trace-explore ppo-norm lstm-ppo-norm
-memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200      | ppo lstm-ppo trace-learned trace-fifo trace-explore ppo-norm lstm-ppo-norm
-memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo lstm-ppo trace-learned trace-fifo trace-explore ppo-norm lstm-ppo-norm
+memory      | MemoryTask-v0           | delay=64 difficulty=1 cue_time=random   | 128000  | 200 | ppo lstm-ppo trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | ppo lstm-ppo trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=1024 difficulty=1 cue_time=random | 2048000 | 200 | ppo lstm-ppo trace-learned trace-fifo
+memory      | PassiveTMaze-v0         | length=100           | 202000    | 200      | ppo lstm-ppo trace-learned trace-fifo ppo-norm lstm-ppo-norm
+memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200      | ppo lstm-ppo trace-learned trace-fifo ppo-norm lstm-ppo-norm
+memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo lstm-ppo trace-learned trace-fifo ppo-norm lstm-ppo-norm
 memory      | RecallAcrossEpisodes-v0 |                      | 200000    | 200      | ppo lstm-ppo trace-learned trace-fifo trace-persist
+ablation    | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
+ablation    | PassiveTMaze-v0         | length=500           | 1002000   | 200      | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
+ablation    | MemoryTask-v0           | delay=256 difficulty=1  | 512000  | 200 | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
 exploration | CliffWalkingFail-v0     |                      | 100000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 exploration | DarkChamber-v0          | cell_pixels=1        | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 exploration | FourRooms-v0            |                      | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
@@ -104,6 +113,7 @@ SUITES='
 # suite     | seeds | workers | sbatch options
 smoke       | 2     | cores   | --cpus-per-task=1 --mem=4G --time=00:30:00
 memory      | 3     | cores   | --cpus-per-task=1 --mem=4G --time=24:00:00
+ablation    | 3     | cores   | --cpus-per-task=1 --mem=4G --time=12:00:00
 exploration | 3     | cores   | --cpus-per-task=1 --mem=4G --time=12:00:00
 speed       | 3     | 1       | --cpus-per-task=1 --mem=4G --time=02:00:00 --exclusive
 mujoco      | 3     | cores   | --cpus-per-task=1 --mem=4G --time=24:00:00

@@ -1026,7 +1026,8 @@ def main(args: Args) -> None:
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     agent = Agent(obs_space, act_space, args).to(device)
     # fused: one kernel for all parameters (same update rule, ~2x faster step on CPU with many small tensors)
-    optimizer = optim.Adam(agent.policy_parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    policy_params = agent.policy_parameters()
+    optimizer = optim.Adam(policy_params, lr=args.learning_rate, eps=1e-5, fused=True)
     ret_optimizer = optim.Adam(agent.retention.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     counter = VisitCounter(int(np.prod(obs_space.shape)), args.seed, device) if args.explore_visits > 0 else None
     reward_scaler = RewardScaler(N, args.gamma) if args.normalize_reward else None
@@ -1198,7 +1199,7 @@ def main(args: Args) -> None:
                                            f"checkpoint kept at {ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
                 optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.policy_parameters(), args.max_grad_norm)
+                nn.utils.clip_grad_norm_(policy_params, args.max_grad_norm)
                 optimizer.step()
                 for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy_loss),
                              ("old_approx_kl", old_approx_kl), ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
