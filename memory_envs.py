@@ -33,7 +33,8 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -737,6 +738,146 @@ def write_eval_json(run_dir: str, record: dict[str, Any]) -> str:
         json.dump(record, f, indent=2, default=float)
     os.replace(f"{path}.tmp", path)
     return path
+
+
+@dataclass
+class RunArgs:
+    """The flags every script shares (its own dataclass adds PPO's and the algorithm's)."""
+    exp_name: str = "run"
+    """the name of this experiment"""
+    env_id: str = "MemoryTask-v0"
+    """any registered gymnasium id, also `module:EnvId` and `ALE/...`"""
+    env_kwargs: tuple[str, ...] = ()
+    """keyword arguments for gym.make as key=value pairs, values parsed as Python literals"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    threads: int = 1
+    """torch CPU threads (one per run is best when several runs share the cores)"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "memory-ppo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, videos of the first training env are saved to runs/<run-name>/videos"""
+    save_model: bool = False
+    """if toggled, the final model (with its normalisation statistics) is saved as model.pt"""
+    resume: Optional[str] = None
+    """checkpoint file, run directory or run name to continue; its saved arguments are used"""
+    run_name: Optional[str] = None
+    """name of the run directory under runs/ (default: {env}__{exp_name}__{seed}__{time})"""
+    eval_episodes: int = 100
+    """episodes of greedy evaluation on fresh seeded envs after training (0 to skip)"""
+    checkpoint_interval: float = 60.0
+    """seconds between checkpoints (runs/<run-name>/checkpoint.pt); 0 = after every update"""
+
+
+class Run:
+    """What every script does around its algorithm: ``--resume`` (its saved arguments are used), the run
+    directory, wandb, seeding, the TensorBoard writer, checkpoints that carry every RNG state, the one-line
+    stop on a non-finite loss, and eval.json. ``state`` is the checkpoint being resumed (or None)."""
+
+    def __init__(self, args: Any, args_cls: type):
+        import torch
+
+        self.state, self.dir = None, None
+        if args.resume:
+            path, self.dir = resolve_resume(args.resume)
+            self.state = torch.load(path, map_location="cpu", weights_only=False)
+            args = args_cls(**dict(self.state["args"], resume=args.resume))
+        self.args = args
+
+    def start(self) -> Any:
+        """Create the run directory (new runs), start wandb and TensorBoard, seed everything; returns the device."""
+        import random
+
+        import torch
+        from torch.utils.tensorboard import SummaryWriter
+
+        args = self.args
+        if self.state is None:
+            args.run_name = args.run_name or default_run_name(args.env_id, args.exp_name, args.seed)
+            self.dir = os.path.join("runs", args.run_name)
+            os.makedirs(self.dir, exist_ok=True)
+        self.ckpt_path = os.path.join(self.dir, "checkpoint.pt")
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs wandb: pip install wandb") from None
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=args.run_name, monitor_gym=True, save_code=True, resume="allow",
+                       id=args.run_name)
+        if args.capture_video:
+            try:
+                import moviepy  # noqa: F401
+            except ImportError:
+                raise UserError("--capture-video needs moviepy: pip install moviepy") from None
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        torch.set_num_threads(args.threads)
+        self.start_iteration, self.global_step, self.elapsed_before = 1, 0, 0.0
+        if self.state is not None:
+            self.start_iteration = self.state["iteration"] + 1
+            self.global_step, self.elapsed_before = self.state["global_step"], self.state["wall_time_s"]
+        # A resumed run hides the killed run's events *after* the checkpoint.
+        self.writer = SummaryWriter(self.dir, purge_step=self.global_step + 1 if self.state else None)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                             "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        self.start_time = time.time()
+        return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    def restore_rng(self) -> None:
+        import random
+
+        import torch
+
+        rng = self.state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+
+    def wall_time(self) -> float:
+        return self.elapsed_before + time.time() - self.start_time
+
+    def save(self, iteration: int, global_step: int, **parts: Any) -> None:
+        """An atomic checkpoint of ``parts`` with the run's arguments, position and every RNG state."""
+        import random
+        from dataclasses import asdict
+
+        import torch
+
+        save_atomic(dict(parts, iteration=iteration, global_step=global_step, wall_time_s=self.wall_time(),
+                         args=asdict(self.args), rng=dict(python=random.getstate(), numpy=np.random.get_state(),
+                                                          torch=torch.get_rng_state())), self.ckpt_path)
+        self.writer.flush()  # the TB log of a killed run then reaches at least its checkpoint
+
+    def diverged(self, what: str, global_step: int) -> TrainingDiverged:
+        kept = self.ckpt_path if os.path.exists(self.ckpt_path) else "(none yet)"
+        return TrainingDiverged(f"{what} at step {global_step}; stopped, last good checkpoint kept at {kept}")
+
+    def finish(self, record: dict[str, Any]) -> None:
+        """Write eval.json (the script's ``record``: global_step, sps, wall_time_s and its evaluation, plus the run's
+        identity), log the evaluation to TensorBoard, print the last line, close TensorBoard."""
+        from dataclasses import asdict
+
+        args = self.args
+        for k, v in record.items():
+            if k in ("mean_return", "std_return", "success_rate", "cue_in_memory", "cue_attention") and v is not None:
+                self.writer.add_scalar(f"eval/{k}", v, record["global_step"])
+        path = write_eval_json(self.dir, dict(
+            algo=args.exp_name, env_id=args.env_id, env_kwargs=parse_env_kwargs(args.env_kwargs), seed=args.seed,
+            total_timesteps=args.total_timesteps, eval_episodes=args.eval_episodes, **record, run_name=args.run_name,
+            args=asdict(args)))
+        print(f"eval: return {record.get('mean_return')} success {record.get('success_rate')} -> {path}", flush=True)
+        self.writer.close()
 
 
 class Progress:

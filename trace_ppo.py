@@ -59,45 +59,14 @@ from torch.distributions import Categorical, Normal
 from torch.utils.tensorboard import SummaryWriter
 
 import memory_envs  # noqa: F401  (registers the memory environments)
-from memory_envs import (FlattenObservation, finished_episode, Progress, TrainingDiverged, UserError, check_spaces,
-                         default_run_name, is_atari, make_base_env, parse_env_kwargs, resolve_resume,
-                         run_cli, save_atomic, write_eval_json)
+from memory_envs import (FlattenObservation, Progress, Run, RunArgs, UserError, check_spaces, finished_episode,
+                         is_atari, make_base_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    env_id: str = "MemoryTask-v0"
-    """any registered gymnasium id, also `module:EnvId` and `ALE/...`"""
-    env_kwargs: tuple[str, ...] = ()
-    """keyword arguments for gym.make as key=value pairs, values parsed as Python literals"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    threads: int = 1
-    """torch CPU threads (one per run is best when several runs share the cores)"""
-    track: bool = False
-    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "memory-ppo"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of the wandb project"""
-    capture_video: bool = False
-    """if toggled, videos of the first training env are saved to runs/<run-name>/videos"""
-    save_model: bool = False
-    """if toggled, the final model (with its normalisation statistics) is saved as model.pt"""
-    resume: Optional[str] = None
-    """checkpoint file, run directory or run name to continue; its saved arguments are used"""
-    run_name: Optional[str] = None
-    """name of the run directory under runs/ (default: {env}__{exp_name}__{seed}__{time})"""
-    eval_episodes: int = 100
-    """episodes of greedy evaluation on fresh seeded envs after training (0 to skip)"""
-    checkpoint_interval: float = 60.0
-    """seconds between checkpoints (runs/<run-name>/checkpoint.pt); 0 = after every update"""
 
     # PPO. `None` means the domain default given in brackets: [vector / Atari / continuous actions].
     total_timesteps: int = 500_000
@@ -159,8 +128,6 @@ class Args:
     explore_visits: Optional[float] = None
     """m of the exploration floor: act uniformly with probability min(1, m / visits of the observation)
     (0 = off; discrete actions) [20 / 0 / 0]"""
-    heatmap_interval: int = 25
-    """updates between attention heatmaps written to TensorBoard (0 = never)"""
 
 
 PRESETS = {
@@ -179,9 +146,7 @@ PERSISTENT_LOOK_BACK = 16  # with persistent slots, retention also judges the en
 VOTER_FRACTION = 8  # the rollout's 1/8 steps with the largest |TD error| teach retention; the rest hardly vote
 
 
-# ---------------------------------------------------------------------------------------
-# Environments
-# ---------------------------------------------------------------------------------------
+# ---- Environments
 def env_kind(env_id: str, probe: gym.Env) -> str:
     if is_atari(env_id):
         return "atari"
@@ -215,9 +180,7 @@ def make_vector_env(args: Args, env_kwargs: dict, kind: str, num_envs: int, vide
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
-# ---------------------------------------------------------------------------------------
-# Agent
-# ---------------------------------------------------------------------------------------
+# ---- Agent
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     if layer.bias is not None:
@@ -420,6 +383,8 @@ class Agent(nn.Module):
 
         self.actor, self.critic = head(2 * d, self.n_act, 0.01), head(2 * d, 1, 1.0)
         self.action_value = head(2 * d + self.n_act, 1, 1.0) if args.action_value_coef > 0 else None
+        self.coefs = dict(read_loss=args.read_coef, action_value_loss=args.action_value_coef,
+                          aux_recon_loss=args.aux_recon_coef)
         if self.continuous:
             self.actor_logstd = nn.Parameter(torch.zeros(1, self.n_act))
         n_content = (obs_space.shape[-1 if self.channels_last else 0] * 16) if self.image else n_feat
@@ -474,6 +439,24 @@ class Agent(nn.Module):
         read = (w.transpose(1, 2).unsqueeze(-1) * v).sum(1).flatten(1)
         return self.read_norm(self.o_proj(read)), w
 
+    def read_losses(self, replayed: tuple, action, y, read_target: tuple, slot: Optional[tuple]) -> dict:
+        """The losses that teach the read, {name: (coefficient, loss)}: attention head 0 looks where the entry
+        critic credits a voting step's outcome (``read_target``: its target over the slots and weight, 0 for the
+        steps that did not vote); the action-value head predicts the TD target ``y`` from [e, read, action]; and a
+        random held slot's observation is rebuilt from the read and its clock (``slot``, see ``slot_inputs``)."""
+        (e, read, w), (target, weight), out = replayed, read_target, {}
+        if self.coefs["read_loss"] > 0:
+            ce = -(target * torch.log(w[:, 0] + 1e-8)).sum(-1)
+            out["read_loss"] = (weight * ce).sum() / (weight > 0).sum().clamp(min=1)
+        if self.action_value is not None:
+            q = self.action_value(torch.cat([e, read, self.action_input(action)], -1)).squeeze(-1)
+            out["action_value_loss"] = 0.5 * ((q - y) ** 2).mean()
+        if self.recon is not None:
+            obs, tau, has = slot
+            pred = self.recon(torch.cat([read, time_encoding(tau)], -1))
+            out["aux_recon_loss"] = (((pred - self.content(obs)) ** 2).mean(-1) * has).sum() / has.sum().clamp(min=1)
+        return {k: (self.coefs[k], v) for k, v in out.items()}
+
     def heads(self, e, read, action=None, greedy: bool = False, floor: Optional[torch.Tensor] = None):
         """Policy and value on [e, read]. Given ``action`` (the update): its log-probability and the
         entropy. Without (acting): a sampled action (the mode if ``greedy``), entropy None. ``floor``
@@ -508,9 +491,7 @@ class Agent(nn.Module):
         return F.one_hot(action.long(), self.n_act).float()
 
 
-# ---------------------------------------------------------------------------------------
-# Memory: slots, their sources, and the look-back of the current episodes
-# ---------------------------------------------------------------------------------------
+# ---- Memory: slots, their sources, and the look-back of the current episodes
 class Memory:
     """The memories of N envs: M episodic then K persistent slots per env. A slot holds one entry (its raw
     inputs, its embedding, its retention score) and ``src``, the index of its source in this rollout's pool
@@ -643,9 +624,7 @@ class Memory:
         self.history = (self.history + [{k: v.clone() for k, v in steps.items()}])[-(math.ceil(self.window / num_steps) + 1):]
 
 
-# ---------------------------------------------------------------------------------------
-# The rollout buffer, returns
-# ---------------------------------------------------------------------------------------
+# ---- The rollout buffer, returns
 class Rollout:
     """(T, N) tensors of one rollout: the inputs of every entry, what PPO needs, and at every step which
     source each slot held (``src``) with the slots' persistent tags (the update replays the reads)."""
@@ -735,9 +714,7 @@ def td_targets(rewards, values, dones, last_value, gamma: float) -> tuple[torch.
     return y.reshape(-1), (y - values).reshape(-1)
 
 
-# ---------------------------------------------------------------------------------------
-# Update: replaying the reads, teaching retention
-# ---------------------------------------------------------------------------------------
+# ---- Update: replaying the reads, teaching retention
 def pool_embed(agent: Agent, pool: dict) -> torch.Tensor:
     """Embeddings (N, P, D) of every pool entry with the current parameters."""
     n, p = pool["tau"].shape
@@ -755,6 +732,14 @@ def replay(agent: Agent, pool_e: torch.Tensor, ro: Rollout, t_idx: torch.Tensor,
     slots = flat.index_select(0, (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)).view(*src.shape, d)
     read, w = agent.attend(e, slots, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0)
     return e, read, src, w
+
+
+def slot_inputs(pool: dict, src: torch.Tensor, i_idx: torch.Tensor) -> tuple:
+    """One random held slot per query, for the reconstruction loss: its observation, clock, whether any is held."""
+    held = src >= 0
+    pick = torch.multinomial(held.float() + (~held.any(1)).float().unsqueeze(1), 1).squeeze(1)
+    j = src[torch.arange(len(src), device=src.device), pick].clamp(min=0)
+    return pool["obs"][i_idx, j], pool["tau"][i_idx, j], held.any(1).float()
 
 
 @torch.no_grad()
@@ -838,9 +823,7 @@ def look_back_pool(carry: dict, back: tuple, ro: Rollout) -> dict:
     return look
 
 
-# ---------------------------------------------------------------------------------------
-# Evaluation and diagnostics (off the algorithm's path)
-# ---------------------------------------------------------------------------------------
+# ---- Evaluation and diagnostics (off the algorithm's path)
 def clip_action(action: torch.Tensor, space: spaces.Space) -> torch.Tensor:
     if isinstance(space, spaces.Box):
         return action.clamp(torch.as_tensor(space.low, device=action.device),
@@ -961,15 +944,10 @@ class MemoryStats:
         self.sums = dict(age=0.0, dropped=0, cue_in=0, cue_n=0)
 
 
-# ---------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------
+# ---- Training
 def main(args: Args) -> None:
-    resume_state = None
-    if args.resume:
-        ckpt_path, run_dir = resolve_resume(args.resume)
-        resume_state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        args = Args(**dict(resume_state["args"], resume=args.resume))
+    run = Run(args, Args)
+    args = run.args
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
     check_spaces(probe, (spaces.Discrete, spaces.Box))
@@ -984,95 +962,49 @@ def main(args: Args) -> None:
                  "hidden_size", "num_heads", "teacher_window"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("persistent_slots", "eval_episodes", "action_value_coef", "aux_recon_coef", "heatmap_interval",
+    for name in ("persistent_slots", "eval_episodes", "read_coef", "action_value_coef", "aux_recon_coef",
                  "explore_visits"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     T, N, M = args.num_steps, args.num_envs, args.memory_slots
-    S = M + args.persistent_slots
-    batch_size = N * T
+    S, batch_size = M + args.persistent_slots, N * T
     if batch_size % args.num_minibatches:
         raise UserError(f"--num-minibatches {args.num_minibatches} must divide num_envs*num_steps={batch_size}")
-    minibatch_size = batch_size // args.num_minibatches
-    num_iterations = max(1, args.total_timesteps // batch_size)
+    minibatch_size, num_iterations = batch_size // args.num_minibatches, max(1, args.total_timesteps // batch_size)
+    device = run.start()
 
-    if resume_state is None:
-        args.run_name = args.run_name or default_run_name(args.env_id, args.exp_name, args.seed)
-        run_dir = os.path.join("runs", args.run_name)
-        os.makedirs(run_dir, exist_ok=True)
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--track needs wandb: pip install wandb") from None
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=args.run_name, monitor_gym=True, save_code=True,
-                   resume="allow", id=args.run_name)
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            raise UserError("--capture-video needs moviepy: pip install moviepy") from None
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    envs = make_vector_env(args, env_kwargs, kind, N, os.path.join(run_dir, "videos"))
+    envs = make_vector_env(args, env_kwargs, kind, N, os.path.join(run.dir, "videos"))
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     agent = Agent(obs_space, act_space, args).to(device)
-    # fused: one kernel for all parameters (same update rule, ~2x faster step on CPU with many small tensors)
     policy_params = agent.policy_parameters()
+    # fused: one kernel for all parameters (same update rule, ~2x faster step on CPU with many small tensors)
     optimizer = optim.Adam(policy_params, lr=args.learning_rate, eps=1e-5, fused=True)
     ret_optimizer = optim.Adam(agent.retention.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     counter = VisitCounter(int(np.prod(obs_space.shape)), args.seed, device) if args.explore_visits > 0 else None
     reward_scaler = RewardScaler(N, args.gamma) if args.normalize_reward else None
-
-    start_iteration, global_step, elapsed_before = 1, 0, 0.0
-    if resume_state is not None:
+    if run.state is not None:
         try:
-            agent.load_state_dict(resume_state["agent"])
+            agent.load_state_dict(run.state["agent"])
         except RuntimeError as err:
             missing = str(err).strip().splitlines()[-1].strip()
             raise UserError(f"--resume {args.resume}: the checkpoint's network does not match this version "
                             f"of trace_ppo.py ({missing}); start a new run") from None
-        optimizer.load_state_dict(resume_state["optimizer"])
-        ret_optimizer.load_state_dict(resume_state["ret_optimizer"])
+        optimizer.load_state_dict(run.state["optimizer"])
+        ret_optimizer.load_state_dict(run.state["ret_optimizer"])
         if counter is not None:
-            counter.counts.copy_(resume_state["visit_counts"])
+            counter.counts.copy_(run.state["visit_counts"])
         if reward_scaler is not None:
-            reward_scaler.load_state_dict(resume_state["reward_rms"])
-        start_iteration = resume_state["iteration"] + 1
-        global_step, elapsed_before = resume_state["global_step"], resume_state["wall_time_s"]
-        random.setstate(resume_state["rng"]["python"])
-        np.random.set_state(resume_state["rng"]["numpy"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        print(f"resuming {run_dir} at step {global_step} (memory contents start empty)", flush=True)
-
-    # A resumed run hides the killed run's events *after* the checkpoint.
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume_state else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-
-    def checkpoint(iteration: int, wall: float) -> None:
-        save_atomic(dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(),
-                         ret_optimizer=ret_optimizer.state_dict(), iteration=iteration, global_step=global_step,
-                         wall_time_s=wall, args=asdict(args), visit_counts=counter.counts if counter else None,
-                         reward_rms=reward_scaler.state_dict() if reward_scaler else None,
-                         rng=dict(python=random.getstate(), numpy=np.random.get_state(),
-                                  torch=torch.get_rng_state())), ckpt_path)
-        writer.flush()  # the TB log of a killed run then reaches at least its checkpoint
+            reward_scaler.load_state_dict(run.state["reward_rms"])
+        run.restore_rng()
+        print(f"resuming {run.dir} at step {run.global_step} (memory contents start empty)", flush=True)
+    writer, global_step = run.writer, run.global_step
 
     mem = Memory(agent, N, args, obs_space, device)
     ro = Rollout(T, N, mem, obs_space, act_space, device)
-    stats_mem = MemoryStats()
-    next_obs = torch.as_tensor(envs.reset(seed=args.seed + start_iteration - 1)[0], device=device)
-    progress = Progress(args.total_timesteps)
-    start_time, start_step, last_ckpt = time.time(), global_step, time.time()
-    for iteration in range(start_iteration, num_iterations + 1):
+    stats_mem, progress = MemoryStats(), Progress(args.total_timesteps)
+    next_obs = torch.as_tensor(envs.reset(seed=args.seed + run.start_iteration - 1)[0], device=device)
+    start_step, last_ckpt = global_step, time.time()
+    for iteration in range(run.start_iteration, num_iterations + 1):
         if args.anneal_lr:
             for opt in (optimizer, ret_optimizer):
                 opt.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
@@ -1088,10 +1020,8 @@ def main(args: Args) -> None:
                 (action, logprob, value), w, e = mem.act(next_obs, floor=floor)
             ro.attn[step], ro.values[step], ro.actions[step], ro.logprobs[step] = w.mean(1), value, action, logprob
             next_obs_np, reward, term, trunc, info = envs.step(action.cpu().numpy())
-            # A non-finite reward would enter the memory before any loss could catch it.
-            if not np.isfinite(reward).all():
-                raise TrainingDiverged(f"non-finite reward at step {global_step}; stopped, last good checkpoint kept "
-                                       f"at {ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+            if not np.isfinite(reward).all():  # it would enter the memory before any loss could catch it
+                raise run.diverged("non-finite reward", global_step)
             done = term | trunc
             raw_reward = np.asarray(reward, dtype=np.float64)
             reward = np.sign(reward) if kind == "atari" else reward
@@ -1100,8 +1030,7 @@ def main(args: Args) -> None:
             with torch.no_grad():
                 stats_mem.on_write(mem.write(e, ro.obs[step], S + step))
             mem.advance(clip_action(action, act_space), raw_reward)
-            # Truncation is not termination: bootstrap with V(final obs), read from the memory that holds the
-            # episode's last entry.
+            # Truncation is not termination: bootstrap with V(final obs), read from the memory holding the last entry.
             cut = np.flatnonzero(trunc & ~term)
             if len(cut):
                 final = next_obs_np.copy()
@@ -1111,8 +1040,7 @@ def main(args: Args) -> None:
                 reward[cut] += args.gamma * v_final[cut]
             ro.rewards[step], ro.dones[step] = reward, torch.as_tensor(done, dtype=torch.float32, device=device)
             ro.ret[step] = torch.as_tensor(np.where(done, mem.ep_return, 0.0), dtype=torch.float32, device=device)
-            done_rows = np.flatnonzero(done)
-            for i in done_rows:
+            for i in np.flatnonzero(done):
                 ep_r, ep_l, success = finished_episode(info, i)
                 writer.add_scalar("charts/episodic_return", ep_r, global_step)
                 writer.add_scalar("charts/episodic_length", ep_l, global_step)
@@ -1120,8 +1048,8 @@ def main(args: Args) -> None:
                     writer.add_scalar("charts/episodic_success", float(success), global_step)
                 progress.episode(ep_r, success)
                 stats_mem.on_episode_end(ro, carry, step, i, cue_step(info, i), M)
-            if len(done_rows):
-                mem.end_episodes(done_rows)
+            if done.any():
+                mem.end_episodes(np.flatnonzero(done))
             next_obs = torch.as_tensor(next_obs_np, device=device)
         mem.end_rollout(ro.steps(), T)
 
@@ -1131,8 +1059,7 @@ def main(args: Args) -> None:
         b_returns, b_adv, b_values = (advantages + ro.values).reshape(-1), advantages.reshape(-1), ro.values.reshape(-1)
         b_y, b_td_error = td_targets(ro.rewards, ro.values, ro.dones, last_value, args.gamma)
         b_actions = ro.actions.reshape((-1,) + act_space.shape)
-        b_actions = b_actions if agent.continuous else b_actions.long()
-        b_logprobs = ro.logprobs.reshape(-1)
+        b_actions, b_logprobs = b_actions if agent.continuous else b_actions.long(), ro.logprobs.reshape(-1)
         pool = {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in ro.raw().items()}
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
                                  "action_value_loss", "aux_recon_loss", "read_loss", "retention_loss", "entry_critic_loss")}
@@ -1146,8 +1073,7 @@ def main(args: Args) -> None:
             read_target[voters], read_weight[voters], gain = train_retention(agent, ret_optimizer, votes, args, stats)
             vote_stats = dict(vote_gain_mean=gain.mean().item(), vote_gain_max=gain.max().item())
             if not np.isfinite(stats["retention_loss"] + stats["entry_critic_loss"]).all():
-                raise TrainingDiverged(f"non-finite retention loss at step {global_step}; stopped, last good "
-                                       f"checkpoint kept at {ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+                raise run.diverged("non-finite retention loss", global_step)
         b_inds = np.arange(batch_size)
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
@@ -1175,28 +1101,13 @@ def main(args: Args) -> None:
                     v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-                if args.read_coef > 0:  # head 0 looks where the critic found the step's outcome decided (votes only)
-                    ce = -(read_target[mb] * torch.log(w[:, 0] + 1e-8)).sum(-1)
-                    read_loss = (read_weight[mb] * ce).sum() / (read_weight[mb] > 0).sum().clamp(min=1)
-                    loss = loss + args.read_coef * read_loss
-                    stats["read_loss"].append(read_loss.item())
-                if agent.action_value is not None:  # what the read must hold to predict the step's outcome
-                    q = agent.action_value(torch.cat([e, read, agent.action_input(b_actions[mb])], -1)).squeeze(-1)
-                    av_loss = 0.5 * ((q - b_y[mb]) ** 2).mean()
-                    loss = loss + args.action_value_coef * av_loss
-                    stats["action_value_loss"].append(av_loss.item())
-                if agent.recon is not None:  # reconstruct a random slot's observation from the read and its clock
-                    held = src >= 0
-                    pick = torch.multinomial(held.float() + (~held.any(1)).float().unsqueeze(1), 1).squeeze(1)
-                    j = src[torch.arange(len(mb)), pick].clamp(min=0)
-                    pred = agent.recon(torch.cat([read, time_encoding(pool["tau"][i_idx, j])], -1))
-                    has = held.any(1).float()
-                    recon = (((pred - agent.content(pool["obs"][i_idx, j])) ** 2).mean(-1) * has).sum() / has.sum().clamp(min=1)
-                    loss = loss + args.aux_recon_coef * recon
-                    stats["aux_recon_loss"].append(recon.item())
+                aux = agent.read_losses((e, read, w), b_actions[mb], b_y[mb], (read_target[mb], read_weight[mb]),
+                                        slot_inputs(pool, src, i_idx) if agent.recon is not None else None)
+                for k, (coef, value) in aux.items():
+                    loss = loss + coef * value
+                    stats[k].append(value.item())
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {global_step}; stopped, last good "
-                                           f"checkpoint kept at {ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+                    raise run.diverged(f"non-finite loss ({loss.item()})", global_step)
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(policy_params, args.max_grad_norm)
@@ -1206,14 +1117,12 @@ def main(args: Args) -> None:
                     stats[k].append(v.item())
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
-        # Normalisation statistics change between rollouts, never inside one (exact replay).
-        if agent.obs_rms is not None:
+        if agent.obs_rms is not None:  # statistics change between rollouts, never inside one (exact replay)
             agent.obs_rms.update(ro.obs.float())
 
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-        var_y = np.var(y_true)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        sps = (global_step - start_step) / (time.time() - start_time)
+        explained_var = np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
+        sps = (global_step - start_step) / (time.time() - run.start_time)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         for k, v in stats.items():
             if v:
@@ -1224,37 +1133,27 @@ def main(args: Args) -> None:
         if counter is not None:
             writer.add_scalar("intrinsic/explore_floor_mean", ro.floor.mean().item(), global_step)
         stats_mem.log(writer, ro, vote_stats, global_step)
-        if args.heatmap_interval and iteration % args.heatmap_interval == 0:
-            heat = torch.zeros((T, S + T), device=device)
-            heat.scatter_add_(1, ro.src[:, 0].clamp(min=0), ro.attn[:, 0] * (ro.src[:, 0] >= 0).float())
-            writer.add_image("memory/attention_env0", (heat / heat.max().clamp(min=1e-8)).unsqueeze(0).cpu(), global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if time.time() - last_ckpt >= args.checkpoint_interval or iteration == num_iterations:
-            checkpoint(iteration, elapsed_before + time.time() - start_time)
+            run.save(iteration, global_step, agent=agent.state_dict(), optimizer=optimizer.state_dict(),
+                     ret_optimizer=ret_optimizer.state_dict(), visit_counts=counter.counts if counter else None,
+                     reward_rms=reward_scaler.state_dict() if reward_scaler else None)
             last_ckpt = time.time()
     envs.close()
 
-    wall_time = elapsed_before + time.time() - start_time
-    sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
+    record = dict(global_step=global_step, sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9),
+                  wall_time_s=run.wall_time(), mean_return=None, std_return=None, success_rate=None,
+                  cue_in_memory=None, cue_attention=None)
     if args.save_model:
-        model_path = os.path.join(run_dir, "model.pt")
-        torch.save(dict(agent=agent.state_dict(), args=asdict(args)), model_path)
-        print(f"model saved to {model_path}")
-    result = dict(mean_return=None, std_return=None, success_rate=None, cue_in_memory=None, cue_attention=None)
+        torch.save(dict(agent=agent.state_dict(), args=asdict(args)), os.path.join(run.dir, "model.pt"))
+        print(f"model saved to {os.path.join(run.dir, 'model.pt')}")
     if args.eval_episodes > 0:
         agent.eval()
         result, picture = evaluate(agent, args, env_kwargs, kind, args.eval_episodes, device)
-        for k, v in result.items():
-            if v is not None:
-                writer.add_scalar(f"eval/{k}", v, global_step)
+        record.update(result)
         if picture is not None:
-            save_attention_png(picture, os.path.join(run_dir, "attention.png"))
-    path = write_eval_json(run_dir, dict(
-        algo=args.exp_name, env_id=args.env_id, env_kwargs=env_kwargs, seed=args.seed,
-        total_timesteps=args.total_timesteps, global_step=global_step, eval_episodes=args.eval_episodes,
-        **result, sps=sps, wall_time_s=wall_time, run_name=args.run_name, args=asdict(args)))
-    print(f"eval: return {result['mean_return']} success {result['success_rate']} -> {path}", flush=True)
-    writer.close()
+            save_attention_png(picture, os.path.join(run.dir, "attention.png"))
+    run.finish(record)
 
 
 if __name__ == "__main__":

@@ -503,8 +503,7 @@ def run_main(tmp_path, monkeypatch, **kw):
 
 
 def test_main_vector_env_replays_exactly_and_logs(tmp_path, monkeypatch):
-    result, tb, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=7", "difficulty=1", "cue_time='random'"),
-                                   heatmap_interval=1)
+    result, tb, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=7", "difficulty=1", "cue_time='random'"))
     assert result["success_rate"] is not None and result["algo"] == "trace_ppo"
     errs = [v for _, v in tb["debug/replay_max_error"]]
     assert len(errs) == 4 and max(errs) < 1e-5
