@@ -337,6 +337,29 @@ def test_with_persistent_slots_earlier_episodes_are_candidates_tagged_as_they_wo
                 assert cands, "the block's cue is always within the look-back of the block's later episodes"
 
 
+def test_persistent_look_back_stops_after_its_episode_count(monkeypatch):
+    """With persistent slots the look-back holds the running episode and the last PERSISTENT_LOOK_BACK episodes
+    before it (within the window); without them only the running episode."""
+    monkeypatch.setattr(trace_ppo, "PERSISTENT_LOOK_BACK", 2)
+    for persistent in (2, 0):
+        args = small_args(memory_slots=2, num_envs=2, persistent_slots=persistent)
+        envs, agent, mem = make_memory(args, {"delay": 3}, seed=1)
+        obs, rollouts = None, []
+        for _ in range(4):
+            ro, carry, back, _, obs = run_rollout(envs, mem, 5, obs=obs)
+            rollouts.append(ro)
+        steps, valid, _ = back  # taken at the start of the 4th rollout: 15 steps of history
+        history = torch.cat([r.tau for r in rollouts[:3]])  # (15, N)
+        for i in range(2):
+            taus = history[:, i].tolist()
+            starts = [k for k, tau in enumerate(taus) if tau == 0]
+            running = int(rollouts[3].tau[0, i]) > 0          # the running episode began in the history
+            first = starts[-(1 + 2 * (persistent > 0)) if running else -2] if persistent else \
+                (starts[-1] if running else len(taus))
+            got = steps["tau"][i][valid[i]].tolist() if steps is not None else []
+            assert got == taus[first:]
+
+
 def train_entry_critic(retention: Retention, steps: int, seed: int = 0):
     """Decisions rewarded +1 when the action equals the bit of ONE marked entry among 12 (else -1). Entries
     look like normalised MemoryTask observations [bit, distractor, marker]; returns their features and the
