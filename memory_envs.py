@@ -832,6 +832,8 @@ class Run:
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                              "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
         self.start_time = time.time()
+        print(f"run directory {self.dir} | watch it with: tensorboard --logdir {os.path.dirname(self.dir) or '.'}",
+              flush=True)
         return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     def restore_rng(self) -> None:
@@ -876,7 +878,9 @@ class Run:
             algo=args.exp_name, env_id=args.env_id, env_kwargs=parse_env_kwargs(args.env_kwargs), seed=args.seed,
             total_timesteps=args.total_timesteps, eval_episodes=args.eval_episodes, **record, run_name=args.run_name,
             args=asdict(args)))
-        print(f"eval: return {record.get('mean_return')} success {record.get('success_rate')} -> {path}", flush=True)
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"eval: return {fmt(record.get('mean_return'))} | success {fmt(record.get('success_rate'))} -> {path}",
+              flush=True)
         self.writer.close()
 
 

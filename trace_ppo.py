@@ -67,10 +67,12 @@ from memory_envs import (FlattenObservation, Progress, Run, RunArgs, UserError, 
 class Args(RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
+    env_kwargs: Optional[tuple[str, ...]] = None
+    """keyword arguments for gym.make as key=value pairs [MemoryTask-v0: delay=64 difficulty=1 cue_time=random]"""
+    total_timesteps: int = 128_000
+    """total timesteps of the experiment"""
 
     # PPO. `None` means the domain default given in brackets: [vector / Atari / continuous actions].
-    total_timesteps: int = 500_000
-    """total timesteps of the experiment"""
     learning_rate: Optional[float] = None
     """the learning rate of the optimizers [1e-3 / 2.5e-4 / 3e-4]"""
     num_envs: Optional[int] = None
@@ -946,6 +948,8 @@ class MemoryStats:
 
 # ---- Training
 def main(args: Args) -> None:
+    if args.env_kwargs is None:  # the main job: a randomly timed cue, 64 steps against 16 slots
+        args.env_kwargs = ("delay=64", "difficulty=1", "cue_time=random") if args.env_id == "MemoryTask-v0" else ()
     run = Run(args, Args)
     args = run.args
     env_kwargs = parse_env_kwargs(args.env_kwargs)
@@ -1153,6 +1157,10 @@ def main(args: Args) -> None:
         record.update(result)
         if picture is not None:
             save_attention_png(picture, os.path.join(run.dir, "attention.png"))
+            if result["cue_in_memory"] is not None:
+                print(f"success {result['success_rate']:.2f} | cue kept at {result['cue_in_memory']:.0%} of decisions, "
+                      f"attention on it {result['cue_attention']:.2f} | attention map: "
+                      f"{os.path.join(run.dir, 'attention.png')}", flush=True)
     run.finish(record)
 
 

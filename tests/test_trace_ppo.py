@@ -595,6 +595,21 @@ def test_main_exploration_floor_replays_exactly_and_logs(tmp_path, monkeypatch):
     assert result["success_rate"] is not None
 
 
+def test_the_main_job_defaults_to_a_random_cue_longer_than_the_memory(tmp_path, monkeypatch):
+    """``python trace_ppo.py`` runs MemoryTask delay 64 with a randomly timed cue (16 slots); another env id
+    gets no env kwargs unless given."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(trace_ppo, "make_base_env", lambda env_id, kw, **x: seen.append((env_id, kw)) or
+                        memory_envs.make_base_env(env_id, kw, **x))
+    with pytest.raises(memory_envs.UserError):  # stop right after the env was made
+        trace_ppo.main(Args(memory_slots=0))
+    with pytest.raises(memory_envs.UserError):
+        trace_ppo.main(Args(env_id="PassiveTMaze-v0", memory_slots=0))
+    assert seen == [("MemoryTask-v0", {"delay": 64, "difficulty": 1, "cue_time": "random"}), ("PassiveTMaze-v0", {})]
+    assert Args().total_timesteps == 128_000 and Args().memory_slots == 16
+
+
 def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(memory_envs.UserError, match="memory-slots"):
