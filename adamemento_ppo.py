@@ -64,10 +64,9 @@ When the memory never acts (mu = pi_old), w = c = 1 and every formula is exactly
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -78,48 +77,16 @@ import torch.nn.functional as F
 import torch.optim as optim
 from gymnasium import spaces
 from torch.distributions import Categorical, Normal
-from torch.utils.tensorboard import SummaryWriter
 
-import memory_envs  # noqa: F401  (registers the project's environments)
-from memory_envs import (FlattenObservation, finished_episode, Progress, TrainingDiverged, UserError, check_spaces,
-                         default_run_name, is_atari, make_base_env, parse_env_kwargs, resolve_resume,
-                         run_cli, save_atomic, write_eval_json)
+from memory_envs import FlattenObservation
+from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
+                          make_base_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    env_id: str = "MemoryTask-v0"
-    """any registered gymnasium id, also `module:EnvId` and `ALE/...`"""
-    env_kwargs: tuple[str, ...] = ()
-    """keyword arguments for gym.make as key=value pairs, values parsed as Python literals"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    threads: int = 1
-    """torch CPU threads (one per run is best when several runs share the cores)"""
-    track: bool = False
-    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "memory-ppo"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of the wandb project"""
-    capture_video: bool = False
-    """if toggled, videos of the first training env are saved to runs/<run-name>/videos"""
-    save_model: bool = False
-    """if toggled, the final model (with its normalisation statistics) is saved as model.pt"""
-    resume: Optional[str] = None
-    """checkpoint file, run directory or run name to continue; its saved arguments are used"""
-    run_name: Optional[str] = None
-    """name of the run directory under runs/ (default: {env}__{exp_name}__{seed}__{time})"""
-    eval_episodes: int = 100
-    """episodes of greedy evaluation on fresh seeded envs after training (0 to skip)"""
-    checkpoint_interval: float = 60.0
-    """seconds between checkpoints (runs/<run-name>/checkpoint.pt); 0 = after every update"""
 
     # Algorithm specific arguments. `None` means the domain default given in brackets:
     # [vector / Atari / continuous actions].
@@ -787,13 +754,14 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(agent: Agent, memory: Optional[MemoryReflection], args: Args, env_kwargs: dict, kind: str,
-             episodes: int, device: torch.device) -> dict:
-    """Greedy evaluation on fresh envs seeded apart from training; every env runs a fixed
-    quota of episodes so short episodes are not over-represented. With a trained memory (and
+             device: torch.device, video_dir: str = "") -> dict:
+    """Greedy evaluation of ``--eval-episodes`` on fresh envs seeded apart from training; every env runs a
+    fixed quota of episodes so short episodes are not over-represented. With a trained memory (and
     ``--eval-memory``) the ensemble acts: the memory's action where its confidence > kappa."""
+    episodes = args.eval_episodes
     n_envs = max(1, min(episodes, 8))
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
-    envs = make_vector_env(args, env_kwargs, kind, n_envs)
+    envs = make_vector_env(args, env_kwargs, kind, n_envs, video_dir)
     obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
     returns, successes, done_count, memory_steps, steps = [], [], [0] * n_envs, 0, 0
     while any(d < q for d, q in zip(done_count, quota)):
@@ -823,21 +791,14 @@ def evaluate(agent: Agent, memory: Optional[MemoryReflection], args: Args, env_k
 # Training
 # ---------------------------------------------------------------------------------------
 def check_args(args: Args) -> None:
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                 "buffer_size", "memory_update_interval", "memory_updates", "memory_batch_size",
-                 "success_window", "latent_dim"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.eval_episodes < 0:
-        raise UserError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
-    for name in ("kappa", "success_quantile", "update_proportion"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    check_flags(args, at_least_one=("buffer_size", "memory_update_interval", "memory_updates", "memory_batch_size",
+                                    "success_window", "latent_dim"), positive=("rho_bar", "c_bar"),
+                non_negative=("memory_lr", "coarse_coef", "fine_coef", "sparsity_coef", "ext_coef", "int_coef"),
+                unit=("kappa", "success_quantile", "update_proportion", "int_gamma"))
     if not 0.0 <= args.memory_epsilon < 1.0:
         raise UserError(f"--memory-epsilon must be in [0, 1), got {args.memory_epsilon}")
-    for name in ("rho_bar", "c_bar", "int_gamma"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.int_gamma == 0:
+        raise UserError(f"--int-gamma must be > 0, got {args.int_gamma}")
     if args.intrinsic != "coarse-fine" and not (args.coarse and args.fine):
         raise UserError(f"--no-coarse/--no-fine only apply to --intrinsic coarse-fine, got --intrinsic {args.intrinsic}")
     if args.intrinsic != "coarse-fine" and (args.fine_bonus != "surprisal" or not args.center_novelty):
@@ -848,11 +809,8 @@ def check_args(args: Args) -> None:
 
 
 def main(args: Args) -> None:
-    resume_state = None
-    if args.resume:
-        ckpt_path, run_dir = resolve_resume(args.resume)
-        resume_state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        args = Args(**dict(resume_state["args"], resume=args.resume))
+    run = Run(args, Args)
+    args = run.args
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
     check_spaces(probe, (spaces.Discrete, spaces.Box))
@@ -865,36 +823,10 @@ def main(args: Args) -> None:
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         raise UserError(f"--num-minibatches {args.num_minibatches} must divide num_envs*num_steps={batch_size}")
-    minibatch_size = batch_size // args.num_minibatches
-    num_iterations = max(1, args.total_timesteps // batch_size)
+    minibatch_size, num_iterations = batch_size // args.num_minibatches, run.iterations(batch_size)
+    device = run.start()
 
-    if resume_state is None:
-        args.run_name = args.run_name or default_run_name(args.env_id, args.exp_name, args.seed)
-        run_dir = os.path.join("runs", args.run_name)
-        os.makedirs(run_dir, exist_ok=True)
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--track needs wandb: pip install wandb") from None
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=args.run_name, monitor_gym=True, save_code=True,
-                   resume="allow", id=args.run_name)
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            raise UserError("--capture-video needs moviepy: pip install moviepy") from None
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    envs = make_vector_env(args, env_kwargs, kind, args.num_envs, os.path.join(run_dir, "videos"))
+    envs = make_vector_env(args, env_kwargs, kind, args.num_envs, "" if args.evaluate else os.path.join(run.dir, "videos"))
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     use_int = args.intrinsic != "none"
     agent = Agent(obs_space, act_space, args.normalize, use_int).to(device)
@@ -924,36 +856,31 @@ def main(args: Args) -> None:
                                        act_dtype) for k in ("success", "failure")}
         pending: list[list] = [[] for _ in range(args.num_envs)]
 
-    start_iteration, global_step, elapsed_before = 1, 0, 0.0
-    if resume_state is not None:
-        agent.load_state_dict(resume_state["agent"])
-        optimizer.load_state_dict(resume_state["optimizer"])
+    state = run.state
+    if state is not None:
+        agent.load_state_dict(state["agent"])
+        if memory is not None and state.get("memory") is not None:
+            memory.load_state_dict(state["memory"])
+    if args.evaluate:
+        return finish(run, (agent, memory), env_kwargs, kind, device, dict(global_step=state.get("global_step", 0)))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
         if reward_scaler is not None:
-            reward_scaler.rms.load_state_dict(resume_state["reward_rms"])
+            reward_scaler.rms.load_state_dict(state["reward_rms"])
         if novelty is not None:
-            novelty_in.load_state_dict(resume_state["novelty_in"])
-            novelty.load_state_dict(resume_state["novelty"])
-            novelty_optimizer.load_state_dict(resume_state["novelty_optimizer"])
-            int_filter.rms.load_state_dict(resume_state["int_filter"]["rms"])
-            int_filter.returns = resume_state["int_filter"]["returns"]
+            novelty_in.load_state_dict(state["novelty_in"])
+            novelty.load_state_dict(state["novelty"])
+            novelty_optimizer.load_state_dict(state["novelty_optimizer"])
+            int_filter.rms.load_state_dict(state["int_filter"]["rms"])
+            int_filter.returns = state["int_filter"]["returns"]
         if memory is not None:
-            memory.load_state_dict(resume_state["memory"])
-            memory_optimizer.load_state_dict(resume_state["memory_optimizer"])
+            memory_optimizer.load_state_dict(state["memory_optimizer"])
             for k, buf in buffers.items():
-                buf.load_state_dict(resume_state["buffers"][k])
-        success_rule.history.extend(resume_state["success_history"])
-        start_iteration = resume_state["iteration"] + 1
-        global_step, elapsed_before = resume_state["global_step"], resume_state["wall_time_s"]
-        random.setstate(resume_state["rng"]["python"])
-        np.random.set_state(resume_state["rng"]["numpy"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        print(f"resuming {run_dir} at step {global_step}", flush=True)
-
-    # A resumed run hides the killed run's events *after* the checkpoint; the checkpointed
-    # update's own scalars (logged at global_step) stay.
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume_state else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+                buf.load_state_dict(state["buffers"][k])
+        success_rule.history.extend(state["success_history"])
+        run.restore_rng()
+        print(f"resuming {run.dir} at step {run.global_step}", flush=True)
+    writer, global_step = run.writer, run.global_step
 
     obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=obs_dtype, device=device)
@@ -965,30 +892,27 @@ def main(args: Args) -> None:
     logprobs, behaviour_logprobs, rewards, dones = (torch.zeros((args.num_steps, args.num_envs), device=device)
                                                     for _ in range(4))
 
-    def checkpoint(iteration: int, wall: float) -> None:
-        state = dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
-                     global_step=global_step, wall_time_s=wall, args=asdict(args),
+    def checkpoint_parts() -> dict:
+        parts = dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(),
                      reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
-                     success_history=list(success_rule.history), rooms_found=rooms_found,
-                     rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
+                     success_history=list(success_rule.history), rooms_found=rooms_found)
         if novelty is not None:
-            state.update(novelty_in=novelty_in.state_dict(), novelty=novelty.state_dict(),
+            parts.update(novelty_in=novelty_in.state_dict(), novelty=novelty.state_dict(),
                          novelty_optimizer=novelty_optimizer.state_dict(),
                          int_filter=dict(rms=int_filter.rms.state_dict(), returns=int_filter.returns))
         if memory is not None:
             # Episodes in progress are not saved: a resumed run restarts its envs anyway.
-            state.update(memory=memory.state_dict(), memory_optimizer=memory_optimizer.state_dict(),
+            parts.update(memory=memory.state_dict(), memory_optimizer=memory_optimizer.state_dict(),
                          buffers={k: b.state_dict() for k, b in buffers.items()})
-        save_atomic(state, ckpt_path)
-        writer.flush()  # the TB log of a killed run then reaches at least its checkpoint
+        return parts
 
     # Resumed runs restart their envs with a different seed so they do not replay old episodes.
-    next_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
+    next_obs, _ = envs.reset(seed=args.seed + run.start_iteration - 1)
     next_obs = torch.as_tensor(next_obs, device=device)
     progress = Progress(args.total_timesteps)
-    rooms_found = resume_state.get("rooms_found", 0) if resume_state is not None else 0  # bitmask
-    start_time, start_step, last_ckpt = time.time(), global_step, time.time()
-    for iteration in range(start_iteration, num_iterations + 1):
+    rooms_found = state.get("rooms_found", 0) if state is not None else 0  # bitmask
+    start_step, last_ckpt = global_step, time.time()
+    for iteration in range(run.start_iteration, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
         memory_ready = (memory is not None and int(memory.updates) > 0
@@ -1134,9 +1058,7 @@ def main(args: Args) -> None:
                     keep = torch.rand(len(mb), device=device) < args.update_proportion
                     nov_loss = novelty.loss(novelty_in(b_next[mb][keep])) if keep.any() else None
                 if not torch.isfinite(loss) or (use_int and nov_loss is not None and not torch.isfinite(nov_loss)):
-                    raise TrainingDiverged(
-                        f"non-finite loss ({loss.item()}) at step {global_step}; stopped, last good "
-                        f"checkpoint kept at {ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+                    raise run.diverged(f"non-finite loss ({loss.item()})", global_step)
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -1158,9 +1080,7 @@ def main(args: Args) -> None:
         if memory is not None and iteration % args.memory_update_interval == 0 and len(buffers["success"]):
             memory_stats = train_memory(memory, memory_optimizer, buffers, agent, args, device)
             if memory_stats is None:
-                raise TrainingDiverged(
-                    f"non-finite memory loss at step {global_step}; stopped, last good checkpoint kept at "
-                    f"{ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+                raise run.diverged("non-finite memory loss", global_step)
 
         # Normalisation statistics change between rollouts, never inside one, so the update
         # recomputes exactly the log-probabilities the rollout acted with (the first ratio is 1).
@@ -1170,7 +1090,7 @@ def main(args: Args) -> None:
         y_pred, y_true = b_values[:, 0].cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        sps = (global_step - start_step) / (time.time() - start_time)
+        sps = (global_step - start_step) / (time.time() - run.start_time)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         for k, v in stats.items():
             if v:
@@ -1195,33 +1115,28 @@ def main(args: Args) -> None:
             for k, v in memory_stats.items():
                 writer.add_scalar(f"memory/{k}", v, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
-        if time.time() - last_ckpt >= args.checkpoint_interval or iteration == num_iterations:
-            checkpoint(iteration, elapsed_before + time.time() - start_time)
+        if run.due(last_ckpt, iteration == num_iterations):
+            run.save(iteration, global_step, **checkpoint_parts())
             last_ckpt = time.time()
     envs.close()
 
-    wall_time = elapsed_before + time.time() - start_time
-    sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
     if args.save_model:
-        model_path = os.path.join(run_dir, "model.pt")
-        torch.save(dict(agent=agent.state_dict(), memory=memory.state_dict() if memory else None,
-                        args=asdict(args)), model_path)
-        print(f"model saved to {model_path}")
-    result = dict(mean_return=None, std_return=None, success_rate=None, memory_action_fraction=None)
+        run.save_model(agent=agent.state_dict(), memory=memory.state_dict() if memory else None)
+    finish(run, (agent, memory), env_kwargs, kind, device,
+           dict(global_step=global_step, sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9),
+                wall_time_s=run.wall_time(), **({"rooms_found": rooms_found.bit_count()} if rooms_found else {})))
+
+
+def finish(run: Run, nets: tuple, env_kwargs: dict, kind: str, device: torch.device, record: dict) -> None:
+    """Evaluate (the trained agent and memory, or the ones --evaluate loaded) and write eval.json."""
+    (agent, memory), args = nets, run.args
+    record = dict(record, mean_return=None, std_return=None, success_rate=None, memory_action_fraction=None)
     if args.eval_episodes > 0:
         agent.eval()
         eval_memory = memory if (args.eval_memory and memory is not None and int(memory.updates) > 0) else None
-        result = evaluate(agent, eval_memory, args, env_kwargs, kind, args.eval_episodes, device)
-        for k, v in result.items():
-            if v is not None:
-                writer.add_scalar(f"eval/{k}", v, global_step)
-    path = write_eval_json(run_dir, dict(
-        algo=args.exp_name, env_id=args.env_id, env_kwargs=env_kwargs, seed=args.seed,
-        total_timesteps=args.total_timesteps, global_step=global_step, eval_episodes=args.eval_episodes,
-        **result, **({"rooms_found": rooms_found.bit_count()} if rooms_found else {}),
-        sps=sps, wall_time_s=wall_time, run_name=args.run_name, args=asdict(args)))
-    print(f"eval: return {result['mean_return']} success {result['success_rate']} -> {path}", flush=True)
-    writer.close()
+        video = os.path.join(run.dir, "videos") if args.evaluate and args.capture_video else ""
+        record.update(evaluate(agent, eval_memory, args, env_kwargs, kind, device, video))
+    run.finish(record)
 
 
 def train_memory(memory: MemoryReflection, optimizer: optim.Optimizer, buffers: dict, agent: Agent,

@@ -1,40 +1,23 @@
-"""Memory benchmark environments and the small run infrastructure shared by the scripts.
+"""The environments of this project, registered with gymnasium on ``import memory_envs`` (both
+``gym.make("MemoryTask-v0")`` after the import and ``gym.make("memory_envs:MemoryTask-v0")`` work).
 
-This is the only project module the algorithm scripts import. It has two parts:
+Memory tasks:
+  - ``MemoryTask-v0``: the delayed recall of the original Strategic Memory agent; the cue at the start
+    or, with ``cue_time="random"``, at a random (marked) step of the episode's first half.
+  - ``PassiveTMaze-v0``: the passive T-Maze of Ni et al. 2023, "When Do Transformers Shine in RL?".
+  - ``RecallAcrossEpisodes-v0``: a bit shown once per block of episodes (memory across ``reset()``).
 
-1. **Environments**, registered with gymnasium on ``import memory_envs`` (so both
-   ``gym.make("MemoryTask-v0")`` after the import and ``gym.make("memory_envs:MemoryTask-v0")``
-   work):
+Exploration grid worlds (AdaMemento's first experiments): ``CliffWalkingFail-v0``, ``DarkChamber-v0``,
+``FourRooms-v0``.
 
-   - ``MemoryTask-v0`` -- the delayed-recall task of the original Strategic Memory agent.
-   - ``PassiveTMaze-v0`` -- the passive T-Maze of Ni et al. 2023, "When Do Transformers
-     Shine in RL?".
-   - ``CliffWalkingFail-v0``, ``DarkChamber-v0``, ``FourRooms-v0`` -- the sparse-reward grid
-     worlds of AdaMemento's first experiments (failures that end episodes, near-identical
-     image states, exploration across rooms).
-
-   and ``FlattenObservation``, which turns any ``Box``/``Discrete``/``MultiDiscrete``/
-   ``MultiBinary``/``Tuple``/``Dict`` observation into a float32 vector for the MLP agents.
-
-2. **Run infrastructure** that is not part of any algorithm: one-line CLI errors, parsing
-   ``--env-kwargs``, resolving env ids (``ALE/...``, ``module:EnvId``), run directories,
-   atomic checkpoints, ``eval.json`` and the progress line. Keeping it here means every
-   script behaves the same for the user while each script still owns its network, memory
-   and PPO loop.
+Wrappers: ``FlattenObservation`` turns Box/Discrete/MultiDiscrete/MultiBinary/Tuple/Dict observations
+into a float32 vector for the MLP agents; ``MontezumaRooms`` reports the rooms entered in Montezuma's
+Revenge. The run infrastructure the scripts share is in ``run_contract.py``.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import io
-import json
-import os
-import re
-import sys
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -550,95 +533,8 @@ class RecallAcrossEpisodesEnv(_CellRowEnv):
 
 
 # ---------------------------------------------------------------------------------------
-# Registration
+# Montezuma's Revenge: rooms entered, for logging
 # ---------------------------------------------------------------------------------------
-def _register(env_id: str, entry_point: str, **kwargs) -> None:
-    if env_id not in gym.registry:
-        gym.register(id=env_id, entry_point=entry_point, **kwargs)
-
-
-_register("MemoryTask-v0", "memory_envs:MemoryTaskEnv", kwargs={"delay": 8, "difficulty": 0})
-_register("PassiveTMaze-v0", "memory_envs:PassiveTMazeEnv", kwargs={"length": 10})
-_register("CliffWalkingFail-v0", "memory_envs:CliffWalkingFailEnv")
-_register("DarkChamber-v0", "memory_envs:DarkChamberEnv")
-_register("FourRooms-v0", "memory_envs:FourRoomsEnv")
-_register("RecallAcrossEpisodes-v0", "memory_envs:RecallAcrossEpisodesEnv", kwargs={"block": 4, "length": 4})
-
-
-# =======================================================================================
-# Run infrastructure shared by the scripts (no algorithm in here)
-# =======================================================================================
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit code 2, no traceback."""
-
-    exit_code = 2
-
-
-class TrainingDiverged(UserError):
-    """A non-finite loss: the run stops (exit code 3) and keeps its last good checkpoint."""
-
-    exit_code = 3
-
-
-def parse_cli(args_cls: type, argv: list[str] | None = None):
-    """``tyro.cli`` with tyro's multi-line error box condensed to one line on stderr."""
-    import tyro
-
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        return tyro.cli(args_cls, args=argv)
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
-            return tyro.cli(args_cls, args=argv)
-    except SystemExit as exc:
-        if not exc.code:
-            raise
-        # tyro's box: a title, a rule, the message (wrapped over several lines), a rule, help.
-        lines = [re.sub(r"^[\s│╭╰─]+|[\s│╮╯─]+$", "", line) for line in buf.getvalue().splitlines()]
-        blocks, current = [], []
-        for line in lines:
-            if line and not set(line) <= set("-─"):
-                current.append(line)
-            elif current:
-                blocks, current = blocks + [" ".join(current)], []
-        blocks += [" ".join(current)] if current else []
-        message = blocks[1] if len(blocks) > 1 else (blocks[0] if blocks else "invalid arguments")
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def run_cli(main: Callable[[Any], Any], args_cls: type) -> None:
-    """Entry point of every script: parse the flags, run, turn user errors into one line."""
-    args = parse_cli(args_cls)
-    try:
-        main(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
-
-
-def parse_env_kwargs(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """``("delay=256", "difficulty=1", "name=foo")`` -> ``{"delay": 256, "difficulty": 1, "name": "foo"}``.
-
-    Values are Python literals where they parse as one, strings otherwise.
-    """
-    kwargs: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise UserError(f"--env-kwargs expects key=value pairs, got {item!r}")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = raw
-    return kwargs
-
-
-def is_atari(env_id: str) -> bool:
-    return env_id.startswith("ALE/") or env_id.endswith("NoFrameskip-v4")
-
-
 class MontezumaRooms(gym.Wrapper):
     """Montezuma's Revenge: ``info["rooms_mask"]``, a bitmask of the rooms entered so far in the
     episode (the room number is RAM byte 3, as in the RND and Go-Explore papers' room counts).
@@ -658,253 +554,17 @@ class MontezumaRooms(gym.Wrapper):
         return obs, reward, term, trunc, dict(info, rooms_mask=self.mask)
 
 
-def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | None = None,
-                  **extra: Any) -> gym.Env:
-    """``gym.make`` with user errors (unknown id, missing module, bad kwargs) as UserError.
-    Montezuma's Revenge also reports the rooms it entered (``MontezumaRooms``)."""
-    if is_atari(env_id):
-        import ale_py
-
-        gym.register_envs(ale_py)
-    kwargs = dict(env_kwargs, **extra)
-    if render_mode is not None:
-        kwargs["render_mode"] = render_mode
-    try:
-        env = gym.make(env_id, **kwargs)
-        return MontezumaRooms(env) if "MontezumaRevenge" in env_id else env
-    except ModuleNotFoundError as exc:
-        raise UserError(f"--env-id {env_id!r}: cannot import module {exc.name or env_id.partition(':')[0]!r}") from None
-    except gym.error.Error as exc:
-        raise UserError(f"--env-id {env_id!r}: {exc}") from None
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"--env-id {env_id!r} with --env-kwargs {env_kwargs}: {exc}") from None
+# ---------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------
+def _register(env_id: str, entry_point: str, **kwargs) -> None:
+    if env_id not in gym.registry:
+        gym.register(id=env_id, entry_point=entry_point, **kwargs)
 
 
-def check_spaces(env: gym.Env, action_types: tuple[type, ...]) -> None:
-    """Fail early, with one line, on spaces a script cannot handle."""
-    if not isinstance(env.action_space, action_types):
-        names = ", ".join(t.__name__ for t in action_types)
-        raise UserError(f"unsupported action space {env.action_space}: this script supports {names}")
-    if isinstance(env.observation_space, spaces.Box):
-        return
-    try:
-        _supported(env.observation_space)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-
-
-def default_run_name(env_id: str, exp_name: str, seed: int) -> str:
-    env = re.sub(r"[^A-Za-z0-9_.-]+", "_", env_id)
-    return f"{env}__{exp_name}__{seed}__{int(time.time())}"
-
-
-def resolve_resume(resume: str) -> tuple[str, str]:
-    """Map ``--resume`` (a checkpoint file, a run directory or a run name) to (checkpoint, run_dir)."""
-    candidates = [resume, os.path.join("runs", resume)]
-    for path in candidates:
-        if os.path.isfile(path):
-            return path, os.path.dirname(os.path.abspath(path))
-        ckpt = os.path.join(path, "checkpoint.pt")
-        if os.path.isfile(ckpt):
-            return ckpt, path
-    raise UserError(f"--resume {resume!r}: no checkpoint.pt found there or under runs/")
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """Write with a temporary file and rename, so a kill mid-write never loses the last checkpoint."""
-    import torch
-
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def finished_episode(info: dict, i: int) -> tuple[float, int, bool | None]:
-    """(return, length, is_success or None) of env ``i``'s episode that ended in this vector step.
-
-    Needs ``RecordEpisodeStatistics`` inside each env and SAME_STEP autoreset, which puts the
-    last step's info under ``info["final_info"]``.
-    """
-    fin = info["final_info"]
-    mask = fin.get("_is_success")
-    success = bool(fin["is_success"][i]) if mask is not None and mask[i] else None
-    return float(fin["episode"]["r"][i]), int(fin["episode"]["l"][i]), success
-
-
-def write_eval_json(run_dir: str, record: dict[str, Any]) -> str:
-    # Atomic, like checkpoints: benchmark.sh treats an existing eval.json as a finished run.
-    path = os.path.join(run_dir, "eval.json")
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(record, f, indent=2, default=float)
-    os.replace(f"{path}.tmp", path)
-    return path
-
-
-@dataclass
-class RunArgs:
-    """The flags every script shares (its own dataclass adds PPO's and the algorithm's)."""
-    exp_name: str = "run"
-    """the name of this experiment"""
-    env_id: str = "MemoryTask-v0"
-    """any registered gymnasium id, also `module:EnvId` and `ALE/...`"""
-    env_kwargs: tuple[str, ...] = ()
-    """keyword arguments for gym.make as key=value pairs, values parsed as Python literals"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    threads: int = 1
-    """torch CPU threads (one per run is best when several runs share the cores)"""
-    track: bool = False
-    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "memory-ppo"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of the wandb project"""
-    capture_video: bool = False
-    """if toggled, videos of the first training env are saved to runs/<run-name>/videos"""
-    save_model: bool = False
-    """if toggled, the final model (with its normalisation statistics) is saved as model.pt"""
-    resume: Optional[str] = None
-    """checkpoint file, run directory or run name to continue; its saved arguments are used"""
-    run_name: Optional[str] = None
-    """name of the run directory under runs/ (default: {env}__{exp_name}__{seed}__{time})"""
-    eval_episodes: int = 100
-    """episodes of greedy evaluation on fresh seeded envs after training (0 to skip)"""
-    checkpoint_interval: float = 60.0
-    """seconds between checkpoints (runs/<run-name>/checkpoint.pt); 0 = after every update"""
-
-
-class Run:
-    """What every script does around its algorithm: ``--resume`` (its saved arguments are used), the run
-    directory, wandb, seeding, the TensorBoard writer, checkpoints that carry every RNG state, the one-line
-    stop on a non-finite loss, and eval.json. ``state`` is the checkpoint being resumed (or None)."""
-
-    def __init__(self, args: Any, args_cls: type):
-        import torch
-
-        self.state, self.dir = None, None
-        if args.resume:
-            path, self.dir = resolve_resume(args.resume)
-            self.state = torch.load(path, map_location="cpu", weights_only=False)
-            args = args_cls(**dict(self.state["args"], resume=args.resume))
-        self.args = args
-
-    def start(self) -> Any:
-        """Create the run directory (new runs), start wandb and TensorBoard, seed everything; returns the device."""
-        import random
-
-        import torch
-        from torch.utils.tensorboard import SummaryWriter
-
-        args = self.args
-        if self.state is None:
-            args.run_name = args.run_name or default_run_name(args.env_id, args.exp_name, args.seed)
-            self.dir = os.path.join("runs", args.run_name)
-            os.makedirs(self.dir, exist_ok=True)
-        self.ckpt_path = os.path.join(self.dir, "checkpoint.pt")
-        if args.track:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--track needs wandb: pip install wandb") from None
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=args.run_name, monitor_gym=True, save_code=True, resume="allow",
-                       id=args.run_name)
-        if args.capture_video:
-            try:
-                import moviepy  # noqa: F401
-            except ImportError:
-                raise UserError("--capture-video needs moviepy: pip install moviepy") from None
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        torch.backends.cudnn.deterministic = args.torch_deterministic
-        torch.set_num_threads(args.threads)
-        self.start_iteration, self.global_step, self.elapsed_before = 1, 0, 0.0
-        if self.state is not None:
-            self.start_iteration = self.state["iteration"] + 1
-            self.global_step, self.elapsed_before = self.state["global_step"], self.state["wall_time_s"]
-        # A resumed run hides the killed run's events *after* the checkpoint.
-        self.writer = SummaryWriter(self.dir, purge_step=self.global_step + 1 if self.state else None)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                             "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        self.start_time = time.time()
-        print(f"run directory {self.dir} | watch it with: tensorboard --logdir {os.path.dirname(self.dir) or '.'}",
-              flush=True)
-        return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    def restore_rng(self) -> None:
-        import random
-
-        import torch
-
-        rng = self.state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-
-    def wall_time(self) -> float:
-        return self.elapsed_before + time.time() - self.start_time
-
-    def save(self, iteration: int, global_step: int, **parts: Any) -> None:
-        """An atomic checkpoint of ``parts`` with the run's arguments, position and every RNG state."""
-        import random
-        from dataclasses import asdict
-
-        import torch
-
-        save_atomic(dict(parts, iteration=iteration, global_step=global_step, wall_time_s=self.wall_time(),
-                         args=asdict(self.args), rng=dict(python=random.getstate(), numpy=np.random.get_state(),
-                                                          torch=torch.get_rng_state())), self.ckpt_path)
-        self.writer.flush()  # the TB log of a killed run then reaches at least its checkpoint
-
-    def diverged(self, what: str, global_step: int) -> TrainingDiverged:
-        kept = self.ckpt_path if os.path.exists(self.ckpt_path) else "(none yet)"
-        return TrainingDiverged(f"{what} at step {global_step}; stopped, last good checkpoint kept at {kept}")
-
-    def finish(self, record: dict[str, Any]) -> None:
-        """Write eval.json (the script's ``record``: global_step, sps, wall_time_s and its evaluation, plus the run's
-        identity), log the evaluation to TensorBoard, print the last line, close TensorBoard."""
-        from dataclasses import asdict
-
-        args = self.args
-        for k, v in record.items():
-            if k in ("mean_return", "std_return", "success_rate", "cue_in_memory", "cue_attention") and v is not None:
-                self.writer.add_scalar(f"eval/{k}", v, record["global_step"])
-        path = write_eval_json(self.dir, dict(
-            algo=args.exp_name, env_id=args.env_id, env_kwargs=parse_env_kwargs(args.env_kwargs), seed=args.seed,
-            total_timesteps=args.total_timesteps, eval_episodes=args.eval_episodes, **record, run_name=args.run_name,
-            args=asdict(args)))
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"eval: return {fmt(record.get('mean_return'))} | success {fmt(record.get('success_rate'))} -> {path}",
-              flush=True)
-        self.writer.close()
-
-
-class Progress:
-    """Prints one progress line every ``interval`` seconds: step, SPS, recent return/success, ETA."""
-
-    def __init__(self, total_steps: int, interval: float = 10.0, window: int = 100):
-        self.total, self.interval, self.window = total_steps, interval, window
-        self.returns: list[float] = []
-        self.successes: list[float] = []
-        self._last = time.time()
-
-    def episode(self, ret: float, success: bool | None) -> None:
-        self.returns = (self.returns + [float(ret)])[-self.window:]
-        if success is not None:
-            self.successes = (self.successes + [float(success)])[-self.window:]
-
-    def maybe_print(self, step: int, sps: float, force: bool = False) -> None:
-        now = time.time()
-        if not force and now - self._last < self.interval:
-            return
-        self._last = now
-        ret = f"{np.mean(self.returns):.3f}" if self.returns else "n/a"
-        succ = f" | success {np.mean(self.successes):.2f}" if self.successes else ""
-        eta = (self.total - step) / max(sps, 1e-9)
-        print(f"step {step}/{self.total} | SPS {sps:.0f} | return {ret}{succ} | "
-              f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+_register("MemoryTask-v0", "memory_envs:MemoryTaskEnv", kwargs={"delay": 8, "difficulty": 0})
+_register("PassiveTMaze-v0", "memory_envs:PassiveTMazeEnv", kwargs={"length": 10})
+_register("CliffWalkingFail-v0", "memory_envs:CliffWalkingFailEnv")
+_register("DarkChamber-v0", "memory_envs:DarkChamberEnv")
+_register("FourRooms-v0", "memory_envs:FourRoomsEnv")
+_register("RecallAcrossEpisodes-v0", "memory_envs:RecallAcrossEpisodesEnv", kwargs={"block": 4, "length": 4})

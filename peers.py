@@ -40,9 +40,9 @@ import torch
 from gymnasium import spaces
 from torch.utils.tensorboard import SummaryWriter
 
-import memory_envs  # noqa: F401  (registers the project's envs)
-from memory_envs import (FlattenObservation, Progress, UserError, check_spaces, default_run_name, is_atari,
-                         make_base_env, parse_env_kwargs, run_cli, write_eval_json)
+from memory_envs import FlattenObservation
+from run_contract import (check_spaces, default_run_name, is_atari, make_base_env, parse_env_kwargs, Progress,
+                          run_cli, UserError, write_eval_json)
 
 
 @dataclass

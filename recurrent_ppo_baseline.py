@@ -31,9 +31,8 @@ Recurrent bookkeeping (the parts that are easy to get subtly wrong):
 from __future__ import annotations
 
 import os
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import gymnasium as gym
@@ -44,48 +43,16 @@ import torch.optim as optim
 from gymnasium import spaces
 from torch.distributions import Categorical, Normal
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from torch.utils.tensorboard import SummaryWriter
 
-import memory_envs  # noqa: F401  (registers MemoryTask-v0, PassiveTMaze-v0)
-from memory_envs import (FlattenObservation, finished_episode, Progress, TrainingDiverged, UserError, check_spaces,
-                         default_run_name, is_atari, make_base_env, parse_env_kwargs, resolve_resume,
-                         run_cli, save_atomic, write_eval_json)
+from memory_envs import FlattenObservation
+from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
+                          make_base_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    env_id: str = "MemoryTask-v0"
-    """any registered gymnasium id, also `module:EnvId` and `ALE/...`"""
-    env_kwargs: tuple[str, ...] = ()
-    """keyword arguments for gym.make as key=value pairs, values parsed as Python literals"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    threads: int = 1
-    """torch CPU threads (one per run is best when several runs share the cores)"""
-    track: bool = False
-    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "memory-ppo"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of the wandb project"""
-    capture_video: bool = False
-    """if toggled, videos of the first training env are saved to runs/<run-name>/videos"""
-    save_model: bool = False
-    """if toggled, the final model (with its normalisation statistics) is saved as model.pt"""
-    resume: Optional[str] = None
-    """checkpoint file, run directory or run name to continue; its saved arguments are used"""
-    run_name: Optional[str] = None
-    """name of the run directory under runs/ (default: {env}__{exp_name}__{seed}__{time})"""
-    eval_episodes: int = 100
-    """episodes of greedy evaluation on fresh seeded envs after training (0 to skip)"""
-    checkpoint_interval: float = 60.0
-    """seconds between checkpoints (runs/<run-name>/checkpoint.pt); 0 = after every update"""
 
     # Algorithm specific arguments. `None` means the domain default given in brackets:
     # [vector / Atari / continuous actions].
@@ -403,14 +370,14 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 # Evaluation
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: int,
-             device: torch.device) -> dict:
-    """Greedy evaluation on fresh envs seeded apart from training; every env runs a fixed
-    quota of episodes so short episodes are not over-represented. The LSTM state is carried
-    from step to step and reset only where an episode starts."""
+def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, device: torch.device, video_dir: str = "") -> dict:
+    """Greedy evaluation of ``--eval-episodes`` on fresh envs seeded apart from training; every env runs a
+    fixed quota of episodes so short episodes are not over-represented. The LSTM state is carried from step to
+    step and reset only where an episode starts."""
+    episodes = args.eval_episodes
     n_envs = max(1, min(episodes, 8))
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
-    envs = make_vector_env(args, env_kwargs, kind, n_envs)
+    envs = make_vector_env(args, env_kwargs, kind, n_envs, video_dir)
     obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
     lstm_state, starts = agent.initial_state(n_envs, device), torch.ones(n_envs, device=device)
     returns, successes, done_count = [], [], [0] * n_envs
@@ -435,11 +402,8 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: in
 # Training
 # ---------------------------------------------------------------------------------------
 def main(args: Args) -> None:
-    resume_state = None
-    if args.resume:
-        ckpt_path, run_dir = resolve_resume(args.resume)
-        resume_state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        args = Args(**dict(resume_state["args"], resume=args.resume))
+    run = Run(args, Args)
+    args = run.args
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
     check_spaces(probe, (spaces.Discrete, spaces.Box))
@@ -448,11 +412,7 @@ def main(args: Args) -> None:
     for key, value in PRESETS[kind].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "lstm_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.eval_episodes < 0:
-        raise UserError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
+    check_flags(args, at_least_one=("lstm_size",))
     if args.bptt_len < 0 or (args.bptt_len and args.num_steps % args.bptt_len):
         raise UserError(f"--bptt-len must be 0 or a divisor of --num-steps {args.num_steps}, got {args.bptt_len}")
     seq_len = args.bptt_len or args.num_steps
@@ -462,59 +422,27 @@ def main(args: Args) -> None:
         raise UserError(f"--num-minibatches {args.num_minibatches} must divide the number of sequences "
                         f"num_envs*num_steps/bptt_len={num_seqs} (minibatches are split by env and chunk)")
     batch_size = args.num_envs * args.num_steps
-    seqs_per_minibatch = num_seqs // args.num_minibatches
-    num_iterations = max(1, args.total_timesteps // batch_size)
+    seqs_per_minibatch, num_iterations = num_seqs // args.num_minibatches, run.iterations(batch_size)
+    device = run.start()
 
-    if resume_state is None:
-        args.run_name = args.run_name or default_run_name(args.env_id, args.exp_name, args.seed)
-        run_dir = os.path.join("runs", args.run_name)
-        os.makedirs(run_dir, exist_ok=True)
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--track needs wandb: pip install wandb") from None
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=args.run_name, monitor_gym=True, save_code=True,
-                   resume="allow", id=args.run_name)
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            raise UserError("--capture-video needs moviepy: pip install moviepy") from None
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    envs = make_vector_env(args, env_kwargs, kind, args.num_envs, os.path.join(run_dir, "videos"))
+    envs = make_vector_env(args, env_kwargs, kind, args.num_envs, "" if args.evaluate else os.path.join(run.dir, "videos"))
     agent = Agent(envs.single_observation_space, envs.single_action_space, args.normalize,
                   args.lstm_size).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
 
-    start_iteration, global_step, elapsed_before = 1, 0, 0.0
-    if resume_state is not None:
-        agent.load_state_dict(resume_state["agent"])
-        optimizer.load_state_dict(resume_state["optimizer"])
+    if run.state is not None:
+        agent.load_state_dict(run.state["agent"])
+    if args.evaluate:
+        return finish(run, agent, env_kwargs, kind, device, run.state.get("global_step", 0))
+    if run.state is not None:
+        optimizer.load_state_dict(run.state["optimizer"])
         if reward_scaler is not None:
-            reward_scaler.rms.load_state_dict(resume_state["reward_rms"])
-        start_iteration = resume_state["iteration"] + 1
-        global_step, elapsed_before = resume_state["global_step"], resume_state["wall_time_s"]
-        random.setstate(resume_state["rng"]["python"])
-        np.random.set_state(resume_state["rng"]["numpy"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        print(f"resuming {run_dir} at step {global_step}", flush=True)
-
-    # A resumed run hides the killed run's events *after* the checkpoint; the checkpointed
-    # update's own scalars (logged at global_step) stay.
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume_state else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+            reward_scaler.rms.load_state_dict(run.state["reward_rms"])
+        run.restore_rng()
+        print(f"resuming {run.dir} at step {run.global_step}", flush=True)
+    writer, global_step = run.writer, run.global_step
 
     raw_images = envs.single_observation_space.dtype == np.uint8 and not args.normalize
     obs_dtype = torch.uint8 if raw_images else torch.float32
@@ -527,23 +455,15 @@ def main(args: Args) -> None:
     chunk_h, chunk_c = (torch.zeros((num_chunks, agent.lstm.num_layers, args.num_envs, args.lstm_size),
                                     device=device) for _ in range(2))
 
-    def checkpoint(iteration: int, wall: float) -> None:
-        save_atomic(dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
-                         global_step=global_step, wall_time_s=wall, args=asdict(args),
-                         reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
-                         rng=dict(python=random.getstate(), numpy=np.random.get_state(),
-                                  torch=torch.get_rng_state())), ckpt_path)
-        writer.flush()  # the TB log of a killed run then reaches at least its checkpoint
-
     # Resumed runs restart their envs with a different seed so they do not replay old episodes;
     # every env then begins an episode, so a zero LSTM state is exact.
-    next_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
+    next_obs, _ = envs.reset(seed=args.seed + run.start_iteration - 1)
     next_obs = torch.as_tensor(next_obs, device=device)
     next_start = torch.ones(args.num_envs, device=device)
     lstm_state = agent.initial_state(args.num_envs, device)
     progress = Progress(args.total_timesteps)
-    start_time, start_step, last_ckpt = time.time(), global_step, time.time()
-    for iteration in range(start_iteration, num_iterations + 1):
+    start_step, last_ckpt = global_step, time.time()
+    for iteration in range(run.start_iteration, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
@@ -630,9 +550,7 @@ def main(args: Args) -> None:
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"non-finite loss ({loss.item()}) at step {global_step}; stopped, last good "
-                        f"checkpoint kept at {ckpt_path if os.path.exists(ckpt_path) else '(none yet)'}")
+                    raise run.diverged(f"non-finite loss ({loss.item()})", global_step)
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -646,37 +564,34 @@ def main(args: Args) -> None:
         y_pred, y_true = values.cpu().numpy(), returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        sps = (global_step - start_step) / (time.time() - start_time)
+        sps = (global_step - start_step) / (time.time() - run.start_time)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         for k, v in stats.items():
             writer.add_scalar(f"losses/{k}", float(np.mean(v)), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
-        if time.time() - last_ckpt >= args.checkpoint_interval or iteration == num_iterations:
-            checkpoint(iteration, elapsed_before + time.time() - start_time)
+        if run.due(last_ckpt, iteration == num_iterations):
+            run.save(iteration, global_step, agent=agent.state_dict(), optimizer=optimizer.state_dict(),
+                     reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None)
             last_ckpt = time.time()
     envs.close()
 
-    wall_time = elapsed_before + time.time() - start_time
-    sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
     if args.save_model:
-        model_path = os.path.join(run_dir, "model.pt")
-        torch.save(dict(agent=agent.state_dict(), args=asdict(args)), model_path)
-        print(f"model saved to {model_path}")
-    result = dict(mean_return=None, std_return=None, success_rate=None)
-    if args.eval_episodes > 0:
+        run.save_model(agent=agent.state_dict())
+    finish(run, agent, env_kwargs, kind, device, global_step,
+           dict(sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9), wall_time_s=run.wall_time()))
+
+
+def finish(run: Run, agent: Agent, env_kwargs: dict, kind: str, device: torch.device, global_step: int,
+           record: Optional[dict] = None) -> None:
+    """Evaluate (the trained agent, or the one --evaluate loaded) and write eval.json."""
+    record = dict(record or {}, global_step=global_step, mean_return=None, std_return=None, success_rate=None)
+    if run.args.eval_episodes > 0:
         agent.eval()
-        result = evaluate(agent, args, env_kwargs, kind, args.eval_episodes, device)
-        for k, v in result.items():
-            if v is not None:
-                writer.add_scalar(f"eval/{k}", v, global_step)
-    path = write_eval_json(run_dir, dict(
-        algo=args.exp_name, env_id=args.env_id, env_kwargs=env_kwargs, seed=args.seed,
-        total_timesteps=args.total_timesteps, global_step=global_step, eval_episodes=args.eval_episodes,
-        **result, sps=sps, wall_time_s=wall_time, run_name=args.run_name, args=asdict(args)))
-    print(f"eval: return {result['mean_return']} success {result['success_rate']} -> {path}", flush=True)
-    writer.close()
+        video = os.path.join(run.dir, "videos") if run.args.evaluate and run.args.capture_video else ""
+        record.update(evaluate(agent, run.args, env_kwargs, kind, device, video))
+    run.finish(record)
 
 
 if __name__ == "__main__":

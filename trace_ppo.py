@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple, Optional
@@ -58,9 +57,9 @@ from gymnasium import spaces
 from torch.distributions import Categorical, Normal
 from torch.utils.tensorboard import SummaryWriter
 
-import memory_envs  # noqa: F401  (registers the memory environments)
-from memory_envs import (FlattenObservation, Progress, Run, RunArgs, UserError, check_spaces, finished_episode,
-                         is_atari, make_base_env, parse_env_kwargs, run_cli)
+from memory_envs import FlattenObservation
+from run_contract import (check_spaces, finished_episode, is_atari, make_base_env, parse_env_kwargs, Progress, Run,
+                          run_cli, RunArgs, UserError)
 
 
 @dataclass

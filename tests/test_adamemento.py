@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 
 import adamemento_ppo as am  # noqa: E402
 import memory_envs  # noqa: E402
+import run_contract  # noqa: E402
 import ppo_baseline  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "adamemento_ppo.py")
@@ -356,7 +357,7 @@ def test_smoke_atari(run):
 
 def test_montezuma_logs_rooms_entered(run):
     """Montezuma's Revenge reports its rooms (RAM byte 3, logging only): the start room is room 1."""
-    env = memory_envs.make_base_env("ALE/MontezumaRevenge-v5", {})
+    env = run_contract.make_base_env("ALE/MontezumaRevenge-v5", {})
     _, info = env.reset(seed=0)
     assert info["rooms_mask"] == 1 << 1
     for _ in range(50):

@@ -291,7 +291,7 @@ def test_smoke_end_to_end_skips_finished_runs_resumes_checkpoints_and_reports_mi
     # whatever the state of the real repository.
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in ("benchmark.sh", "summarize.py", "ppo_baseline.py", "memory_envs.py"):
+    for f in ("benchmark.sh", "summarize.py", "ppo_baseline.py", "memory_envs.py", "run_contract.py"):
         shutil.copy(REPO_ROOT / f, repo / f)
     out = tmp_path / "out"
     only = "__(ppo|lstm-ppo)__1$"

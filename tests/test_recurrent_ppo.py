@@ -174,10 +174,10 @@ def recall_agent():
 
 
 def test_evaluation_carries_state_and_resets_it(monkeypatch):
-    args = rp.Args(env_id="MemoryTask-v0", seed=5)
+    args = rp.Args(env_id="MemoryTask-v0", seed=5, eval_episodes=40)
     kwargs = dict(delay=4, difficulty=0)
     agent = recall_agent()
-    result = rp.evaluate(agent, args, kwargs, "vector", 40, torch.device("cpu"))
+    result = rp.evaluate(agent, args, kwargs, "vector", torch.device("cpu"))
     assert result["success_rate"] == 1.0 and result["mean_return"] == 1.0
 
     # The same agent evaluated with its state reset at every step, or never reset between
@@ -189,7 +189,7 @@ def test_evaluation_carries_state_and_resets_it(monkeypatch):
             return original(x, lstm_state, fake(starts), **kw)
 
         monkeypatch.setattr(agent, "get_action_and_value", patched)
-        broken = rp.evaluate(agent, args, kwargs, "vector", 40, torch.device("cpu"))
+        broken = rp.evaluate(agent, args, kwargs, "vector", torch.device("cpu"))
         assert broken["success_rate"] < 0.9, (name, broken)
 
 

@@ -17,6 +17,7 @@ from gymnasium import spaces
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import memory_envs  # noqa: E402,F401
+import run_contract  # noqa: E402
 import trace_ppo  # noqa: E402
 from trace_ppo import Agent, Args, Memory, Retention, Rollout, Votes  # noqa: E402
 
@@ -601,10 +602,10 @@ def test_the_main_job_defaults_to_a_random_cue_longer_than_the_memory(tmp_path, 
     monkeypatch.chdir(tmp_path)
     seen = []
     monkeypatch.setattr(trace_ppo, "make_base_env", lambda env_id, kw, **x: seen.append((env_id, kw)) or
-                        memory_envs.make_base_env(env_id, kw, **x))
-    with pytest.raises(memory_envs.UserError):  # stop right after the env was made
+                        run_contract.make_base_env(env_id, kw, **x))
+    with pytest.raises(run_contract.UserError):  # stop right after the env was made
         trace_ppo.main(Args(memory_slots=0))
-    with pytest.raises(memory_envs.UserError):
+    with pytest.raises(run_contract.UserError):
         trace_ppo.main(Args(env_id="PassiveTMaze-v0", memory_slots=0))
     assert seen == [("MemoryTask-v0", {"delay": 64, "difficulty": 1, "cue_time": "random"}), ("PassiveTMaze-v0", {})]
     assert Args().total_timesteps == 128_000 and Args().memory_slots == 16
@@ -612,15 +613,15 @@ def test_the_main_job_defaults_to_a_random_cue_longer_than_the_memory(tmp_path, 
 
 def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(memory_envs.UserError, match="memory-slots"):
+    with pytest.raises(run_contract.UserError, match="memory-slots"):
         trace_ppo.main(Args(memory_slots=0, run_name="bad"))
-    with pytest.raises(memory_envs.UserError, match="delay"):
+    with pytest.raises(run_contract.UserError, match="delay"):
         trace_ppo.main(Args(env_kwargs=("delay=0",), run_name="bad"))
-    with pytest.raises(memory_envs.UserError, match="teacher-window"):
+    with pytest.raises(run_contract.UserError, match="teacher-window"):
         trace_ppo.main(Args(teacher_window=0, run_name="bad"))
-    with pytest.raises(memory_envs.UserError, match="explore-visits needs discrete actions"):
+    with pytest.raises(run_contract.UserError, match="explore-visits needs discrete actions"):
         trace_ppo.main(Args(env_id="Pendulum-v1", explore_visits=10.0, run_name="bad"))
-    with pytest.raises(memory_envs.UserError, match="explore-visits must be >= 0"):
+    with pytest.raises(run_contract.UserError, match="explore-visits must be >= 0"):
         trace_ppo.main(Args(explore_visits=-1.0, run_name="bad"))
     assert not (tmp_path / "runs").exists()
 
@@ -645,7 +646,7 @@ def test_resume_of_a_checkpoint_from_another_network_is_a_one_line_error(tmp_pat
     del ckpt["agent"]["read_norm.weight"]
     torch.save(ckpt, run_dir / "checkpoint.pt")
     (run_dir / "eval.json").unlink()
-    with pytest.raises(memory_envs.UserError, match="read_norm.weight") as err:
+    with pytest.raises(run_contract.UserError, match="read_norm.weight") as err:
         trace_ppo.main(Args(resume="t"))
     assert "\n" not in str(err.value)
 
