@@ -1121,7 +1121,7 @@ def main(args: Args) -> None:
     envs.close()
 
     if args.save_model:
-        run.save_model(agent=agent.state_dict(), memory=memory.state_dict() if memory else None)
+        run.save_model(agent=agent.state_dict(), memory=memory.state_dict() if memory else None, global_step=global_step)
     finish(run, (agent, memory), env_kwargs, kind, device,
            dict(global_step=global_step, sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9),
                 wall_time_s=run.wall_time(), **({"rooms_found": rooms_found.bit_count()} if rooms_found else {})))

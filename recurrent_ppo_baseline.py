@@ -578,7 +578,7 @@ def main(args: Args) -> None:
     envs.close()
 
     if args.save_model:
-        run.save_model(agent=agent.state_dict())
+        run.save_model(agent=agent.state_dict(), global_step=global_step)
     finish(run, agent, env_kwargs, kind, device, global_step,
            dict(sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9), wall_time_s=run.wall_time()))
 

@@ -243,7 +243,7 @@ def check_flags(args: Any, at_least_one: tuple = (), positive: tuple = (), non_n
     """One line naming the first flag out of range (PPO's own ranges are checked for every script)."""
     at_least_one += ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "threads")
     positive += ("clip_coef", "max_grad_norm", "target_kl")
-    non_negative += ("learning_rate", "eval_episodes", "checkpoint_interval", "ent_coef", "vf_coef")
+    non_negative += ("seed", "learning_rate", "eval_episodes", "checkpoint_interval", "ent_coef", "vf_coef")
     rules = [(at_least_one, lambda v: v >= 1, "be >= 1"), (positive, lambda v: v > 0, "be > 0"),
              (non_negative, lambda v: v >= 0, "be >= 0"), (unit, lambda v: 0 <= v <= 1, "be in [0, 1]"),
              (("gamma",), lambda v: 0 < v <= 1, "be in (0, 1]"), (("gae_lambda",), lambda v: 0 <= v <= 1, "be in [0, 1]")]
@@ -302,7 +302,8 @@ class Run:
                        and (k in ("resume", "evaluate") or getattr(args, k) != getattr(defaults, k))}
             args = args_cls(**{**{k: v for k, v in saved.items() if k in fields}, **session})
             if flag == "evaluate":  # an evaluation writes next to the run's own files, never over them
-                self.dir = os.path.join("runs", args.run_name) if args.run_name else os.path.join(self.dir, "evaluate")
+                self.dir = os.path.join("runs", session["run_name"]) if session.get("run_name") else \
+                    os.path.join(self.dir, "evaluate")
         self.args = args
 
     def iterations(self, batch_size: int) -> int:

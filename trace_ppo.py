@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
 import gymnasium as gym
@@ -58,8 +58,8 @@ from torch.distributions import Categorical, Normal
 from torch.utils.tensorboard import SummaryWriter
 
 from memory_envs import FlattenObservation
-from run_contract import (check_spaces, finished_episode, is_atari, make_base_env, parse_env_kwargs, Progress, Run,
-                          run_cli, RunArgs, UserError)
+from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
+                          make_base_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
@@ -839,15 +839,16 @@ def cue_step(info: dict, i: int) -> Optional[int]:
 
 
 @torch.no_grad()
-def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, episodes: int, device) -> tuple[dict, Optional[np.ndarray]]:
-    """Greedy evaluation with deterministic eviction on fresh envs seeded apart from training, the memory
+def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, video_dir: str = "") -> tuple[dict, Optional[np.ndarray]]:
+    """Greedy evaluation of ``--eval-episodes`` with deterministic eviction on fresh envs seeded apart from training, the memory
     (episodic and persistent) carried exactly as in training. Also returns the attention matrix (decision
     step x source step) of env 0's first episode. Where the env reports ``cue_step``, it measures both
     halves of recall at each episode's last decision: ``cue_in_memory`` (the cue's entry is in a slot) and
     ``cue_attention`` (the weight of the head that reads it most): retention can keep what the read ignores."""
+    episodes, device = args.eval_episodes, next(agent.parameters()).device
     n_envs = max(1, min(episodes, 8))
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
-    envs = make_vector_env(args, env_kwargs, kind, n_envs)
+    envs = make_vector_env(args, env_kwargs, kind, n_envs, video_dir)
     mem = Memory(agent, n_envs, args, envs.single_observation_space, device,
                  torch.Generator(device=device).manual_seed(args.seed + 100_000))
     obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
@@ -961,22 +962,16 @@ def main(args: Args) -> None:
             setattr(args, key, value)
     if args.explore_visits > 0 and kind == "continuous":
         raise UserError(f"--explore-visits needs discrete actions; {args.env_id} has Box actions")
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "memory_slots",
-                 "hidden_size", "num_heads", "teacher_window"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("persistent_slots", "eval_episodes", "read_coef", "action_value_coef", "aux_recon_coef",
-                 "explore_visits"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_flags(args, at_least_one=("memory_slots", "hidden_size", "num_heads", "teacher_window"),
+                non_negative=("persistent_slots", "read_coef", "action_value_coef", "aux_recon_coef", "explore_visits"))
     T, N, M = args.num_steps, args.num_envs, args.memory_slots
     S, batch_size = M + args.persistent_slots, N * T
     if batch_size % args.num_minibatches:
         raise UserError(f"--num-minibatches {args.num_minibatches} must divide num_envs*num_steps={batch_size}")
-    minibatch_size, num_iterations = batch_size // args.num_minibatches, max(1, args.total_timesteps // batch_size)
+    minibatch_size, num_iterations = batch_size // args.num_minibatches, run.iterations(batch_size)
     device = run.start()
 
-    envs = make_vector_env(args, env_kwargs, kind, N, os.path.join(run.dir, "videos"))
+    envs = make_vector_env(args, env_kwargs, kind, N, "" if args.evaluate else os.path.join(run.dir, "videos"))
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     agent = Agent(obs_space, act_space, args).to(device)
     policy_params = agent.policy_parameters()
@@ -990,8 +985,11 @@ def main(args: Args) -> None:
             agent.load_state_dict(run.state["agent"])
         except RuntimeError as err:
             missing = str(err).strip().splitlines()[-1].strip()
-            raise UserError(f"--resume {args.resume}: the checkpoint's network does not match this version "
-                            f"of trace_ppo.py ({missing}); start a new run") from None
+            raise UserError(f"--{'evaluate' if args.evaluate else 'resume'} {args.evaluate or args.resume}: its network "
+                            f"does not match this version of trace_ppo.py ({missing})") from None
+    if args.evaluate:
+        return finish(run, agent, env_kwargs, kind, dict(global_step=run.state.get("global_step", 0)))
+    if run.state is not None:
         optimizer.load_state_dict(run.state["optimizer"])
         ret_optimizer.load_state_dict(run.state["ret_optimizer"])
         if counter is not None:
@@ -1137,22 +1135,26 @@ def main(args: Args) -> None:
             writer.add_scalar("intrinsic/explore_floor_mean", ro.floor.mean().item(), global_step)
         stats_mem.log(writer, ro, vote_stats, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
-        if time.time() - last_ckpt >= args.checkpoint_interval or iteration == num_iterations:
+        if run.due(last_ckpt, iteration == num_iterations):
             run.save(iteration, global_step, agent=agent.state_dict(), optimizer=optimizer.state_dict(),
                      ret_optimizer=ret_optimizer.state_dict(), visit_counts=counter.counts if counter else None,
                      reward_rms=reward_scaler.state_dict() if reward_scaler else None)
             last_ckpt = time.time()
     envs.close()
 
-    record = dict(global_step=global_step, sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9),
-                  wall_time_s=run.wall_time(), mean_return=None, std_return=None, success_rate=None,
-                  cue_in_memory=None, cue_attention=None)
     if args.save_model:
-        torch.save(dict(agent=agent.state_dict(), args=asdict(args)), os.path.join(run.dir, "model.pt"))
-        print(f"model saved to {os.path.join(run.dir, 'model.pt')}")
-    if args.eval_episodes > 0:
+        run.save_model(agent=agent.state_dict(), global_step=global_step)
+    finish(run, agent, env_kwargs, kind, dict(global_step=global_step, wall_time_s=run.wall_time(),
+                                              sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9)))
+
+
+def finish(run: Run, agent: Agent, env_kwargs: dict, kind: str, record: dict) -> None:
+    """Evaluate (the trained agent, or the one --evaluate loaded), draw attention.png, write eval.json."""
+    record = dict(record, mean_return=None, std_return=None, success_rate=None, cue_in_memory=None, cue_attention=None)
+    if run.args.eval_episodes > 0:
         agent.eval()
-        result, picture = evaluate(agent, args, env_kwargs, kind, args.eval_episodes, device)
+        video = os.path.join(run.dir, "videos") if run.args.evaluate and run.args.capture_video else ""
+        result, picture = evaluate(agent, run.args, env_kwargs, kind, video)
         record.update(result)
         if picture is not None:
             save_attention_png(picture, os.path.join(run.dir, "attention.png"))

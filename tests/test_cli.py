@@ -213,6 +213,113 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, script, case, flag
         assert word in lines[0], lines[0]
 
 
+def numeric_flags(script: str) -> list[str]:
+    """Every int or float flag of a script's Args."""
+    import dataclasses
+    import importlib
+    import typing
+
+    module = importlib.import_module(script[:-3])
+    hints = typing.get_type_hints(module.Args)
+    return [f.name for f in dataclasses.fields(module.Args)
+            if re.search(r"\b(int|float)\b", str(hints[f.name])) and "bool" not in str(hints[f.name])]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_numeric_flag_rejects_an_invalid_value_in_one_line(tmp_path, monkeypatch, capsys, script):
+    """-1 is out of range for every numeric flag (and nan for every float one); the discount and lambda also
+    above 1: one line naming the flag, exit code 2, no run directory."""
+    monkeypatch.chdir(tmp_path)
+    cases = [(name, "-1") for name in numeric_flags(script)] + [("gamma", "2"), ("gae_lambda", "1.5"),
+                                                                 ("learning_rate", "nan")]
+    assert len(cases) > 18
+    for name, value in cases:
+        flag = "--" + name.replace("_", "-")
+        budget = [] if name == "total_timesteps" else ["--total-timesteps", "64"]
+        code, out, err = run_in_process(script, [flag, value, *budget], monkeypatch, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and flag in lines[0] and "Traceback" not in err + out, (flag, err, out)
+        assert not (tmp_path / "runs").exists(), flag
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_and_evaluate_refuse_what_they_cannot_use(tmp_path, monkeypatch, capsys, script):
+    monkeypatch.chdir(tmp_path)
+    other = "ppo_baseline.py" if script != "ppo_baseline.py" else "trace_ppo.py"
+    common = [*TINY["vector"]["flags"], *kwargs_flags({"delay": 4}), "--eval-episodes", "0", "--save-model"]
+    for name, program in (("mine", script), ("theirs", other)):
+        assert run_in_process(program, [*common, "--run-name", name], monkeypatch, capsys)[0] == 0
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    for argv, words in ((["--resume", "runs/mine/model.pt"], ["saved model", "--evaluate"]),
+                        (["--resume", "theirs"], ["theirs", other]), (["--evaluate", "theirs"], [other]),
+                        (["--resume", "junk.pt"], ["junk.pt"]), (["--evaluate", "nowhere"], ["nowhere"])):
+        code, out, err = run_in_process(script, argv, monkeypatch, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err + out, (argv, err)
+        assert all(w in lines[0] for w in words), (argv, lines[0])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_evaluate_reproduces_the_runs_own_evaluation(tmp_path, monkeypatch, capsys, script):
+    """--evaluate on the saved model, the checkpoint and the run directory writes <run>/evaluate/eval.json with
+    the run's own evaluation, without training; --eval-episodes is honoured."""
+    monkeypatch.chdir(tmp_path)
+    argv = [*TINY["vector"]["flags"], *kwargs_flags({"delay": 4, "difficulty": 1}), "--eval-episodes", "6",
+            "--save-model", "--run-name", "r"]
+    assert run_in_process(script, argv, monkeypatch, capsys)[0] == 0
+    trained = json.loads((tmp_path / "runs/r/eval.json").read_text())
+    weights = torch.load(tmp_path / "runs/r/checkpoint.pt", weights_only=False)["agent"]
+    for target in ("runs/r/model.pt", "runs/r/checkpoint.pt", "r"):
+        code, out, err = run_in_process(script, ["--evaluate", target], monkeypatch, capsys)
+        assert code == 0, err
+        again = json.loads((tmp_path / "runs/r/evaluate/eval.json").read_text())
+        for key in ("mean_return", "std_return", "success_rate", "eval_episodes", "global_step"):
+            assert again[key] == trained[key], (target, key)
+    assert json.loads((tmp_path / "runs/r/eval.json").read_text()) == trained  # the run's own files stay
+    after = torch.load(tmp_path / "runs/r/checkpoint.pt", weights_only=False)["agent"]
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    code, _, err = run_in_process(script, ["--evaluate", "r", "--eval-episodes", "3"], monkeypatch, capsys)
+    assert code == 0 and json.loads((tmp_path / "runs/r/evaluate/eval.json").read_text())["eval_episodes"] == 3, err
+    if script == "trace_ppo.py":
+        assert (tmp_path / "runs/r/evaluate/attention.png").exists()
+
+
+def test_budget_is_rounded_to_whole_rollouts_with_a_notice(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_in_process("ppo_baseline.py", ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "100",
+                                                      "--eval-episodes", "0", "--run-name", "b"], monkeypatch, capsys)
+    assert code == 0 and "rounded to 64" in out and "ETA -" not in out
+    assert json.loads((tmp_path / "runs/b/eval.json").read_text())["global_step"] == 64
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_signal_checkpoints_then_resume_finishes(tmp_path, script, sig):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM: the update in progress ends, a checkpoint is written, one line
+    says how to continue, exit code 130 / 143; --resume then finishes with every update logged once."""
+    flags = ["--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2", "--update-epochs", "1",
+             "--total-timesteps", "12800", "--checkpoint-interval", "3600", "--eval-episodes", "2",
+             *kwargs_flags({"delay": 4}), "--run-name", "s", *EXTRA_ARGS.get(script, [])]
+    proc = popen_script_at(tmp_path, script, *flags)
+    out_file = tmp_path / f"{Path(script).stem}.stdout"
+    deadline = time.time() + 120
+    while "run directory" not in out_file.read_text() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)  # printed once the handlers are installed
+    time.sleep(1.0)  # into the training loop (200 updates of 64 steps: seconds, on any machine here)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    err = (tmp_path / f"{Path(script).stem}.stderr").read_text()
+    assert proc.returncode == 128 + sig, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in err, err
+    ckpt = torch.load(tmp_path / "runs/s/checkpoint.pt", map_location="cpu", weights_only=False)
+    assert 0 < ckpt["global_step"] < 12800 and not (tmp_path / "runs/s/eval.json").exists()
+    resumed = run(tmp_path, script, "--resume", "s")
+    assert resumed.returncode == 0, describe(resumed)
+    steps = [s for s, _ in read_tb_scalars(tmp_path / "runs/s")["losses/value_loss"]]
+    assert sorted(steps) == list(range(64, 12801, 64))  # no update lost, none logged twice
+
+
 # ---------------------------------------------------------------------------------------
 # NaN guard
 # ---------------------------------------------------------------------------------------

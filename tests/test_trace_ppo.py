@@ -555,9 +555,9 @@ def test_cue_in_memory_logging_reads_the_recorded_slots(tmp_path, monkeypatch):
     (5, 8, "learned", 1.0, None),  # nothing evicted: the cue is there, its weight is a softmax share
 ])
 def test_evaluation_measures_cue_kept_and_cue_read(delay, slots, retention, cue_in, cue_attn):
-    args = small_args(memory_slots=slots, retention=retention)
+    args = small_args(memory_slots=slots, retention=retention, eval_episodes=6)
     _, agent, _ = make_memory(args, dict(delay=delay, difficulty=1))
-    result, _ = trace_ppo.evaluate(agent, args, dict(delay=delay, difficulty=1), "vector", 6, torch.device("cpu"))
+    result, _ = trace_ppo.evaluate(agent, args, dict(delay=delay, difficulty=1), "vector")
     assert result["cue_in_memory"] == cue_in
     if cue_attn is not None:
         assert result["cue_attention"] == pytest.approx(cue_attn, abs=1e-6)
