@@ -44,16 +44,15 @@ class Args(RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
 
-    # Algorithm specific arguments. `None` means the domain default given in brackets:
-    # [vector / Atari / continuous actions].
+    # PPO. `None` takes the domain's default (vector / Atari / continuous actions): --help shows them.
     total_timesteps: int = 500_000
     """total timesteps of the experiment"""
     learning_rate: Optional[float] = None
-    """the learning rate of the optimizer [2.5e-4 / 2.5e-4 / 3e-4]"""
+    """the learning rate of the optimizer"""
     num_envs: Optional[int] = None
-    """the number of parallel game environments [4 / 8 / 1]"""
+    """the number of parallel game environments"""
     num_steps: Optional[int] = None
-    """the number of steps to run in each environment per policy rollout [128 / 128 / 2048]"""
+    """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
     """toggle learning rate annealing for policy and value networks"""
     gamma: float = 0.99
@@ -61,17 +60,17 @@ class Args(RunArgs):
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
     num_minibatches: Optional[int] = None
-    """the number of mini-batches [4 / 4 / 32]"""
+    """the number of mini-batches"""
     update_epochs: Optional[int] = None
-    """the K epochs to update the policy [4 / 4 / 10]"""
+    """the K epochs to update the policy"""
     norm_adv: bool = True
     """toggles advantages normalization"""
     clip_coef: Optional[float] = None
-    """the surrogate clipping coefficient [0.2 / 0.1 / 0.2]"""
+    """the surrogate clipping coefficient"""
     clip_vloss: bool = True
     """toggles whether or not to use a clipped loss for the value function"""
     ent_coef: Optional[float] = None
-    """coefficient of the entropy [0.01 / 0.01 / 0.0]"""
+    """coefficient of the entropy"""
     vf_coef: float = 0.5
     """coefficient of the value function"""
     max_grad_norm: float = 0.5
@@ -79,7 +78,7 @@ class Args(RunArgs):
     target_kl: Optional[float] = None
     """the target KL divergence threshold"""
     normalize: Optional[bool] = None
-    """observation and reward normalisation [off / off / on]"""
+    """observation and reward normalisation"""
 
 
 PRESETS = {
@@ -481,4 +480,4 @@ def finish(run: Run, agent: Agent, env_kwargs: dict, kind: str, device: torch.de
 
 
 if __name__ == "__main__":
-    run_cli(main, Args)
+    run_cli(main, Args, PRESETS)

@@ -54,16 +54,15 @@ class Args(RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
 
-    # Algorithm specific arguments. `None` means the domain default given in brackets:
-    # [vector / Atari / continuous actions].
+    # PPO. `None` takes the domain's default (vector / Atari / continuous actions): --help shows them.
     total_timesteps: int = 500_000
     """total timesteps of the experiment"""
     learning_rate: Optional[float] = None
-    """the learning rate of the optimizer [1e-3 / 2.5e-4 / 3e-4]"""
+    """the learning rate of the optimizer"""
     num_envs: Optional[int] = None
-    """the number of parallel game environments [4 / 8 / 1]"""
+    """the number of parallel game environments"""
     num_steps: Optional[int] = None
-    """the number of steps to run in each environment per policy rollout [128 / 128 / 2048]"""
+    """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
     """toggle learning rate annealing for policy and value networks"""
     gamma: float = 0.99
@@ -72,17 +71,17 @@ class Args(RunArgs):
     """the lambda for the general advantage estimation"""
     num_minibatches: Optional[int] = None
     """the number of mini-batches; must divide the number of sequences, num_envs * num_steps / bptt_len
-    [4 / 4 / 32]"""
+   """
     update_epochs: Optional[int] = None
-    """the K epochs to update the policy [4 / 4 / 10]"""
+    """the K epochs to update the policy"""
     norm_adv: bool = True
     """toggles advantages normalization"""
     clip_coef: Optional[float] = None
-    """the surrogate clipping coefficient [0.2 / 0.1 / 0.2]"""
+    """the surrogate clipping coefficient"""
     clip_vloss: bool = True
     """toggles whether or not to use a clipped loss for the value function"""
     ent_coef: Optional[float] = None
-    """coefficient of the entropy [0.01 / 0.01 / 0.0]"""
+    """coefficient of the entropy"""
     vf_coef: float = 0.5
     """coefficient of the value function"""
     max_grad_norm: float = 0.5
@@ -90,11 +89,11 @@ class Args(RunArgs):
     target_kl: Optional[float] = None
     """the target KL divergence threshold"""
     normalize: Optional[bool] = None
-    """observation and reward normalisation [off / off / on]"""
+    """observation and reward normalisation"""
     lstm_size: int = 128
     """hidden size of the LSTM"""
     bptt_len: Optional[int] = None
-    """truncated BPTT: sequence length in steps (must divide num_steps); 0 = whole rollout [0 / 0 / 64]"""
+    """truncated BPTT: sequence length in steps (must divide num_steps); 0 = whole rollout"""
 
 
 # Vector preset: learning rate 1e-3 instead of CleanRL's 2.5e-4. On MemoryTask-v0 delay=16
@@ -595,4 +594,4 @@ def finish(run: Run, agent: Agent, env_kwargs: dict, kind: str, device: torch.de
 
 
 if __name__ == "__main__":
-    run_cli(main, Args)
+    run_cli(main, Args, PRESETS)

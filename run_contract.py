@@ -43,13 +43,60 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
-def parse_cli(args_cls: type, argv: list[str] | None = None):
-    """``tyro.cli`` with tyro's multi-line error box condensed to one line on stderr."""
+PPO_FLAGS = ("total_timesteps", "learning_rate", "num_envs", "num_steps", "anneal_lr", "gamma", "gae_lambda",
+             "num_minibatches", "update_epochs", "norm_adv", "clip_coef", "clip_vloss", "ent_coef", "vf_coef",
+             "max_grad_norm", "target_kl", "normalize", "normalize_reward")
+
+
+def print_help(args_cls: type, presets: Optional[dict]) -> None:
+    """tyro's --help, grouped (the run, PPO, the script's own flags), with each domain's default where a flag's
+    default is None (``presets``: {domain: {flag: value}})."""
+    import tyro
+
+    buf = io.StringIO()
+    env = dict(os.environ)
+    os.environ["COLUMNS"] = "1000"  # one line per flag description, to regroup them
+    try:
+        with contextlib.redirect_stdout(buf):
+            tyro.cli(args_cls, args=["--help"])
+    except SystemExit:
+        pass
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    flags, usage = {}, ""
+    for line in buf.getvalue().splitlines():
+        text = re.sub(r"^[\s│╭╰]+|[\s│╮╯─]+$", "", line)
+        if line.startswith("usage:"):
+            usage = line
+        elif text.startswith("-") and not set(text) <= set("-─"):
+            flags[text.split()[0].rstrip(",")] = [p for p in re.split(r"\s{2,}", text) if p]
+        elif text and flags and not set(text) <= set("-─"):
+            flags[list(flags)[-1]].append(" ".join(text.split()))
+    script = args_cls.__dataclass_fields__["exp_name"].default
+    groups = {"the run (every script)": [], "PPO": [], f"{script}": []}
+    for flag, lines in flags.items():
+        name = flag.lstrip("-").replace("-", "_")
+        text = "  " + "\n      ".join(lines)
+        if presets and "(default: None)" in text and any(name in p for p in presets.values()):
+            text = text.replace("(default: None)", "(default: " + " | ".join(
+                f"{kind} {p[name]}" for kind, p in presets.items() if name in p) + ")")
+        group = "the run (every script)" if name in RunArgs.__dataclass_fields__ or name in ("h", "help") else \
+            "PPO" if name in PPO_FLAGS else script
+        groups[group].append(text)
+    print(usage.replace(sys.argv[0], os.path.basename(sys.argv[0])))
+    for title, entries in groups.items():
+        print(f"\n{title}:\n" + "\n".join(entries))
+
+
+def parse_cli(args_cls: type, argv: list[str] | None = None, presets: Optional[dict] = None):
+    """``tyro.cli`` with tyro's multi-line error box condensed to one line on stderr, and a grouped --help."""
     import tyro
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        return tyro.cli(args_cls, args=argv)
+        print_help(args_cls, presets)
+        raise SystemExit(0)
     buf = io.StringIO()
     try:
         with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
@@ -71,9 +118,9 @@ def parse_cli(args_cls: type, argv: list[str] | None = None):
         raise SystemExit(2) from None
 
 
-def run_cli(main: Callable[[Any], Any], args_cls: type) -> None:
+def run_cli(main: Callable[[Any], Any], args_cls: type, presets: Optional[dict] = None) -> None:
     """Entry point of every script: parse the flags, run, turn user errors into one line."""
-    args = parse_cli(args_cls)
+    args = parse_cli(args_cls, presets=presets)
     try:
         main(args)
     except Stopped as exc:
@@ -222,7 +269,7 @@ class RunArgs:
     evaluate: Optional[str] = None
     """a model.pt, checkpoint.pt or run directory to evaluate (greedy, --eval-episodes) instead of training"""
     run_name: Optional[str] = None
-    """name of the run directory under runs/ (default: {env}__{exp_name}__{seed}__{time})"""
+    """name of the run directory under runs/ ({env}__{exp_name}__{seed}__{time} if not given)"""
     eval_episodes: int = 100
     """episodes of greedy evaluation on fresh seeded envs after training (0 to skip)"""
     checkpoint_interval: float = 60.0

@@ -71,13 +71,13 @@ class Args(RunArgs):
     total_timesteps: int = 128_000
     """total timesteps of the experiment"""
 
-    # PPO. `None` means the domain default given in brackets: [vector / Atari / continuous actions].
+    # PPO. `None` takes the domain's default (vector / Atari / continuous actions): --help shows them.
     learning_rate: Optional[float] = None
-    """the learning rate of the optimizers [1e-3 / 2.5e-4 / 3e-4]"""
+    """the learning rate of the optimizers"""
     num_envs: Optional[int] = None
-    """the number of parallel game environments [8 / 8 / 1]"""
+    """the number of parallel game environments"""
     num_steps: Optional[int] = None
-    """the number of steps to run in each environment per policy rollout [128 / 128 / 2048]"""
+    """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
     """toggle learning rate annealing for policy and value networks"""
     gamma: float = 0.99
@@ -85,17 +85,17 @@ class Args(RunArgs):
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
     num_minibatches: Optional[int] = None
-    """the number of mini-batches [4 / 4 / 32]"""
+    """the number of mini-batches"""
     update_epochs: Optional[int] = None
-    """the K epochs to update the policy [4 / 4 / 10]"""
+    """the K epochs to update the policy"""
     norm_adv: Optional[bool] = None
-    """per-minibatch advantage normalisation [off / on / on] (off: most minibatches of a sparse task hold no decision)"""
+    """per-minibatch advantage normalisation (off: most minibatches of a sparse task hold no decision)"""
     clip_coef: Optional[float] = None
-    """the surrogate clipping coefficient [0.2 / 0.1 / 0.2]"""
+    """the surrogate clipping coefficient"""
     clip_vloss: bool = True
     """toggles whether or not to use a clipped loss for the value function"""
     ent_coef: Optional[float] = None
-    """coefficient of the entropy [0.0 / 0.01 / 0.0]"""
+    """coefficient of the entropy"""
     vf_coef: float = 0.5
     """coefficient of the value function"""
     max_grad_norm: float = 0.5
@@ -103,9 +103,9 @@ class Args(RunArgs):
     target_kl: Optional[float] = None
     """the target KL divergence threshold"""
     normalize: Optional[bool] = None
-    """observation normalisation (running mean and std, clipped to +-10) [on / off / on]"""
+    """observation normalisation (running mean and std, clipped to +-10)"""
     normalize_reward: Optional[bool] = None
-    """reward scaling by the running std of the discounted return [on / off / on]"""
+    """reward scaling by the running std of the discounted return"""
 
     # Memory
     memory_slots: int = 16
@@ -119,16 +119,16 @@ class Args(RunArgs):
     num_heads: int = 4
     """attention heads of the memory read"""
     teacher_window: Optional[int] = None
-    """how many of the current episode's latest steps the entry critic may look back at [4096 / 128 / 4096]"""
+    """how many of the current episode's latest steps the entry critic may look back at"""
     read_coef: float = 1.0
     """coefficient of teaching attention head 0 to look at the held entries the entry critic credits (0 = off)"""
     action_value_coef: float = 0.5
     """coefficient of the auxiliary action-value head Q(e, read, a) -> TD target (0 = off)"""
     aux_recon_coef: Optional[float] = None
-    """coefficient of reconstructing a random slot's observation from the read (0 = off) [1.0 / 0.0 / 0.0]"""
+    """coefficient of reconstructing a random slot's observation from the read (0 = off)"""
     explore_visits: Optional[float] = None
     """m of the exploration floor: act uniformly with probability min(1, m / visits of the observation)
-    (0 = off; discrete actions) [20 / 0 / 0]"""
+    (0 = off; discrete actions)"""
 
 
 PRESETS = {
@@ -1166,4 +1166,4 @@ def finish(run: Run, agent: Agent, env_kwargs: dict, kind: str, record: dict) ->
 
 
 if __name__ == "__main__":
-    run_cli(main, Args)
+    run_cli(main, Args, PRESETS)

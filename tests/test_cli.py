@@ -213,6 +213,21 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, script, case, flag
         assert word in lines[0], lines[0]
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_groups_the_flags_and_shows_each_domains_default(monkeypatch, capsys, script):
+    code, out, err = run_in_process(script, ["--help"], monkeypatch, capsys)
+    assert code == 0 and not err
+    run_part, rest = out.split("\nPPO:\n")
+    ppo_part, own_part = rest.split(f"\n{script[:-3]}:\n")
+    assert "--env-id" in run_part and "--resume" in run_part and "--evaluate" in run_part
+    assert "--gamma" in ppo_part and "--memory-slots" not in ppo_part
+    for flag in ("--learning-rate", "--num-envs", "--ent-coef"):
+        block = ppo_part.split(flag, 1)[1].split("\n  --", 1)[0]
+        assert "(default: vector " in block and "atari" in block and "continuous" in block, block
+    assert "(default: None)" not in ppo_part.split("--target-kl")[0]
+    assert own_part.strip() or script == "ppo_baseline.py"
+
+
 def numeric_flags(script: str) -> list[str]:
     """Every int or float flag of a script's Args."""
     import dataclasses
