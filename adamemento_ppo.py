@@ -1,64 +1,37 @@
 """AdaMemento on PPO (Yan, Gan et al., arXiv 2410.04498), CleanRL style, one file.
 
-AdaMemento adds three things to an on-policy learner (here ppo_baseline.py, which this file
-follows line for line wherever it can):
+Design, the off-policy correction in full, and every measurement: docs/adamemento_ppo.md.
 
-1. **Memory reflection.** Finished trajectories go into a *success* or a *failure* buffer
-   (``--success-rule``). A *prediction network* learns the known-good local policy from the
-   success buffer (state -> action: classification for discrete actions, regression for
-   continuous ones). A *reflection network* learns from both buffers, with balanced
-   sampling, the probability that taking action ``a`` in state ``s`` belongs to a successful
-   trajectory; evaluated at the prediction network's action it is the memory's
-   *confidence*.
-2. **Coarse-fine distinction** (``--intrinsic coarse-fine``). An autoencoder on observations
-   (convolutional encoder for images, MLP for vectors) with a non-negative (ReLU), L1-sparse
-   latent code. Coarse novelty = reconstruction error (frequent observations are
-   reconstructed well). Fine novelty = rarity of the latent units the observation activates
-   (surprisal or count bonus of its active units' firing), which separates observations
-   that reconstruct equally well but use different, rarely used latent units. Intrinsic
-   reward = weighted sum, then, as in RND (Burda et al. 2018), divided by the running std of
-   a non-episodic discounted intrinsic return computed along the time axis, with its own
-   value head and discount. ``--intrinsic rnd`` swaps in RND, ``none`` removes the stream.
-3. **Confidence ensemble.** Each step the memory proposes its action; where the reflection
-   confidence exceeds ``--kappa`` the memory acts (exploitation), otherwise the PPO policy
-   samples (exploration, driven by the intrinsic reward). The reflection network trains on
-   batches drawn half from each buffer, so its output is the posterior of "success" under
-   equal priors, and 0.5 is the Bayes boundary: above it a (state, action) pair is more
-   typical of successful than of failed trajectories. That is the discrete-action default.
-   Measured on Four Rooms (README, 3 seeds): with 0.8 the memory acted on 1-14% of the steps
-   of the first 12k, with 0.5 on 15-52%, and 90% training success came after 8.3k steps
-   instead of 21.7k (PPO+RND: 28.0k). For continuous actions the memory's
-   proposal is a regressed mean that no buffer holds, so its confidence is an extrapolation
-   and the default keeps a margin (0.8).
+AdaMemento adds three things to PPO (this file follows ppo_baseline.py line for line wherever it can):
 
-``--intrinsic rnd --no-reflection`` is the PPO+RND baseline; ``--intrinsic none
---no-reflection`` is exactly ppo_baseline.py (same seed, same weights: tested).
+1. Memory reflection. Finished trajectories go into a success or a failure buffer (``--success-rule``).
+   A prediction network learns the known-good local policy from the successes (state -> action); a
+   reflection network learns from both buffers, sampled half and half, the probability that taking
+   action a in state s belongs to a successful trajectory. At the prediction network's action it is
+   the memory's confidence.
+2. Coarse-fine distinction (``--intrinsic coarse-fine``). An autoencoder with a sparse non-negative
+   code: coarse novelty = reconstruction error, fine novelty = rarity of the latent units an
+   observation activates, which separates observations that reconstruct equally well. As in RND
+   (Burda et al. 2018) the intrinsic reward is divided by the running std of a non-episodic
+   discounted intrinsic return along the time axis, with its own value head. ``--intrinsic rnd``
+   swaps in RND, ``none`` removes the stream.
+3. Confidence ensemble. Where the reflection confidence exceeds ``--kappa`` the memory acts
+   (exploitation), elsewhere the PPO policy samples (exploration). Balanced batches make the
+   reflection output the posterior of success under equal priors, so 0.5 is its decision boundary
+   (the discrete-action default); for continuous actions the memory's regressed action is held by no
+   buffer and the default keeps a margin (0.8).
 
-Off-policy correction (the paper's equations are not public; this is our choice)
-------------------------------------------------------------------------------
-Memory actions are not samples of the PPO policy pi_old, so the rollout is off-policy. We
-record, for every step, the behaviour distribution mu actually used:
+``--intrinsic rnd --no-reflection`` is the PPO+RND baseline; ``--intrinsic none --no-reflection`` is
+exactly ppo_baseline.py (same seed, same weights: tested).
 
-  - policy steps: mu = pi_old;
-  - states where the memory is confident: mu(a|s) = (1 - eps) m(a|s) + eps pi_old(a|s), with
-    ``eps = --memory-epsilon``: the memory acts with probability 1 - eps, else the policy
-    samples. m is a point mass on the prediction network's argmax (discrete) or a Gaussian
-    at its predicted mean with the policy's std (continuous).
-
-The eps-mixture keeps mu > 0 wherever pi_old > 0, so the importance ratio pi_old/mu is at
-most 1/eps and every action the policy could take is still covered. The update then uses
-truncated importance sampling throughout:
-
-  - policy loss: the decoupled PPO objective of Hilton et al. 2021 ("Batch size-invariance
-    for policy optimization"): ``w * max(-A r, -A clip(r))`` with r = pi_theta/pi_old
-    (proximal policy) and w = min(rho_bar, pi_old/mu) (behaviour correction);
-  - advantages: GAE with Retrace-style truncated traces (Munos et al. 2016; V-trace,
-    Espeholt et al. 2018): ``A_t = delta_t + gamma lambda (1 - d_t) c_{t+1} A_{t+1}`` with
-    c = min(c_bar, pi_old/mu) -- the action a_t itself needs no correction because A_t is
-    conditioned on it, later actions do;
-  - value targets: ``V(s_t) + w_t A_t`` (importance-weighting the first action, as V-trace).
-
-When the memory never acts (mu = pi_old), w = c = 1 and every formula is exactly PPO's.
+Off-policy correction (the paper's equations are not public; this is our choice). Memory actions are
+not samples of pi_old, so each step records its behaviour distribution mu: pi_old where the policy
+acts, (1 - eps) m + eps pi_old where the memory is confident (``--memory-epsilon``; m is a point mass
+on the prediction network's action, or a Gaussian with the policy's std), so pi_old / mu <= 1/eps.
+The update uses truncated importance sampling throughout: the decoupled PPO objective of Hilton et al.
+2021, w * max(-A r, -A clip(r)) with r = pi_theta / pi_old and w = min(1, pi_old / mu); GAE with
+Retrace-style traces c = min(1, pi_old / mu) on the later actions (Munos et al. 2016; V-trace); value
+targets V(s) + w A. When the memory never acts, w = c = 1 and every formula is PPO's.
 """
 
 from __future__ import annotations
@@ -79,8 +52,8 @@ from gymnasium import spaces
 from torch.distributions import Categorical, Normal
 
 from memory_envs import FlattenObservation
-from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
-                          make_base_env, parse_env_kwargs, run_cli)
+from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, episode_extras, finished_episode,
+                          is_atari, make_base_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
@@ -138,24 +111,12 @@ class Args(RunArgs):
     for sparse tasks; <= 0 = failure)"""
     success_quantile: float = 0.8
     """the quantile of `--success-rule quantile`"""
-    success_window: int = 100
-    """number of recent episode returns the quantile is taken over"""
     buffer_size: Optional[int] = None
     """capacity of each of the success and failure buffers, in transitions"""
-    loop_erasure: bool = True
-    """store trajectories with loops erased (only the last visit of a repeated observation)"""
-    memory_update_interval: int = 1
-    """train the prediction and reflection networks every this many PPO iterations"""
     memory_updates: int = 16
     """gradient steps of the prediction and reflection networks per memory update"""
-    memory_batch_size: int = 256
-    """samples per memory gradient step (half from each buffer for the reflection network)"""
     memory_lr: float = 1e-3
     """learning rate of the prediction and reflection networks"""
-    rho_bar: float = 1.0
-    """truncation of the importance weight min(rho_bar, pi_old/mu) on the policy loss and value targets"""
-    c_bar: float = 1.0
-    """truncation of the trace coefficients min(c_bar, pi_old/mu) in the advantage recursion"""
     eval_memory: bool = True
     """evaluate the ensemble (memory where confident, else the greedy policy); off: policy only"""
 
@@ -177,10 +138,6 @@ class Args(RunArgs):
     """weight of the (standardised) coarse novelty"""
     fine_coef: float = 1.0
     """weight of the (standardised) fine novelty"""
-    latent_dim: int = 64
-    """size of the autoencoder's latent code"""
-    sparsity_coef: float = 1e-3
-    """L1 penalty on the latent code (makes it sparse, so active units carry identity)"""
     ext_coef: float = 2.0
     """weight of the extrinsic advantage (RND: 2)"""
     int_coef: float = 1.0
@@ -189,6 +146,12 @@ class Args(RunArgs):
     """discount of the non-episodic intrinsic return"""
     update_proportion: float = 0.25
     """fraction of each minibatch the novelty model (autoencoder or RND predictor) trains on"""
+
+SUCCESS_WINDOW = 100  # the success quantile is taken over the last 100 episode returns
+MEMORY_BATCH_SIZE = 256  # samples per memory gradient step (half from each buffer for the reflection network)
+RHO_BAR = C_BAR = 1.0  # truncation of importance weights and traces at 1, as V-trace: exactly PPO when mu = pi_old
+LATENT_DIM = 64  # size of the autoencoder's sparse code
+SPARSITY_COEF = 1e-3  # L1 penalty that makes the code sparse, so active units carry an observation's identity
 
 
 PRESETS = {
@@ -204,9 +167,7 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------------------------------
-# Environments (as ppo_baseline.py)
-# ---------------------------------------------------------------------------------------
+# ---- Environments (as ppo_baseline.py)
 def env_kind(env_id: str, probe: gym.Env) -> str:
     if is_atari(env_id):
         return "atari"
@@ -241,9 +202,7 @@ def make_vector_env(args: Args, env_kwargs: dict, kind: str, num_envs: int, vide
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
-# ---------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------
+# ---- Networks
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -387,9 +346,7 @@ def log_prob(dist, action: torch.Tensor) -> torch.Tensor:
     return dist.log_prob(action).sum(1) if isinstance(dist, Normal) else dist.log_prob(action)
 
 
-# ---------------------------------------------------------------------------------------
-# Memory reflection: success/failure buffers, prediction and reflection networks, ensemble
-# ---------------------------------------------------------------------------------------
+# ---- Memory reflection: success/failure buffers, prediction and reflection networks, ensemble
 class TrajectoryBuffer:
     """Bounded FIFO of the (observation, action) pairs of whole trajectories of one outcome.
 
@@ -460,6 +417,12 @@ class SuccessRule:
         # not stored rather than labelled arbitrarily.
         q = float(np.quantile(history, self.quantile))
         return True if episode_return > q else (False if episode_return < q else None)
+
+    def state_dict(self) -> dict:
+        return dict(history=list(self.history))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.extend(state["history"])
 
 
 def erase_loops(obs: list[np.ndarray]) -> list[int]:
@@ -556,9 +519,7 @@ def ensemble_step(dist, proposal: torch.Tensor, confidence: torch.Tensor, kappa:
     return action, logp_old, log_mu, use_memory
 
 
-# ---------------------------------------------------------------------------------------
-# Intrinsic motivation: coarse-fine distinction (AdaMemento) or RND
-# ---------------------------------------------------------------------------------------
+# ---- Intrinsic motivation: coarse-fine distinction (AdaMemento) or RND
 class NoveltyInput(nn.Module):
     """Observation preprocessing of the novelty models, as RND: the last frame only for Atari
     stacks, channels first, normalised per element by running statistics and clipped to +-5."""
@@ -702,10 +663,15 @@ class RewardForwardFilter:
             self.rms.update(torch.as_tensor(self.returns))
         return rewards / np.sqrt(self.rms.var.item() + 1e-8)
 
+    def state_dict(self) -> dict:
+        return dict(rms=self.rms.state_dict(), returns=self.returns)
 
-# ---------------------------------------------------------------------------------------
-# Returns
-# ---------------------------------------------------------------------------------------
+    def load_state_dict(self, state: dict) -> None:
+        self.rms.load_state_dict(state["rms"])
+        self.returns = state["returns"]
+
+
+# ---- Returns
 class RewardScaler:
     """Divide rewards by the running std of the discounted return (as gymnasium's NormalizeReward).
 
@@ -748,9 +714,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     return advantages
 
 
-# ---------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------
+# ---- Evaluation
 @torch.no_grad()
 def evaluate(agent: Agent, memory: Optional[MemoryReflection], args: Args, env_kwargs: dict, kind: str,
              device: torch.device, video_dir: str = "") -> dict:
@@ -786,13 +750,10 @@ def evaluate(agent: Agent, memory: Optional[MemoryReflection], args: Args, env_k
                 memory_action_fraction=memory_steps / steps if memory is not None else None)
 
 
-# ---------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------
+# ---- Training
 def check_args(args: Args) -> None:
-    check_flags(args, at_least_one=("buffer_size", "memory_update_interval", "memory_updates", "memory_batch_size",
-                                    "success_window", "latent_dim"), positive=("rho_bar", "c_bar"),
-                non_negative=("memory_lr", "coarse_coef", "fine_coef", "sparsity_coef", "ext_coef", "int_coef"),
+    check_flags(args, at_least_one=("buffer_size", "memory_updates"),
+                non_negative=("memory_lr", "coarse_coef", "fine_coef", "ext_coef", "int_coef"),
                 unit=("kappa", "success_quantile", "update_proportion", "int_gamma"))
     if not 0.0 <= args.memory_epsilon < 1.0:
         raise UserError(f"--memory-epsilon must be in [0, 1), got {args.memory_epsilon}")
@@ -838,15 +799,15 @@ def main(args: Args) -> None:
         if args.intrinsic == "rnd":
             novelty = RND(novelty_in.shape).to(device)
         else:
-            novelty = CoarseFine(novelty_in.shape, args.latent_dim, args.coarse_coef if args.coarse else 0.0,
-                                 args.fine_coef if args.fine else 0.0, args.sparsity_coef, args.fine_bonus,
+            novelty = CoarseFine(novelty_in.shape, LATENT_DIM, args.coarse_coef if args.coarse else 0.0,
+                                 args.fine_coef if args.fine else 0.0, SPARSITY_COEF, args.fine_bonus,
                                  args.center_novelty).to(device)
         novelty_optimizer = optim.Adam([p for p in novelty.parameters() if p.requires_grad],
                                        lr=args.learning_rate, eps=1e-5)
         int_filter = RewardForwardFilter(args.num_envs, args.int_gamma)
 
     memory = memory_optimizer = None
-    success_rule = SuccessRule(args.success_rule, args.success_quantile, args.success_window)
+    success_rule = SuccessRule(args.success_rule, args.success_quantile, SUCCESS_WINDOW)
     if args.reflection:
         memory = MemoryReflection(obs_space.shape, act_space).to(device)
         memory_optimizer = optim.Adam(memory.parameters(), lr=args.memory_lr, eps=1e-5)
@@ -862,21 +823,16 @@ def main(args: Args) -> None:
             memory.load_state_dict(state["memory"])
     if args.evaluate:
         return finish(run, (agent, memory), env_kwargs, kind, device, dict(global_step=state.get("global_step", 0)))
+    # Everything a checkpoint holds, for saving and restoring alike (episodes in progress are not saved: a
+    # resumed run restarts its envs).
+    stateful = dict(optimizer=optimizer, reward_rms=reward_scaler.rms if reward_scaler else None, novelty_in=novelty_in,
+                    novelty=novelty, novelty_optimizer=novelty_optimizer, int_filter=int_filter,
+                    memory_optimizer=memory_optimizer, success_rule=success_rule,
+                    **({f"buffer_{k}": b for k, b in buffers.items()} if memory is not None else {}))
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if reward_scaler is not None:
-            reward_scaler.rms.load_state_dict(state["reward_rms"])
-        if novelty is not None:
-            novelty_in.load_state_dict(state["novelty_in"])
-            novelty.load_state_dict(state["novelty"])
-            novelty_optimizer.load_state_dict(state["novelty_optimizer"])
-            int_filter.rms.load_state_dict(state["int_filter"]["rms"])
-            int_filter.returns = state["int_filter"]["returns"]
-        if memory is not None:
-            memory_optimizer.load_state_dict(state["memory_optimizer"])
-            for k, buf in buffers.items():
-                buf.load_state_dict(state["buffers"][k])
-        success_rule.history.extend(state["success_history"])
+        for key, obj in stateful.items():
+            if obj is not None:
+                obj.load_state_dict(state[key])
         run.restore_rng()
         print(f"resuming {run.dir} at step {run.global_step}", flush=True)
     writer, global_step = run.writer, run.global_step
@@ -891,25 +847,10 @@ def main(args: Args) -> None:
     logprobs, behaviour_logprobs, rewards, dones = (torch.zeros((args.num_steps, args.num_envs), device=device)
                                                     for _ in range(4))
 
-    def checkpoint_parts() -> dict:
-        parts = dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(),
-                     reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
-                     success_history=list(success_rule.history), rooms_found=rooms_found)
-        if novelty is not None:
-            parts.update(novelty_in=novelty_in.state_dict(), novelty=novelty.state_dict(),
-                         novelty_optimizer=novelty_optimizer.state_dict(),
-                         int_filter=dict(rms=int_filter.rms.state_dict(), returns=int_filter.returns))
-        if memory is not None:
-            # Episodes in progress are not saved: a resumed run restarts its envs anyway.
-            parts.update(memory=memory.state_dict(), memory_optimizer=memory_optimizer.state_dict(),
-                         buffers={k: b.state_dict() for k, b in buffers.items()})
-        return parts
-
     # Resumed runs restart their envs with a different seed so they do not replay old episodes.
     next_obs, _ = envs.reset(seed=args.seed + run.start_iteration - 1)
     next_obs = torch.as_tensor(next_obs, device=device)
     progress = Progress(args.total_timesteps)
-    rooms_found = state.get("rooms_found", 0) if state is not None else 0  # bitmask
     start_step, last_ckpt = global_step, time.time()
     for iteration in range(run.start_iteration, num_iterations + 1):
         if args.anneal_lr:
@@ -966,21 +907,15 @@ def main(args: Args) -> None:
                 writer.add_scalar("charts/episodic_length", ep_l, global_step)
                 if success is not None:
                     writer.add_scalar("charts/episodic_success", float(success), global_step)
-                if "rooms_mask" in info["final_info"]:
-                    # Montezuma's Revenge: rooms entered in this episode and in all of training.
-                    mask = int(info["final_info"]["rooms_mask"][i])
-                    rooms_found |= mask
-                    writer.add_scalar("charts/episodic_rooms", mask.bit_count(), global_step)
-                    writer.add_scalar("charts/rooms_found", rooms_found.bit_count(), global_step)
+                for key, value in episode_extras(info, i).items():  # e.g. the rooms of MontezumaRevengeRooms
+                    writer.add_scalar(f"charts/episodic_{key}", value, global_step)
                 progress.episode(ep_r, success)
                 if memory is not None:
                     # Memory reflection: the whole trajectory goes to the buffer of its outcome.
                     outcome = success_rule(ep_r)
                     if outcome is not None:
-                        traj = pending[i]
-                        if args.loop_erasure:
-                            traj = [traj[j] for j in erase_loops([o for o, _ in traj])]
-                        traj = traj[-args.buffer_size:]
+                        # loops erased: only the last visit of a repeated observation is stored
+                        traj = [pending[i][j] for j in erase_loops([o for o, _ in pending[i]])][-args.buffer_size:]
                         buffers["success" if outcome else "failure"].add(
                             np.stack([o for o, _ in traj]), np.stack([a for _, a in traj]))
                     pending[i] = []
@@ -989,7 +924,7 @@ def main(args: Args) -> None:
             last_value = agent.get_value(next_obs)
         # Behaviour correction: truncated importance ratios pi_old/mu (all ones without memory).
         is_ratio = (logprobs - behaviour_logprobs).exp()
-        weights, traces = is_ratio.clamp(max=args.rho_bar), is_ratio.clamp(max=args.c_bar)
+        weights, traces = is_ratio.clamp(max=RHO_BAR), is_ratio.clamp(max=C_BAR)
         advantages = compute_gae(rewards, values[..., 0], dones, last_value[:, 0], args.gamma, args.gae_lambda,
                                  traces)
         returns = values[..., 0] + weights * advantages
@@ -1076,7 +1011,7 @@ def main(args: Args) -> None:
                 break
 
         memory_stats = {}
-        if memory is not None and iteration % args.memory_update_interval == 0 and len(buffers["success"]):
+        if memory is not None and len(buffers["success"]):
             memory_stats = train_memory(memory, memory_optimizer, buffers, agent, args, device)
             if memory_stats is None:
                 raise run.diverged("non-finite memory loss", global_step)
@@ -1115,7 +1050,8 @@ def main(args: Args) -> None:
                 writer.add_scalar(f"memory/{k}", v, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if run.due(last_ckpt, iteration == num_iterations):
-            run.save(iteration, global_step, **checkpoint_parts())
+            run.save(iteration, global_step, agent=agent.state_dict(), memory=memory.state_dict() if memory else None,
+                     **{k: obj.state_dict() for k, obj in stateful.items() if obj is not None})
             last_ckpt = time.time()
     envs.close()
 
@@ -1123,7 +1059,7 @@ def main(args: Args) -> None:
         run.save_model(agent=agent.state_dict(), memory=memory.state_dict() if memory else None, global_step=global_step)
     finish(run, (agent, memory), env_kwargs, kind, device,
            dict(global_step=global_step, sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9),
-                wall_time_s=run.wall_time(), **({"rooms_found": rooms_found.bit_count()} if rooms_found else {})))
+                wall_time_s=run.wall_time()))
 
 
 def finish(run: Run, nets: tuple, env_kwargs: dict, kind: str, device: torch.device, record: dict) -> None:
@@ -1152,11 +1088,11 @@ def train_memory(memory: MemoryReflection, optimizer: optim.Optimizer, buffers: 
         return agent.preprocess(torch.as_tensor(o, device=device)).detach()
 
     for _ in range(args.memory_updates):
-        obs_s, act_s = buffers["success"].sample(args.memory_batch_size)
+        obs_s, act_s = buffers["success"].sample(MEMORY_BATCH_SIZE)
         pred_loss = memory.prediction_loss(prep(obs_s), torch.as_tensor(act_s, device=device))
         loss = pred_loss
         if both:
-            obs_b, act_b, labels = sample_balanced(buffers["success"], buffers["failure"], args.memory_batch_size)
+            obs_b, act_b, labels = sample_balanced(buffers["success"], buffers["failure"], MEMORY_BATCH_SIZE)
             refl_loss, accuracy = memory.reflection_loss(prep(obs_b), torch.as_tensor(act_b, device=device),
                                                          torch.as_tensor(labels, device=device))
             loss = pred_loss + refl_loss

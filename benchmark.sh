@@ -101,7 +101,7 @@ speed       | MemoryTask-v0           | delay=1024 difficulty=1 | 50000   | 10  
 mujoco      | HalfCheetah-v5          |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense
 mujoco      | Hopper-v5               |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense
 mujoco      | Walker2d-v5             |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense
-atari       | ALE/MontezumaRevenge-v5 |                      | 50000000  | 10       | ppo ppo-rnd adamemento lstm-ppo
+atari       | ALE/MontezumaRevengeRooms-v5 |                      | 50000000  | 10       | ppo ppo-rnd adamemento lstm-ppo
 atari       | ALE/Pong-v5             |                      | 10000000  | 10       | ppo lstm-ppo adamemento-dense
 atari       | ALE/Breakout-v5         |                      | 10000000  | 10       | ppo lstm-ppo adamemento-dense
 atari       | ALE/Seaquest-v5         |                      | 10000000  | 10       | ppo lstm-ppo adamemento-dense

@@ -536,9 +536,9 @@ class RecallAcrossEpisodesEnv(_CellRowEnv):
 # Montezuma's Revenge: rooms entered, for logging
 # ---------------------------------------------------------------------------------------
 class MontezumaRooms(gym.Wrapper):
-    """Montezuma's Revenge: ``info["rooms_mask"]``, a bitmask of the rooms entered so far in the
-    episode (the room number is RAM byte 3, as in the RND and Go-Explore papers' room counts).
-    For logging only; no agent input is changed."""
+    """Montezuma's Revenge reporting ``info["rooms_visited"]``, how many rooms the episode has entered so far (the
+    room number is RAM byte 3, as in the RND and Go-Explore papers' room counts). For logging only: the agent's
+    inputs do not change. Registered as ``ALE/MontezumaRevengeRooms-v5``."""
 
     def _room_bit(self) -> int:
         return 1 << int(self.unwrapped.ale.getRAM()[3])
@@ -546,12 +546,19 @@ class MontezumaRooms(gym.Wrapper):
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
         self.mask = self._room_bit()
-        return obs, dict(info, rooms_mask=self.mask)
+        return obs, dict(info, rooms_visited=1)
 
     def step(self, action):
         obs, reward, term, trunc, info = self.env.step(action)
         self.mask |= self._room_bit()
-        return obs, reward, term, trunc, dict(info, rooms_mask=self.mask)
+        return obs, reward, term, trunc, dict(info, rooms_visited=self.mask.bit_count())
+
+
+def make_montezuma_rooms(**kwargs) -> gym.Env:
+    import ale_py
+
+    gym.register_envs(ale_py)
+    return MontezumaRooms(gym.make("ALE/MontezumaRevenge-v5", **kwargs))
 
 
 # ---------------------------------------------------------------------------------------
@@ -568,3 +575,4 @@ _register("CliffWalkingFail-v0", "memory_envs:CliffWalkingFailEnv")
 _register("DarkChamber-v0", "memory_envs:DarkChamberEnv")
 _register("FourRooms-v0", "memory_envs:FourRoomsEnv")
 _register("RecallAcrossEpisodes-v0", "memory_envs:RecallAcrossEpisodesEnv", kwargs={"block": 4, "length": 4})
+_register("ALE/MontezumaRevengeRooms-v5", "memory_envs:make_montezuma_rooms")

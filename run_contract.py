@@ -29,7 +29,6 @@ import numpy as np
 from gymnasium import spaces
 
 import memory_envs
-from memory_envs import MontezumaRooms
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 2, no traceback."""
@@ -157,8 +156,7 @@ def is_atari(env_id: str) -> bool:
 
 def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | None = None,
                   **extra: Any) -> gym.Env:
-    """``gym.make`` with user errors (unknown id, missing module, bad kwargs) as UserError.
-    Montezuma's Revenge also reports the rooms it entered (``MontezumaRooms``)."""
+    """``gym.make`` with user errors (unknown id, missing module, bad kwargs) as UserError."""
     if is_atari(env_id):
         import ale_py
 
@@ -168,7 +166,7 @@ def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | No
         kwargs["render_mode"] = render_mode
     try:
         env = gym.make(env_id, **kwargs)
-        return MontezumaRooms(env) if "MontezumaRevenge" in env_id else env
+        return env
     except ModuleNotFoundError as exc:
         raise UserError(f"--env-id {env_id!r}: cannot import module {exc.name or env_id.partition(':')[0]!r}") from None
     except gym.error.Error as exc:
@@ -226,6 +224,14 @@ def finished_episode(info: dict, i: int) -> tuple[float, int, bool | None]:
     mask = fin.get("_is_success")
     success = bool(fin["is_success"][i]) if mask is not None and mask[i] else None
     return float(fin["episode"]["r"][i]), int(fin["episode"]["l"][i]), success
+
+
+def episode_extras(info: dict, i: int) -> dict[str, float]:
+    """The numeric scalars env ``i`` reported at the end of its episode besides the usual ones (a wrapper's
+    statistics, e.g. the rooms of ``MontezumaRevengeRooms``), for logging as charts/episodic_<key>."""
+    fin = info["final_info"]
+    return {k: float(v[i]) for k, v in fin.items() if not k.startswith("_") and k not in ("episode", "is_success", "cue_step")
+            and isinstance(v, np.ndarray) and v.dtype.kind in "biuf" and fin.get(f"_{k}", np.ones(i + 1, bool))[i]}
 
 
 def write_eval_json(run_dir: str, record: dict[str, Any]) -> str:
