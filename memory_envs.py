@@ -249,25 +249,41 @@ def _supported(space: spaces.Space, path: str = "observation") -> None:
         "MultiDiscrete, MultiBinary and Tuple/Dict of those")
 
 
+def _is_text(space: spaces.Space) -> bool:
+    """A text observation (``Text``, or a space of strings such as MiniGrid's mission)."""
+    return isinstance(space, spaces.Text) or (not isinstance(space, _FLAT_LEAVES + (spaces.Tuple, spaces.Dict))
+                                               and isinstance(space.sample(), str))
+
+
 class FlattenObservation(gym.ObservationWrapper):
     """Flatten any supported observation into one float32 vector.
 
     ``Discrete`` becomes a one-hot vector, ``MultiDiscrete`` a concatenation of one-hots,
     ``MultiBinary`` and ``Box`` are flattened, ``Tuple``/``Dict`` are concatenated in order.
-    Unsupported spaces (``Text``, ``Graph``, ``Sequence``, ...) raise ``ValueError`` naming
-    the space and where it sits.
+    The text entries of a ``Dict`` (e.g. MiniGrid's ``mission``) are dropped, with a one-line
+    notice: the agents take numbers. Other unsupported spaces (``Text`` alone, ``Graph``,
+    ``Sequence``, ...) raise ``ValueError`` naming the space and where it sits.
     """
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
-        _supported(env.observation_space)
-        flat = spaces.flatten_space(env.observation_space)
+        space, self.dropped = env.observation_space, []
+        if isinstance(space, spaces.Dict):
+            self.dropped = [k for k, sub in space.spaces.items() if _is_text(sub)]
+            space = spaces.Dict({k: sub for k, sub in space.spaces.items() if k not in self.dropped})
+            if self.dropped:
+                print(f"note: the text observation {', '.join(map(repr, self.dropped))} is dropped "
+                      "(the agents take numbers only)", flush=True)
+        _supported(space)
+        self.kept = space
+        flat = spaces.flatten_space(space)
         self.observation_space = spaces.Box(flat.low.astype(np.float32),
                                             flat.high.astype(np.float32), dtype=np.float32)
 
     def observation(self, observation):
-        flat = spaces.flatten(self.env.observation_space, observation)
-        return np.asarray(flat, dtype=np.float32)
+        if self.dropped:
+            observation = {k: v for k, v in observation.items() if k not in self.dropped}
+        return np.asarray(spaces.flatten(self.kept, observation), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------

@@ -180,10 +180,13 @@ def check_spaces(env: gym.Env, action_types: tuple[type, ...]) -> None:
     if not isinstance(env.action_space, action_types):
         names = ", ".join(t.__name__ for t in action_types)
         raise UserError(f"unsupported action space {env.action_space}: this script supports {names}")
-    if isinstance(env.observation_space, spaces.Box):
+    space = env.observation_space
+    if isinstance(space, spaces.Box):
         return
+    if isinstance(space, spaces.Dict):  # its text entries are dropped (FlattenObservation)
+        space = spaces.Dict({k: s for k, s in space.spaces.items() if not memory_envs._is_text(s)})
     try:
-        memory_envs._supported(env.observation_space)
+        memory_envs._supported(space)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

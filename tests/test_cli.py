@@ -100,6 +100,24 @@ def test_end_to_end(tmp_path, script, kind):
     assert all(0 < v for _, v in scalars["charts/learning_rate"])
 
 
+# Public memory suites from requirements-extras.txt, reached as `module:EnvId`; skipped when absent.
+OPTIONAL_ENVS = {"minigrid": "MiniGrid-MemoryS7-v0", "popgym": "popgym-RepeatFirstEasy-v0"}
+
+
+@pytest.mark.parametrize("module", list(OPTIONAL_ENVS))
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_runs_on_the_optional_public_suites(tmp_path, script, module):
+    pytest.importorskip(module)
+    cfg = TINY["vector"]
+    proc = run(tmp_path, script, "--env-id", f"{module}:{OPTIONAL_ENVS[module]}", "--env-kwargs",
+               "max_episode_steps=20", "--eval-episodes", "2", "--run-name", "opt", *cfg["flags"])
+    assert proc.returncode == 0, describe(proc)
+    record = json.loads((tmp_path / "runs" / "opt" / "eval.json").read_text())
+    assert record["env_id"] == f"{module}:{OPTIONAL_ENVS[module]}" and math.isfinite(record["mean_return"])
+    if module == "minigrid":  # the mission string is dropped with a notice, never silently
+        assert "'mission' is dropped" in proc.stdout
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_update_reproduces_the_rollout_while_statistics_move(tmp_path, script):
     """With a zero learning rate the update must recompute exactly the rollout's log-probabilities

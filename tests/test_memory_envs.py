@@ -517,9 +517,21 @@ UNSUPPORTED = [
     ("Text", spaces.Text(5), "observation"),
     ("Graph", spaces.Graph(node_space=spaces.Box(-1, 1, (2,)), edge_space=None), "observation"),
     ("Sequence", spaces.Sequence(spaces.Discrete(2)), "observation"),
-    ("Text", spaces.Dict({"ok": spaces.Discrete(2), "bad": spaces.Text(3)}), "'bad'"),
+    ("Graph", spaces.Dict({"ok": spaces.Discrete(2), "bad": spaces.Graph(node_space=spaces.Discrete(2), edge_space=None)}),
+     "'bad'"),
     ("Sequence", spaces.Tuple((spaces.Discrete(2), spaces.Sequence(spaces.Box(0, 1, (1,))))), "[1]"),
 ]
+
+
+def test_flatten_observation_drops_the_text_of_a_dict_with_a_notice(capsys):
+    space = spaces.Dict({"image": spaces.Box(0, 255, (2, 2, 1), np.uint8), "direction": spaces.Discrete(3),
+                         "mission": spaces.Text(10)})
+    value = {"image": np.arange(4, dtype=np.uint8).reshape(2, 2, 1), "direction": 2, "mission": "go to door"}
+    env = FlattenObservation(ConstantObsEnv(space, value))
+    assert "'mission'" in capsys.readouterr().out
+    assert env.observation_space.shape == (4 + 3,)
+    # gymnasium flattens a Dict in sorted key order: the direction one-hot, then the image
+    np.testing.assert_array_equal(env.observation(value), [0, 0, 1, 0, 1, 2, 3])
 
 
 @pytest.mark.parametrize("kind,space,where", UNSUPPORTED, ids=[f"{k}-{w}" for k, _, w in UNSUPPORTED])
