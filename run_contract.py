@@ -175,6 +175,23 @@ def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | No
         raise UserError(f"--env-id {env_id!r} with --env-kwargs {env_kwargs}: {exc}") from None
 
 
+def check_video(env_id: str, env_kwargs: dict[str, Any]) -> None:
+    """Fail before the run starts, with one line, when --capture-video lacks an optional dependency
+    (moviepy for the encoder, pygame for gymnasium's classic-control and toy-text renderers)."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        raise UserError("--capture-video needs moviepy: pip install moviepy") from None
+    env = make_base_env(env_id, env_kwargs, render_mode="rgb_array")
+    try:
+        env.reset(seed=0)
+        env.render()
+    except gym.error.DependencyNotInstalled as exc:
+        raise UserError(f"--capture-video on {env_id!r}: {exc}") from None
+    finally:
+        env.close()
+
+
 def check_spaces(env: gym.Env, action_types: tuple[type, ...]) -> None:
     """Fail early, with one line, on spaces a script cannot handle."""
     if not isinstance(env.action_space, action_types):
@@ -381,6 +398,8 @@ class Run:
         from torch.utils.tensorboard import SummaryWriter
 
         args = self.args
+        if args.capture_video:
+            check_video(args.env_id, parse_env_kwargs(args.env_kwargs))
         if self.dir is None:
             args.run_name = args.run_name or default_run_name(args.env_id, args.exp_name, args.seed)
             self.dir = os.path.join("runs", args.run_name)
@@ -394,11 +413,6 @@ class Run:
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=vars(args), name=args.run_name, monitor_gym=True, save_code=True, resume="allow",
                        id=args.run_name)
-        if args.capture_video:
-            try:
-                import moviepy  # noqa: F401
-            except ImportError:
-                raise UserError("--capture-video needs moviepy: pip install moviepy") from None
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)

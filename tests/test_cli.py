@@ -232,6 +232,16 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, script, case, flag
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_capture_video_without_its_renderer_is_one_line(tmp_path, monkeypatch, capsys, script):
+    monkeypatch.setitem(sys.modules, "pygame", None)  # `import pygame` now fails, as on a bare install
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_in_process(script, ["--env-id", "CartPole-v1", "--capture-video", "--total-timesteps", "64",
+                                             *EXTRA_ARGS.get(script, [])], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pygame" in err, (code, out, err)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_help_groups_the_flags_and_shows_each_domains_default(monkeypatch, capsys, script):
     code, out, err = run_in_process(script, ["--help"], monkeypatch, capsys)
     assert code == 0 and not err
