@@ -45,6 +45,10 @@ AGENTS='
 # name                     | script                    | flags
 ppo                        | ppo_baseline.py           |
 lstm-ppo                   | recurrent_ppo_baseline.py |
+gru-ppo                    | recurrent_ppo_baseline.py | --cell gru
+# the recurrent baselines with the inputs (previous action and reward) and the vector preset of trace_ppo
+lstm-ppo-mem               | recurrent_ppo_baseline.py | --memory-preset
+gru-ppo-mem                | recurrent_ppo_baseline.py | --cell gru --memory-preset
 trace-learned              | trace_ppo.py              | --retention learned
 trace-fifo                 | trace_ppo.py              | --retention fifo
 trace-persist              | trace_ppo.py              | --retention learned --persistent-slots 4
@@ -53,9 +57,8 @@ trace-no-read              | trace_ppo.py              | --read-coef 0
 trace-no-qaux              | trace_ppo.py              | --action-value-coef 0
 trace-no-recon             | trace_ppo.py              | --aux-recon-coef 0
 trace-no-floor             | trace_ppo.py              | --explore-visits 0
-# the baselines with the vector settings of trace_ppo: observation and reward normalisation, no entropy bonus
+# PPO with the vector settings of trace_ppo: observation and reward normalisation, no entropy bonus
 ppo-norm                   | ppo_baseline.py           | --normalize True --ent-coef 0
-lstm-ppo-norm              | recurrent_ppo_baseline.py | --normalize True --ent-coef 0
 # AdaMemento on sparse-reward tasks (success = return > 0, issue 3), and its ablations:
 adamemento                 | adamemento_ppo.py         | --success-rule positive
 ppo-rnd                    | adamemento_ppo.py         | --success-rule positive --intrinsic rnd --no-reflection
@@ -77,27 +80,28 @@ PEER_AGENTS="sb3-ppo sb3-lstm-ppo"
 SETTINGS='
 # suite     | env id                  | env kwargs           | timesteps | eval eps | agents
 smoke       | MemoryTask-v0           | delay=4 difficulty=1 | 2048      | 20       | ppo lstm-ppo trace-learned trace-fifo adamemento ppo-rnd
-memory      | MemoryTask-v0           | delay=16 difficulty=1   | 32000   | 200 | ppo lstm-ppo trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=64 difficulty=1   | 128000  | 200 | ppo lstm-ppo trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=256 difficulty=1  | 512000  | 200 | ppo lstm-ppo trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=1024 difficulty=1 | 2048000 | 200 | ppo lstm-ppo trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=64 difficulty=1 cue_time=random   | 128000  | 200 | ppo lstm-ppo trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | ppo lstm-ppo trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=1024 difficulty=1 cue_time=random | 2048000 | 200 | ppo lstm-ppo trace-learned trace-fifo
-memory      | PassiveTMaze-v0         | length=100           | 202000    | 200      | ppo lstm-ppo trace-learned trace-fifo ppo-norm lstm-ppo-norm
-memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200      | ppo lstm-ppo trace-learned trace-fifo ppo-norm lstm-ppo-norm
-memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo lstm-ppo trace-learned trace-fifo ppo-norm lstm-ppo-norm
-memory      | RecallAcrossEpisodes-v0 |                      | 200000    | 200      | ppo lstm-ppo trace-learned trace-fifo trace-persist
+memory      | MemoryTask-v0           | delay=16 difficulty=1   | 32000   | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=64 difficulty=1   | 128000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=256 difficulty=1  | 512000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=1024 difficulty=1 | 2048000 | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=64 difficulty=1 cue_time=random   | 128000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=1024 difficulty=1 cue_time=random | 2048000 | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
+memory      | PassiveTMaze-v0         | length=100           | 202000    | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
+memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
+memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
+memory      | RecallAcrossEpisodes-v0 |                      | 200000    | 200      | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo trace-persist
 ablation    | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
 ablation    | PassiveTMaze-v0         | length=500           | 1002000   | 200      | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
 ablation    | MemoryTask-v0           | delay=256 difficulty=1  | 512000  | 200 | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
 exploration | CliffWalkingFail-v0     |                      | 100000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 exploration | DarkChamber-v0          | cell_pixels=1        | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 exploration | FourRooms-v0            |                      | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
-speed       | MemoryTask-v0           | delay=64 difficulty=1   | 50000   | 10  | ppo lstm-ppo trace-learned trace-fifo adamemento ppo-rnd
-speed       | MemoryTask-v0           | delay=16 difficulty=1   | 50000   | 10  | trace-learned
-speed       | MemoryTask-v0           | delay=256 difficulty=1  | 50000   | 10  | trace-learned
-speed       | MemoryTask-v0           | delay=1024 difficulty=1 | 50000   | 10  | trace-learned
+speed       | MemoryTask-v0           | delay=16 difficulty=1   | 65536   | 8   | ppo lstm-ppo gru-ppo trace-learned trace-fifo
+speed       | MemoryTask-v0           | delay=64 difficulty=1   | 65536   | 8   | ppo lstm-ppo gru-ppo trace-learned trace-fifo adamemento ppo-rnd
+speed       | MemoryTask-v0           | delay=256 difficulty=1  | 65536   | 8   | ppo lstm-ppo gru-ppo trace-learned trace-fifo
+speed       | MemoryTask-v0           | delay=1024 difficulty=1 | 65536   | 8   | ppo lstm-ppo gru-ppo trace-learned trace-fifo
+speed       | MemoryTask-v0           | delay=4096 difficulty=1 | 65536   | 8   | ppo lstm-ppo gru-ppo trace-learned trace-fifo
 mujoco      | HalfCheetah-v5          |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense
 mujoco      | Hopper-v5               |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense
 mujoco      | Walker2d-v5             |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense

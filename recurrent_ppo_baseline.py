@@ -1,7 +1,8 @@
-"""PPO with an LSTM core: the recurrent baseline (CleanRL ppo_atari_lstm style, one file).
+"""PPO with an LSTM or GRU core: the recurrent baseline (CleanRL ppo_atari_lstm style, one file).
 
-The encoder is picked from the spaces and always feeds one LSTM whose output drives the
-actor and critic heads:
+The encoder is picked from the spaces and always feeds one recurrent cell (``--cell lstm|gru``)
+whose output drives the actor and critic heads; ``--prev-action-reward`` also feeds it the
+previous action and symlog reward, the inputs trace_ppo's entries get (docs/baselines.md):
   - vector observations -> a 64-unit tanh layer -> LSTM,
   - ``ALE/...`` ids -> standard Atari preprocessing (frame-skip 4, 84x84 grayscale, frame
     stack 4, sticky actions 0.25, no episodic life, reward clipping) and the Nature CNN -> LSTM,
@@ -9,7 +10,7 @@ actor and critic heads:
   - ``Box`` actions -> diagonal Gaussian policy with observation and reward normalisation.
 
 Recurrent bookkeeping (the parts that are easy to get subtly wrong):
-  - ``starts[t]`` = "obs[t] begins a new episode". The LSTM state is multiplied by
+  - ``starts[t]`` = "obs[t] begins a new episode". The state (h, c; a GRU carries c unused) is multiplied by
     ``(1 - starts[t])`` before obs[t] is processed, in the rollout, in the update and in
     evaluation alike, so no memory leaks across episodes.
   - The LSTM state is snapshotted at the start of every rollout (and, with ``--bptt-len``,
@@ -33,12 +34,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.optim as optim
 from gymnasium import spaces
 from torch.distributions import Categorical, Normal
@@ -74,8 +76,6 @@ class Args(RunArgs):
    """
     update_epochs: Optional[int] = None
     """the K epochs to update the policy"""
-    norm_adv: bool = True
-    """toggles advantages normalization"""
     clip_coef: Optional[float] = None
     """the surrogate clipping coefficient"""
     clip_vloss: bool = True
@@ -90,8 +90,17 @@ class Args(RunArgs):
     """the target KL divergence threshold"""
     normalize: Optional[bool] = None
     """observation and reward normalisation"""
-    lstm_size: int = 128
-    """hidden size of the LSTM"""
+    norm_adv: Optional[bool] = None
+    """toggles per-minibatch advantages normalization"""
+    cell: Literal["lstm", "gru"] = "lstm"
+    """the recurrent cell"""
+    hidden_size: int = 128
+    """hidden size of the recurrent cell"""
+    prev_action_reward: Optional[bool] = None
+    """feed the cell the previous action and symlog of the previous reward besides the observation"""
+    memory_preset: bool = False
+    """vector envs: trace_ppo's choices for memory tasks (8 envs x 128 steps, normalisation, no entropy bonus,
+    no per-minibatch advantage normalisation, previous action and reward as inputs)"""
     bptt_len: Optional[int] = None
     """truncated BPTT: sequence length in steps (must divide num_steps); 0 = whole rollout"""
 
@@ -101,14 +110,20 @@ class Args(RunArgs):
 # (one seed each); CartPole-v1 at 100k steps was within noise of 2.5e-4.
 PRESETS = {
     "vector": dict(learning_rate=1e-3, num_envs=4, num_steps=128, num_minibatches=4,
-                   update_epochs=4, clip_coef=0.2, ent_coef=0.01, normalize=False, bptt_len=0),
+                   update_epochs=4, clip_coef=0.2, ent_coef=0.01, normalize=False, bptt_len=0, norm_adv=True,
+                   prev_action_reward=False),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4,
-                  update_epochs=4, clip_coef=0.1, ent_coef=0.01, normalize=False, bptt_len=0),
+                  update_epochs=4, clip_coef=0.1, ent_coef=0.01, normalize=False, bptt_len=0, norm_adv=True,
+                  prev_action_reward=False),
     # One env cannot be split into 32 minibatches by environment, so the continuous preset
     # cuts its 2048-step rollout into 32 chunks of 64 (the same minibatch size as ppo_baseline).
     "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32,
-                       update_epochs=10, clip_coef=0.2, ent_coef=0.0, normalize=True, bptt_len=64),
+                       update_epochs=10, clip_coef=0.2, ent_coef=0.0, normalize=True, bptt_len=64, norm_adv=True,
+                       prev_action_reward=False),
 }
+# --memory-preset: trace_ppo's vector preset where it applies, so the two differ only in their memory.
+MEMORY_PRESET = dict(learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, ent_coef=0.0,
+                     normalize=True, norm_adv=False, prev_action_reward=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,21 +219,26 @@ def image_encoder(shape: tuple[int, ...]) -> tuple[nn.Module, int, bool]:
 LSTMState = tuple[torch.Tensor, torch.Tensor]
 
 
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
 class Agent(nn.Module):
-    """encoder -> LSTM -> actor/critic heads.
+    """encoder (+ previous action and reward) -> LSTM or GRU -> actor/critic heads.
 
     Sequences are passed time-major and flattened, as in CleanRL: ``x`` holds T*B
-    observations (step t of sequence b at index t*B + b), ``lstm_state`` is the (h, c) pair
-    of shape (1, B, H) *before* x[0], and ``starts`` (T*B,) is 1 where an observation begins
-    a new episode.
+    observations (step t of sequence b at index t*B + b), ``prev`` the matching previous
+    action/reward inputs (or None), ``lstm_state`` is the (h, c) pair of shape (1, B, H)
+    *before* x[0], and ``starts`` (T*B,) is 1 where an observation begins a new episode.
     """
 
     def __init__(self, obs_space: spaces.Box, action_space: spaces.Space, normalize_obs: bool,
-                 lstm_size: int = 128):
+                 hidden_size: int = 128, cell: str = "lstm", prev_action_reward: bool = False):
         super().__init__()
         self.continuous = isinstance(action_space, spaces.Box)
         self.image = is_image(obs_space)
         n_out = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
+        self.n_prev = n_out + 1 if prev_action_reward else 0
         self.obs_rms = RunningMeanStd(obs_space.shape) if normalize_obs else None
         if self.image:
             self.encoder, n_feat, self.channels_last = image_encoder(obs_space.shape)
@@ -226,25 +246,48 @@ class Agent(nn.Module):
             n_feat, self.channels_last = 64, False
             self.encoder = nn.Sequential(nn.Flatten(), layer_init(nn.Linear(int(np.prod(obs_space.shape)), n_feat)),
                                          nn.Tanh())
-        self.lstm = nn.LSTM(n_feat, lstm_size)
-        for name, param in self.lstm.named_parameters():
+        self.cell = cell
+        self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(n_feat + self.n_prev, hidden_size)
+        for name, param in self.rnn.named_parameters():
             if "bias" in name:
                 nn.init.constant_(param, 0)
             else:
                 nn.init.orthogonal_(param, 1.0)
-        # Forget-gate bias 1 (Gers et al. 2000; Jozefowicz et al. 2015): at init the cell keeps
-        # sigmoid(1) = 0.73 per step instead of 0.5, so a cue survives long enough for its
-        # gradient to be learned (CleanRL's zero bias left MemoryTask delay=16 at chance).
+        # Keep-gate bias 1 (Gers et al. 2000; Jozefowicz et al. 2015): at init the cell keeps sigmoid(1) = 0.73
+        # of its state per step instead of 0.5, so a cue survives long enough for its gradient to be learned
+        # (CleanRL's zero bias left MemoryTask delay=16 at chance). The second gate block is the LSTM's forget
+        # gate f and the GRU's update gate z (h' = z h + (1 - z) n).
         with torch.no_grad():
-            self.lstm.bias_ih_l0[lstm_size:2 * lstm_size] = 1.0
-        self.actor = layer_init(nn.Linear(lstm_size, n_out), std=0.01)
-        self.critic = layer_init(nn.Linear(lstm_size, 1), std=1.0)
+            self.rnn.bias_ih_l0[hidden_size:2 * hidden_size] = 1.0
+        self.actor = layer_init(nn.Linear(hidden_size, n_out), std=0.01)
+        self.critic = layer_init(nn.Linear(hidden_size, 1), std=1.0)
         if self.continuous:
             self.actor_logstd = nn.Parameter(torch.zeros(1, n_out))
+            self.register_buffer("action_low", torch.as_tensor(action_space.low, dtype=torch.float32))
+            self.register_buffer("action_high", torch.as_tensor(action_space.high, dtype=torch.float32))
 
     def initial_state(self, batch: int, device: torch.device | str = "cpu") -> LSTMState:
-        shape = (self.lstm.num_layers, batch, self.lstm.hidden_size)
+        shape = (self.rnn.num_layers, batch, self.rnn.hidden_size)
         return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+
+    def prev_inputs(self, action: torch.Tensor, reward: np.ndarray) -> torch.Tensor:
+        """What the next step is fed besides its observation: the action (one-hot, or the vector clipped to the
+        action space) and symlog of its raw reward; (B, 0) without --prev-action-reward."""
+        if not self.n_prev:
+            return action.new_zeros(len(action), 0, dtype=torch.float32)
+        if self.continuous:
+            act = torch.max(torch.min(action.float(), self.action_high), self.action_low)
+        else:
+            act = F.one_hot(action.long(), self.n_prev - 1).float()
+        rew = symlog(torch.as_tensor(reward, dtype=torch.float32, device=action.device)).view(-1, 1)
+        return torch.cat([act, rew], 1)
+
+    def core(self, x: torch.Tensor, state: LSTMState):
+        """One call of the cell; a GRU has no c, which is passed through untouched."""
+        if self.cell == "gru":
+            out, h = self.rnn(x, state[0])
+            return out, (h, state[1])
+        return self.rnn(x, state)
 
     @torch.no_grad()
     def normalize_obs(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
@@ -263,15 +306,15 @@ class Agent(nn.Module):
             return self.encoder(x.permute(0, 3, 1, 2) if self.channels_last else x)
         return self.encoder(x)
 
-    def get_states(self, x: torch.Tensor, lstm_state: LSTMState, starts: torch.Tensor):
-        """LSTM outputs (T*B, H) for a time-major batch and the state after its last step."""
-        feats = self.features(x)
+    def get_states(self, x: torch.Tensor, prev: torch.Tensor, lstm_state: LSTMState, starts: torch.Tensor):
+        """Cell outputs (T*B, H) for a time-major batch and the state after its last step."""
+        feats = torch.cat([self.features(x), prev], 1)
         batch = lstm_state[0].shape[1]
         steps = feats.shape[0] // batch
         feats, starts = feats.view(steps, batch, -1), starts.view(steps, batch)
         if not starts[1:].any():  # no episode begins after the first step (always so in the rollout)
             keep = (1.0 - starts[0]).view(1, batch, 1)
-            out, state = self.lstm(feats, (keep * lstm_state[0], keep * lstm_state[1]))
+            out, state = self.core(feats, (keep * lstm_state[0], keep * lstm_state[1]))
             return out.view(steps * batch, -1), state
         # A reset inside a sequence just means a new sequence begins there, so cut every env's
         # sequence at its episode starts into segments and run all segments as one packed batch.
@@ -292,18 +335,18 @@ class Agent(nn.Module):
         padded = feats.new_zeros(int(lengths.max()), len(lengths), feats.shape[-1])
         padded[pos, seg] = feats.transpose(0, 1).reshape(batch * steps, -1)
         packed = pack_padded_sequence(padded, lengths.cpu(), enforce_sorted=False)
-        out, (hn, cn) = self.lstm(packed, (h0, c0))
+        out, (hn, cn) = self.core(packed, (h0, c0))
         out, _ = pad_packed_sequence(out)
         hidden = out[pos, seg].view(batch, steps, -1).transpose(0, 1).reshape(steps * batch, -1)
         last = seg.view(batch, steps)[:, -1]
         return hidden, (hn[:, last], cn[:, last])
 
-    def get_value(self, x: torch.Tensor, lstm_state: LSTMState, starts: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.get_states(x, lstm_state, starts)
+    def get_value(self, x: torch.Tensor, prev: torch.Tensor, lstm_state: LSTMState, starts: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.get_states(x, prev, lstm_state, starts)
         return self.critic(hidden)
 
-    def get_action_and_value(self, x, lstm_state, starts, action=None, greedy: bool = False):
-        hidden, lstm_state = self.get_states(x, lstm_state, starts)
+    def get_action_and_value(self, x, prev, lstm_state, starts, action=None, greedy: bool = False):
+        hidden, lstm_state = self.get_states(x, prev, lstm_state, starts)
         out = self.actor(hidden)
         if self.continuous:
             dist = Normal(out, self.actor_logstd.expand_as(out).exp())
@@ -379,12 +422,14 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, device: torc
     envs = make_vector_env(args, env_kwargs, kind, n_envs, video_dir)
     obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
     lstm_state, starts = agent.initial_state(n_envs, device), torch.ones(n_envs, device=device)
+    prev = torch.zeros(n_envs, agent.n_prev, device=device)
     returns, successes, done_count = [], [], [0] * n_envs
     while any(d < q for d, q in zip(done_count, quota)):
         x = agent.normalize_obs(torch.as_tensor(obs, device=device))
-        action, _, _, _, lstm_state = agent.get_action_and_value(x, lstm_state, starts, greedy=True)
-        obs, _, term, trunc, info = envs.step(action.cpu().numpy())
+        action, _, _, _, lstm_state = agent.get_action_and_value(x, prev, lstm_state, starts, greedy=True)
+        obs, reward, term, trunc, info = envs.step(action.cpu().numpy())
         starts = torch.as_tensor(term | trunc, dtype=torch.float32, device=device)
+        prev = agent.prev_inputs(action, reward) * (1.0 - starts).unsqueeze(1)
         for i in np.flatnonzero(term | trunc):
             if done_count[i] < quota[i]:
                 ep_r, _, success = finished_episode(info, i)
@@ -408,10 +453,12 @@ def main(args: Args) -> None:
     check_spaces(probe, (spaces.Discrete, spaces.Box))
     kind = env_kind(args.env_id, probe)
     probe.close()
-    for key, value in PRESETS[kind].items():
+    if args.memory_preset and kind != "vector":
+        raise UserError(f"--memory-preset applies to vector observations with discrete actions, not {args.env_id!r}")
+    for key, value in dict(PRESETS[kind], **(MEMORY_PRESET if args.memory_preset else {})).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    check_flags(args, at_least_one=("lstm_size",))
+    check_flags(args, at_least_one=("hidden_size",))
     if args.bptt_len < 0 or (args.bptt_len and args.num_steps % args.bptt_len):
         raise UserError(f"--bptt-len must be 0 or a divisor of --num-steps {args.num_steps}, got {args.bptt_len}")
     seq_len = args.bptt_len or args.num_steps
@@ -426,8 +473,8 @@ def main(args: Args) -> None:
 
 
     envs = make_vector_env(args, env_kwargs, kind, args.num_envs, "" if args.evaluate else os.path.join(run.dir, "videos"))
-    agent = Agent(envs.single_observation_space, envs.single_action_space, args.normalize,
-                  args.lstm_size).to(device)
+    agent = Agent(envs.single_observation_space, envs.single_action_space, args.normalize, args.hidden_size,
+                  args.cell, args.prev_action_reward).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
 
@@ -448,10 +495,11 @@ def main(args: Args) -> None:
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape,
                       dtype=obs_dtype, device=device)
     actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape, device=device)
+    prevs = torch.zeros((args.num_steps, args.num_envs, agent.n_prev), device=device)
     logprobs, rewards, dones, starts, values = (torch.zeros((args.num_steps, args.num_envs), device=device)
                                                 for _ in range(5))
     # LSTM state at the start of every chunk (the whole rollout is one chunk without --bptt-len).
-    chunk_h, chunk_c = (torch.zeros((num_chunks, agent.lstm.num_layers, args.num_envs, args.lstm_size),
+    chunk_h, chunk_c = (torch.zeros((num_chunks, agent.rnn.num_layers, args.num_envs, args.hidden_size),
                                     device=device) for _ in range(2))
 
     # Resumed runs restart their envs with a different seed so they do not replay old episodes;
@@ -459,6 +507,7 @@ def main(args: Args) -> None:
     next_obs, _ = envs.reset(seed=args.seed + run.start_iteration - 1)
     next_obs = torch.as_tensor(next_obs, device=device)
     next_start = torch.ones(args.num_envs, device=device)
+    next_prev = torch.zeros(args.num_envs, agent.n_prev, device=device)
     lstm_state = agent.initial_state(args.num_envs, device)
     progress = Progress(args.total_timesteps)
     start_step, last_ckpt = global_step, time.time()
@@ -471,12 +520,14 @@ def main(args: Args) -> None:
                 chunk_h[step // seq_len], chunk_c[step // seq_len] = lstm_state
             global_step += args.num_envs
             next_obs = agent.normalize_obs(next_obs, update=True)
-            obs[step], starts[step] = next_obs, next_start
+            obs[step], starts[step], prevs[step] = next_obs, next_start, next_prev
             with torch.no_grad():
-                action, logprob, _, value, lstm_state = agent.get_action_and_value(next_obs, lstm_state, next_start)
+                action, logprob, _, value, lstm_state = agent.get_action_and_value(next_obs, next_prev, lstm_state,
+                                                                                   next_start)
             values[step], actions[step], logprobs[step] = value.flatten(), action, logprob
             next_obs_np, reward, term, trunc, info = envs.step(action.cpu().numpy())
             done = term | trunc
+            taken = agent.prev_inputs(action, reward)
             if kind == "atari":
                 reward = np.sign(reward)
             if reward_scaler is not None:
@@ -488,10 +539,11 @@ def main(args: Args) -> None:
             if len(cut):
                 final = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
                 with torch.no_grad():
-                    final_value = agent.get_value(agent.normalize_obs(final), (lstm_state[0][:, cut],
+                    final_value = agent.get_value(agent.normalize_obs(final), taken[cut], (lstm_state[0][:, cut],
                                                   lstm_state[1][:, cut]), torch.zeros(len(cut), device=device))
                 reward[cut] += args.gamma * final_value.flatten()
             next_start = torch.as_tensor(done, dtype=torch.float32, device=device)
+            next_prev = taken * (1.0 - next_start).unsqueeze(1)
             rewards[step], dones[step] = reward, next_start
             next_obs = torch.as_tensor(next_obs_np, device=device)
 
@@ -504,15 +556,15 @@ def main(args: Args) -> None:
                 progress.episode(ep_r, success)
 
         with torch.no_grad():
-            last_value = agent.get_value(agent.normalize_obs(next_obs), lstm_state, next_start).flatten()
+            last_value = agent.get_value(agent.normalize_obs(next_obs), next_prev, lstm_state, next_start).flatten()
         advantages = compute_gae(rewards, values, dones, last_value, args.gamma, args.gae_lambda)
         returns = advantages + values
 
         # Sequences of seq_len steps: (seq_len, num_seqs, ...), each with its stored initial state.
-        s_obs, s_actions, s_starts = (to_sequences(t, seq_len) for t in (obs, actions, starts))
+        s_obs, s_actions, s_starts, s_prevs = (to_sequences(t, seq_len) for t in (obs, actions, starts, prevs))
         s_logprobs, s_advantages, s_returns, s_values = (to_sequences(t, seq_len)
                                                          for t in (logprobs, advantages, returns, values))
-        s_h, s_c = (s.transpose(0, 1).reshape(agent.lstm.num_layers, num_seqs, -1) for s in (chunk_h, chunk_c))
+        s_h, s_c = (s.transpose(0, 1).reshape(agent.rnn.num_layers, num_seqs, -1) for s in (chunk_h, chunk_c))
         if not agent.continuous:
             s_actions = s_actions.long()
 
@@ -524,10 +576,10 @@ def main(args: Args) -> None:
                 mb = seq_inds[start:start + seqs_per_minibatch]
 
                 def take(t: torch.Tensor) -> torch.Tensor:  # minibatch sequences, flattened time-major
-                    return t[:, mb].reshape(-1, *t.shape[2:])
+                    return t[:, mb].flatten(0, 1)
 
                 _, newlogprob, entropy, newvalue, _ = agent.get_action_and_value(
-                    take(s_obs), (s_h[:, mb], s_c[:, mb]), take(s_starts), take(s_actions))
+                    take(s_obs), take(s_prevs), (s_h[:, mb], s_c[:, mb]), take(s_starts), take(s_actions))
                 logratio = newlogprob - take(s_logprobs)
                 ratio = logratio.exp()
                 with torch.no_grad():

@@ -12,6 +12,8 @@ writes to OUT (default DIR/summary), for every suite:
   settings) and links to the curves. The same markdown is printed to stdout.
 - ``<suite>__<setting>.png``: learning curves (training success and return against env
   steps), the mean over seeds with a shaded 95% bootstrap CI.
+- ``<suite>__cost.png`` and a cost table, where a suite runs one task at several episode
+  lengths (the speed suite): SPS and peak resident memory against episode length, log x.
 
 Run directories named ``SUITE__SETTING__AGENT__SEED`` (as benchmark.sh names them) are
 grouped by those fields; any other run directory goes to suite ``other``, with its setting
@@ -229,6 +231,59 @@ def plot_setting(path: str, title: str, agents: dict[str, list[Run]], window: in
     plt.close(fig)
 
 
+def episode_length(record: dict) -> int | None:
+    """Steps per episode of the memory tasks (MemoryTask's delay + 1, PassiveTMaze's length + 1)."""
+    kwargs = record.get("env_kwargs") or {}
+    for key in ("delay", "length"):
+        if isinstance(kwargs.get(key), int) and record.get("env_id") != "RecallAcrossEpisodes-v0":
+            return kwargs[key] + 1
+    return None
+
+
+def cost_section(suite: str, runs: list[Run], out_dir: str, agents: list[str], resamples: int,
+                 seed: int) -> list[str]:
+    """SPS and peak resident memory against episode length, for a suite that varies only that."""
+    by = defaultdict(list)
+    for r in runs:
+        by[r.agent, episode_length(r.record)].append(r)
+    lengths = sorted({n for _, n in by if n is not None})
+    if len(lengths) < 2 or len({r.record.get("env_id") for r in runs}) != 1:
+        return []
+    lines = ["", f"### {suite}: cost against episode length (SPS / peak resident MB, mean [95% CI])", "",
+             "| agent | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for agent in agents:
+        row = []
+        for n in lengths:
+            rs = by.get((agent, n), [])
+            row.append(cell([r.record.get("sps") for r in rs], lambda v: f"{v:.0f}", resamples, seed) + " / " +
+                       cell([r.record.get("peak_rss_mb") for r in rs], lambda v: f"{v:.0f}", resamples, seed)
+                       if rs else "")
+        lines.append(f"| {agent} | " + " | ".join(row) + " |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, label in zip(axes, ("sps", "peak_rss_mb"), ("training SPS", "peak resident memory (MB)")):
+        for agent in agents:
+            xs = [n for n in lengths if any(r.record.get(key) is not None for r in by.get((agent, n), []))]
+            ys = [np.mean([r.record[key] for r in by[agent, n] if r.record.get(key) is not None]) for n in xs]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=agent)
+        ax.set_xscale("log")
+        ax.set_xlabel("episode length (steps)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{suite}: cost against episode length")
+    fig.tight_layout()
+    png = f"{suite}__cost.png"
+    fig.savefig(os.path.join(out_dir, png), dpi=100)
+    plt.close(fig)
+    return lines + ["", f"![{suite} cost]({png})"]
+
+
 def curve_band(curves: np.ndarray, seed: int):
     """Per grid point: mean over the seeds with data there and its bootstrap CI."""
     n_points = curves.shape[1]
@@ -299,6 +354,7 @@ def summarize_suite(suite: str, runs: list[Run], out_dir: str, window: int, resa
                if agent in groups[s] else "" for s in settings]
         lines.append(f"| {agent} | " + " | ".join(row) + " |")
 
+    lines += cost_section(suite, runs, out_dir, agents, resamples, seed)
     lines += ["", f"### {suite}: learning curves", ""]
     for setting in settings:
         png = f"{suite}__{setting}.png"

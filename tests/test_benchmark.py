@@ -193,6 +193,22 @@ def test_summarize_tables_curves_and_sps_on_synthetic_runs(tmp_path, capsys):
     assert (tmp_path / "again" / "memory.md").read_text() == md
 
 
+def test_summarize_draws_cost_against_episode_length(tmp_path):
+    for delay, sps in ((16, 900.0), (256, 600.0)):
+        for seed in (1, 2):
+            name = f"speed__MemoryTask-v0-delay{delay}-difficulty1__trace-learned__{seed}"
+            fake_run(tmp_path, name, algo="trace_ppo", seed=seed, ret=0.0, success=0.5, sps=sps + seed,
+                     switch_episode=None, episodes=10, env_kwargs=dict(delay=delay, difficulty=1))
+            record = json.loads((tmp_path / name / "eval.json").read_text())
+            (tmp_path / name / "eval.json").write_text(json.dumps(dict(record, peak_rss_mb=100.0 * seed)))
+    out = tmp_path / "summary"
+    assert summarize.main([str(tmp_path), "--out", str(out), "--resamples", "100"]) == 0
+    md = (out / "speed.md").read_text()
+    assert "| agent | 17 | 257 |" in md  # episode length = delay + 1
+    assert "| trace-learned | 902 [" in md and "] / 150 [" in md and "| 602 [" in md
+    assert (out / "speed__cost.png").stat().st_size > 10_000
+
+
 def test_summarize_rejects_an_empty_directory(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "summarize.py"), str(tmp_path)], capture_output=True,
                           text=True, env=script_env(), timeout=60)

@@ -43,31 +43,36 @@ def collect(agent, envs, steps, seq_len, warmup=4, seed=0):
     n = envs.num_envs
     obs_np, _ = envs.reset(seed=seed)
     next_obs, next_start, state = torch.as_tensor(obs_np), torch.ones(n), agent.initial_state(n)
-    rec = {k: [] for k in ("obs", "starts", "logits", "values", "h", "c")}
+    next_prev = torch.zeros(n, agent.n_prev)
+    rec = {k: [] for k in ("obs", "prev", "starts", "logits", "values", "h", "c")}
     with torch.no_grad():
         for t in range(warmup + steps):
             k = t - warmup
             if k >= 0 and k % seq_len == 0:
                 rec["h"].append(state[0].clone())
                 rec["c"].append(state[1].clone())
-            hidden, state = agent.get_states(next_obs, state, next_start)
+            hidden, state = agent.get_states(next_obs, next_prev, state, next_start)
             logits = agent.actor(hidden)
             if k >= 0:
                 rec["obs"].append(next_obs)
+                rec["prev"].append(next_prev)
                 rec["starts"].append(next_start)
                 rec["logits"].append(logits)
                 rec["values"].append(agent.critic(hidden).flatten())
-            obs_np, _, term, trunc, _ = envs.step(Categorical(logits=logits).sample().numpy())
+            action = Categorical(logits=logits).sample()
+            obs_np, reward, term, trunc, _ = envs.step(action.numpy())
             next_obs = torch.as_tensor(obs_np)
             next_start = torch.as_tensor(term | trunc, dtype=torch.float32)
+            next_prev = agent.prev_inputs(action, reward) * (1 - next_start).unsqueeze(1)
     out = {k: torch.stack(v) for k, v in rec.items()}
     out["final_state"] = state
     return out
 
 
-def sequence_pass(agent, rec, seq_len, mb, zero_starts=False, zero_state=False):
+def sequence_pass(agent, rec, seq_len, mb, zero_starts=False, zero_state=False, zero_prev=False):
     """The update's recomputation for the sequences ``mb`` (layout of rp.to_sequences)."""
     s_obs, s_starts = rp.to_sequences(rec["obs"], seq_len), rp.to_sequences(rec["starts"], seq_len)
+    s_prev = rp.to_sequences(rec["prev"], seq_len) * (not zero_prev)
     n_seqs = s_obs.shape[1]
     s_h, s_c = (rec[k].transpose(0, 1).reshape(1, n_seqs, -1) for k in ("h", "c"))
     if zero_starts:
@@ -75,7 +80,8 @@ def sequence_pass(agent, rec, seq_len, mb, zero_starts=False, zero_state=False):
     if zero_state:
         s_h, s_c = torch.zeros_like(s_h), torch.zeros_like(s_c)
     with torch.no_grad():
-        hidden, state = agent.get_states(s_obs[:, mb].reshape(-1, s_obs.shape[-1]), (s_h[:, mb], s_c[:, mb]),
+        hidden, state = agent.get_states(s_obs[:, mb].reshape(-1, s_obs.shape[-1]),
+                                         s_prev[:, mb].flatten(0, 1), (s_h[:, mb], s_c[:, mb]),
                                          s_starts[:, mb].reshape(-1))
         logits = agent.actor(hidden).view(seq_len, len(mb), -1)
         values = agent.critic(hidden).view(seq_len, len(mb))
@@ -83,13 +89,16 @@ def sequence_pass(agent, rec, seq_len, mb, zero_starts=False, zero_state=False):
 
 
 # whole rollout (T=24) and truncated-BPTT chunks of 6; episodes that end inside the sequences
-# (packed-segment path) and episodes longer than the rollout (plain nn.LSTM path)
+# (packed-segment path) and episodes longer than the rollout (plain nn.LSTM path); both cells, with and without
+# the previous action and reward as inputs
+@pytest.mark.parametrize("cell,prev_action_reward", [("lstm", False), ("gru", False), ("lstm", True), ("gru", True)])
 @pytest.mark.parametrize("seq_len", [24, 6])
 @pytest.mark.parametrize("delays", [DELAYS, (50, 50, 50)])
-def test_update_reproduces_rollout(seq_len, delays):
+def test_update_reproduces_rollout(seq_len, delays, cell, prev_action_reward):
     torch.manual_seed(3)
     envs = memory_envs(delays)
-    agent = rp.Agent(envs.single_observation_space, envs.single_action_space, normalize_obs=False, lstm_size=16)
+    agent = rp.Agent(envs.single_observation_space, envs.single_action_space, normalize_obs=False, hidden_size=16,
+                     cell=cell, prev_action_reward=prev_action_reward)
     steps = 24
     rec = collect(agent, envs, steps, seq_len)
     envs.close()
@@ -111,7 +120,8 @@ def test_update_reproduces_rollout(seq_len, delays):
 
     everything = np.arange(n_seqs)
     # The test can fail: ignoring the episode starts, or the stored initial states, breaks it.
-    for broken in (dict(zero_starts=True), dict(zero_state=True))[delays != DELAYS:]:
+    for broken in [*(dict(zero_starts=True), dict(zero_state=True))[delays != DELAYS:],
+                   *[dict(zero_prev=True)] * prev_action_reward]:
         logits, values, _ = sequence_pass(agent, rec, seq_len, everything, **broken)
         assert (logits - want_logits).abs().max() > 1e-3 or (values - want_values).abs().max() > 1e-3, broken
 
@@ -137,7 +147,7 @@ def test_main_ratio_is_one_without_learning(tmp_path, monkeypatch, bptt_len):
     monkeypatch.setattr(rp, "Agent", SharpAgent)
     monkeypatch.chdir(tmp_path)
     args = rp.Args(env_kwargs=("delay=3", "difficulty=1"), total_timesteps=3 * 3 * 16, num_envs=3, num_steps=16,
-                   num_minibatches=3, update_epochs=2, learning_rate=0.0, lstm_size=16, bptt_len=bptt_len,
+                   num_minibatches=3, update_epochs=2, learning_rate=0.0, hidden_size=16, bptt_len=bptt_len,
                    eval_episodes=4, run_name="r", cuda=False)
     rp.main(args)
     scalars = read_tb_scalars(tmp_path / "runs" / "r")
@@ -158,16 +168,16 @@ def recall_agent():
     Without its carried state it sees zeros at the decision step and always answers 0.
     """
     space = gym.spaces.Box(0.0, 1.0, (3,), np.float32)
-    agent = rp.Agent(space, gym.spaces.Discrete(2), normalize_obs=False, lstm_size=4)
+    agent = rp.Agent(space, gym.spaces.Discrete(2), normalize_obs=False, hidden_size=4)
     with torch.no_grad():
         for p in agent.parameters():
             p.zero_()
         agent.encoder[1].weight[0, 0] = 3.0
-        hid = agent.lstm.hidden_size
-        agent.lstm.bias_ih_l0[0:hid] = 10.0            # input gate
-        agent.lstm.bias_ih_l0[hid:2 * hid] = 10.0      # forget gate
-        agent.lstm.weight_ih_l0[2 * hid, 0] = 5.0      # cell candidate of unit 0
-        agent.lstm.bias_ih_l0[3 * hid:] = 10.0         # output gate
+        hid = agent.rnn.hidden_size
+        agent.rnn.bias_ih_l0[0:hid] = 10.0            # input gate
+        agent.rnn.bias_ih_l0[hid:2 * hid] = 10.0      # forget gate
+        agent.rnn.weight_ih_l0[2 * hid, 0] = 5.0      # cell candidate of unit 0
+        agent.rnn.bias_ih_l0[3 * hid:] = 10.0         # output gate
         agent.actor.weight[1, 0] = 10.0
         agent.actor.bias[1] = -3.8
     return agent
@@ -185,8 +195,8 @@ def test_evaluation_carries_state_and_resets_it(monkeypatch):
     # through each episode and resets it exactly at episode starts.
     original = agent.get_action_and_value
     for name, fake_starts in (("stateless", torch.ones_like), ("never reset", torch.zeros_like)):
-        def patched(x, lstm_state, starts, fake=fake_starts, **kw):
-            return original(x, lstm_state, fake(starts), **kw)
+        def patched(x, prev, lstm_state, starts, fake=fake_starts, **kw):
+            return original(x, prev, lstm_state, fake(starts), **kw)
 
         monkeypatch.setattr(agent, "get_action_and_value", patched)
         broken = rp.evaluate(agent, args, kwargs, "vector", torch.device("cpu"))
@@ -210,27 +220,40 @@ def test_truncation_bootstraps_from_the_pre_reset_state(tmp_path, monkeypatch):
     calls = {"state": None, "bootstraps": 0, "nonzero": 0, "values": 0}
     original_act, original_value = rp.Agent.get_action_and_value, rp.Agent.get_value
 
-    def act(self, x, lstm_state, starts, *a, **kw):
-        out = original_act(self, x, lstm_state, starts, *a, **kw)
+    def act(self, x, prev, lstm_state, starts, *a, **kw):
+        out = original_act(self, x, prev, lstm_state, starts, *a, **kw)
         if len(x) == lstm_state[0].shape[1]:  # a rollout step, not an update pass
             calls["state"] = out[-1]
         return out
 
-    def value(self, x, lstm_state, starts):
+    def value(self, x, prev, lstm_state, starts):
         calls["values"] += 1
         if not starts.any():  # bootstrap (or a rollout that ended mid-episode)
             calls["nonzero"] += int(lstm_state[0].abs().max() > 1e-3)
             torch.testing.assert_close(lstm_state[0], calls["state"][0], atol=0, rtol=0)
             torch.testing.assert_close(lstm_state[1], calls["state"][1], atol=0, rtol=0)
             calls["bootstraps"] += 1
-        return original_value(self, x, lstm_state, starts)
+        return original_value(self, x, prev, lstm_state, starts)
 
     monkeypatch.setattr(rp.Agent, "get_action_and_value", act)
     monkeypatch.setattr(rp.Agent, "get_value", value)
     monkeypatch.chdir(tmp_path)
     # delay 8 but a 3-step time limit: every episode is truncated, none terminates.
     rp.main(rp.Args(env_kwargs=("delay=8", "difficulty=1", "max_episode_steps=3"), total_timesteps=2 * 2 * 16, num_envs=2,
-                    num_steps=16, num_minibatches=2, update_epochs=1, lstm_size=8, eval_episodes=0,
+                    num_steps=16, num_minibatches=2, update_epochs=1, hidden_size=8, eval_episodes=0,
                     run_name="trunc", cuda=False))
     # 16 steps per rollout -> 5 truncations per rollout, 2 rollouts; plus 2 end-of-rollout values.
     assert calls["bootstraps"] >= 10 and calls["nonzero"] >= 10 and calls["values"] == 12, calls
+
+
+def test_memory_preset_takes_trace_ppos_choices_and_only_for_vector_envs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = rp.Args(env_kwargs=("delay=2",), total_timesteps=1024, memory_preset=True, cell="gru", eval_episodes=0,
+                   run_name="mem", cuda=False)
+    rp.main(args)
+    saved = torch.load(tmp_path / "runs" / "mem" / "checkpoint.pt", weights_only=False)["args"]
+    for key, value in rp.MEMORY_PRESET.items():
+        assert saved[key] == value, key
+    assert saved["cell"] == "gru" and saved["clip_coef"] == rp.PRESETS["vector"]["clip_coef"]
+    with pytest.raises(rp.UserError, match="--memory-preset"):
+        rp.main(rp.Args(env_id="Pendulum-v1", memory_preset=True, total_timesteps=64, run_name="bad", cuda=False))
