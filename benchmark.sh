@@ -4,7 +4,7 @@
 # usage: ./benchmark.sh SUITE [--seeds N] [--workers W] [--out DIR] [--slurm] [--dry-run]
 #                             [--only REGEX] [--scale F] [--peers]
 #
-#   SUITE        smoke | memory | exploration | speed | mujoco | atari (see the SETTINGS table)
+#   SUITE        smoke | memory | ablation | popgym | exploration | speed | mujoco | atari (see the SETTINGS table)
 #   --seeds N    seeds 1..N for every (setting, agent) (default: the suite's, >= 3 except smoke)
 #   --workers W  runs in parallel on this machine, one torch thread each (default: cores;
 #                speed: 1, so SPS numbers do not share cores)
@@ -94,6 +94,8 @@ memory      | RecallAcrossEpisodes-v0 |                      | 200000    | 200  
 ablation    | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
 ablation    | PassiveTMaze-v0         | length=500           | 1002000   | 200      | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
 ablation    | MemoryTask-v0           | delay=256 difficulty=1  | 512000  | 200 | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
+popgym      | popgym:popgym-RepeatFirstMedium-v0 |     | 830000    | 100      | ppo lstm-ppo-mem gru-ppo-mem trace-learned
+popgym      | popgym:popgym-RepeatFirstHard-v0   |     | 1662000   | 100      | ppo lstm-ppo-mem gru-ppo-mem trace-learned
 exploration | CliffWalkingFail-v0     |                      | 100000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 exploration | DarkChamber-v0          | cell_pixels=1        | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 exploration | FourRooms-v0            |                      | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
@@ -118,6 +120,7 @@ SUITES='
 smoke       | 2     | cores   | --cpus-per-task=1 --mem=4G --time=00:30:00
 memory      | 3     | cores   | --cpus-per-task=1 --mem=4G --time=24:00:00
 ablation    | 3     | cores   | --cpus-per-task=1 --mem=4G --time=12:00:00
+popgym      | 3     | cores   | --cpus-per-task=1 --mem=4G --time=24:00:00
 exploration | 3     | cores   | --cpus-per-task=1 --mem=4G --time=12:00:00
 speed       | 3     | 1       | --cpus-per-task=1 --mem=4G --time=02:00:00 --exclusive
 mujoco      | 3     | cores   | --cpus-per-task=1 --mem=4G --time=24:00:00

@@ -10,6 +10,9 @@ Memory tasks:
 Exploration grid worlds (AdaMemento's first experiments): ``CliffWalkingFail-v0``, ``DarkChamber-v0``,
 ``FourRooms-v0``.
 
+Batched versions (numpy vector envs whose results equal a SyncVectorEnv of the single envs) of the three
+memory tasks: ``gym.make_vec(id, num_envs)``; ``RecordFinalEpisodeStatistics`` adds their episode statistics.
+
 Wrappers: ``FlattenObservation`` turns Box/Discrete/MultiDiscrete/MultiBinary/Tuple/Dict observations
 into a float32 vector for the MLP agents; ``MontezumaRooms`` reports the rooms entered in Montezuma's
 Revenge. The run infrastructure the scripts share is in ``run_contract.py``.
@@ -17,11 +20,14 @@ Revenge. The run infrastructure the scripts share is in ``run_contract.py``.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector.utils import batch_space
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,12 +224,16 @@ class PassiveTMazeEnv(gym.Env):
     def render(self):
         if self.render_mode != "rgb_array":
             return None
-        grid = np.zeros((3, self.length + 1), np.float32)
-        grid[1, :] = 0.3
-        grid[[0, 2], self.length] = 0.3
-        grid[1 - self._goal_y, self.length] = 0.6
-        grid[1 - self._y, self._x] = 1.0
-        return _cells_to_rgb(grid, scale=max(2, 64 // max(1, self.length // 8)))
+        return _tmaze_picture(self.length, self._goal_y, self._x, self._y)
+
+
+def _tmaze_picture(length: int, goal_y: int, x: int, y: int) -> np.ndarray:
+    grid = np.zeros((3, length + 1), np.float32)
+    grid[1, :] = 0.3
+    grid[[0, 2], length] = 0.3
+    grid[1 - goal_y, length] = 0.6
+    grid[1 - y, x] = 1.0
+    return _cells_to_rgb(grid, scale=max(2, 64 // max(1, length // 8)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -578,6 +588,309 @@ def make_montezuma_rooms(**kwargs) -> gym.Env:
 
 
 # ---------------------------------------------------------------------------------------
+# Batched memory tasks: numpy vector envs with the single envs' results (gym.make_vec)
+# ---------------------------------------------------------------------------------------
+SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
+
+
+class _BatchedEnv(gym.vector.VectorEnv):
+    """``num_envs`` copies of a single env stepped as numpy arrays (``gym.make_vec(id, num_envs)``).
+
+    Its results equal ``SyncVectorEnv([lambda: gym.make(id, **kwargs)] * num_envs, autoreset_mode=SAME_STEP)``
+    for the same seeds: env ``i`` draws from its own generator, seeded as ``gym.Env.reset`` seeds it, in the
+    single env's order; ``max_episode_steps`` truncates as ``TimeLimit`` does; infos have SyncVectorEnv's
+    layout (a ``_key`` mask per key; ``final_obs`` and ``final_info`` where an episode ended). Only SAME_STEP
+    autoreset is supported.
+
+    A subclass keeps each env's state in arrays and defines ``_start`` (draw the new episodes of the envs
+    ``idx``), ``_advance`` (one step of every env: rewards, terminations), ``_info`` (each info key's
+    values and mask) and ``_frame`` (env ``i``'s picture).
+    """
+
+    single_cls: type[gym.Env]
+
+    def __init__(self, num_envs: int = 1, max_episode_steps: int | None = None,
+                 autoreset_mode: Any = SAME_STEP, **kwargs):
+        self.template = self.single_cls(**kwargs)  # the single env's validation, parameters and spaces
+        if max_episode_steps is not None:
+            gym.wrappers.TimeLimit(self.template, max_episode_steps)  # TimeLimit's own checks
+        mode = gym.vector.AutoresetMode(autoreset_mode)
+        if mode != SAME_STEP:
+            raise ValueError(f"{type(self).__name__} supports only autoreset_mode=SAME_STEP, got {mode}")
+        self.num_envs = _check_int("num_envs", num_envs, 1)
+        self.max_episode_steps = max_episode_steps
+        self.render_mode = self.template.render_mode
+        self.metadata = dict(self.template.metadata, autoreset_mode=mode)
+        self.single_observation_space = self.template.observation_space
+        self.single_action_space = self.template.action_space
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._gens: list[np.random.Generator | None] = [None] * self.num_envs
+        self._t = np.zeros(self.num_envs, np.int64)
+        self._obs = np.zeros((self.num_envs, *self.single_observation_space.shape), np.float32)
+        self._success = np.zeros(self.num_envs, bool)
+        self._ready = False  # every env has been reset
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        if seed is None:
+            seed = [None] * self.num_envs
+        elif isinstance(seed, int):
+            seed = [seed + i for i in range(self.num_envs)]
+        if len(seed) != self.num_envs:
+            raise ValueError(f"If seeds are passed as a list the length must match num_envs={self.num_envs} "
+                             f"but got length={len(seed)}.")
+        rows = self._reset_mask(options)
+        idx = np.flatnonzero(rows)
+        for i in idx:
+            if seed[i] is not None or self._gens[i] is None:
+                self._gens[i] = seeding.np_random(seed[i])[0]
+            else:  # an unseeded reset mid-episode: the single env's generator is where the episode left it
+                self._rewind(i)
+        self._t[idx] = 0
+        self._start(idx, np.array([seed[i] is not None for i in idx], bool))
+        self._ready = all(g is not None for g in self._gens)
+        return self._obs.copy(), self._vector_info(self._info(np.zeros(self.num_envs, bool)), rows)
+
+    def _reset_mask(self, options: dict | None) -> np.ndarray:
+        mask = (options or {}).get("reset_mask")
+        if mask is None:
+            return np.ones(self.num_envs, bool)
+        if not (isinstance(mask, np.ndarray) and mask.shape == (self.num_envs,) and mask.dtype == np.bool_
+                and mask.any()):
+            raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) with a True, "
+                             f"got {mask!r}")
+        return mask.copy()
+
+    def step(self, actions):
+        if not self._ready:
+            raise gym.error.ResetNeeded("Cannot call env.step() before calling env.reset()")
+        actions, n = np.asarray(actions), self.single_action_space.n
+        valid = actions.shape == (self.num_envs,) and actions.dtype.kind in "iu"
+        if not (valid and 0 <= actions.min() <= actions.max() < n):
+            raise ValueError(f"actions must be {self.num_envs} integers in 0..{n - 1}, got {actions!r}")
+        self._t += 1
+        rewards, terminated = self._advance(actions)
+        if self.max_episode_steps is None:
+            truncated = np.zeros(self.num_envs, bool)
+        else:
+            truncated = self._t >= self.max_episode_steps
+        done = terminated | truncated
+        ended = self._info(terminated)
+        if not done.any():
+            return self._obs.copy(), rewards, terminated, truncated, self._vector_info(ended, ~done)
+        idx = np.flatnonzero(done)
+        final_obs = np.full(self.num_envs, None, dtype=object)
+        for i in idx:
+            final_obs[i] = self._obs[i].copy()
+        final_info = self._vector_info(ended, done)
+        self._t[idx] = 0
+        self._start(idx, np.zeros(len(idx), bool))
+        started = self._info(np.zeros(self.num_envs, bool))
+        # The envs that reset report their reset's info, the others their step's, as in SyncVectorEnv.
+        info = self._vector_info({k: (np.where(done, started[k][0], v), np.where(done, started[k][1], m))
+                                  for k, (v, m) in ended.items()}, np.ones(self.num_envs, bool))
+        info.update(final_obs=final_obs, _final_obs=done.copy(), final_info=final_info, _final_info=done.copy())
+        return self._obs.copy(), rewards, terminated, truncated, info
+
+    @staticmethod
+    def _vector_info(parts: dict[str, tuple[np.ndarray, np.ndarray]], rows: np.ndarray) -> dict:
+        """SyncVectorEnv's layout of the envs ``rows``: a key's values (0 where absent) and its ``_key`` mask."""
+        info = {}
+        for key, (values, mask) in parts.items():
+            mask = mask & rows
+            if mask.any():
+                info[key], info[f"_{key}"] = np.where(mask, values, np.zeros_like(values)), mask
+        return info
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        return tuple(self._frame(i) for i in range(self.num_envs))
+
+    def _frame(self, i: int) -> np.ndarray:
+        return _cells_to_rgb(self._obs[i][None, :])
+
+    def _rewind(self, i: int) -> None:
+        pass
+
+    def _start(self, idx: np.ndarray, seeded: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _advance(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _info(self, terminated: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        raise NotImplementedError
+
+
+class BatchedMemoryTask(_BatchedEnv):
+    """``MemoryTask-v0`` batched. At reset each env draws its target and cue step and then, with
+    ``difficulty=1``, the distractor bits of the whole episode in one call: ``integers(0, 2)`` uses one
+    32-bit word of the generator per bit however the draws are grouped, so one call leaves the generator
+    where the single env's step-by-step draws leave it (tests/test_batched_envs.py checks it)."""
+
+    single_cls = MemoryTaskEnv
+
+    def __init__(self, num_envs: int = 1, max_episode_steps: int | None = None,
+                 autoreset_mode: Any = SAME_STEP, **kwargs):
+        super().__init__(num_envs, max_episode_steps, autoreset_mode, **kwargs)
+        env = self.template
+        self._last = min(env.delay, max_episode_steps or env.delay)  # the step of an episode's last observation
+        self._cells = np.zeros((self.num_envs, self._last + 1, 2), np.float32)  # channels 0, 1 of every step
+        self._target = np.zeros(self.num_envs, np.int64)
+        self._cue = np.zeros(self.num_envs, np.int64)
+        self._flag = float(env.cue_time == "random")
+        self._drawn_from: list[dict | None] = [None] * self.num_envs  # generator states before the bits
+
+    def _start(self, idx, seeded):
+        env, cells = self.template, self._cells.reshape(self.num_envs, -1)
+        for i in idx:
+            gen = self._gens[i]
+            self._target[i] = target = int(gen.integers(0, 2))
+            self._cue[i] = cue = int(gen.integers(0, max(1, env.delay // 2))) if env.cue_time == "random" else 0
+            shown = cue <= self._last  # a max_episode_steps shorter than the delay may end the episode earlier
+            if env.difficulty == 1:
+                self._drawn_from[i] = gen.bit_generator.state
+                bits = gen.integers(0, 2, size=cells.shape[1] - shown).astype(np.float32)
+                cells[i] = np.insert(bits, 2 * cue, target) if shown else bits
+            else:
+                cells[i] = 0.0
+                if shown:
+                    cells[i, 2 * cue] = target
+        self._observe()
+
+    def _rewind(self, i):
+        if self.template.difficulty == 1:  # back to the bits the episode has shown so far
+            t, cue = self._t[i], self._cue[i]
+            self._gens[i].bit_generator.state = self._drawn_from[i]
+            self._gens[i].integers(0, 2, size=2 * (t + 1) - (cue <= t))
+
+    def _observe(self):
+        self._obs[:, :2] = self._cells[np.arange(self.num_envs), self._t]
+        self._obs[:, 2] = self._flag * (self._t == self._cue)
+
+    def _advance(self, actions):
+        self._observe()
+        terminated = self._t >= self.template.delay
+        self._success = actions == self._target
+        return np.where(terminated, np.where(self._success, 1.0, -1.0), 0.0), terminated
+
+    def _info(self, terminated):
+        return {"cue_step": (self._cue.copy(), np.ones(self.num_envs, bool)),
+                "is_success": (self._success.copy(), terminated)}
+
+
+class BatchedPassiveTMaze(_BatchedEnv):
+    """``PassiveTMaze-v0`` batched; each env's one draw, the goal arm, is made at its reset."""
+
+    single_cls = PassiveTMazeEnv
+    _DX = np.array([dx for dx, _ in PassiveTMazeEnv._MOVES])
+    _DY = np.array([dy for _, dy in PassiveTMazeEnv._MOVES])
+
+    def __init__(self, num_envs: int = 1, max_episode_steps: int | None = None,
+                 autoreset_mode: Any = SAME_STEP, **kwargs):
+        super().__init__(num_envs, max_episode_steps, autoreset_mode, **kwargs)
+        self._x = np.zeros(self.num_envs, np.int64)
+        self._y = np.zeros(self.num_envs, np.int64)
+        self._goal = np.zeros(self.num_envs, np.int64)
+
+    def _start(self, idx, seeded):
+        for i in idx:
+            self._goal[i] = int(self._gens[i].choice([-1, 1]))
+        self._x[idx] = 0
+        self._y[idx] = 0
+        self._observe()
+
+    def _observe(self):
+        self._obs[:, 0] = self._x == self.template.length
+        # y is 0 outside the arms; the first observation (t = 0, at x = 0) shows the goal arm instead
+        self._obs[:, 1] = np.where(self._t == 0, self._goal, self._y)
+
+    def _advance(self, actions):
+        length = self.template.length
+        x, y = self._x + self._DX[actions], self._y + self._DY[actions]
+        free = np.where(y == 0, (x >= 0) & (x <= length), (x == length) & (np.abs(y) == 1))
+        self._x, self._y = np.where(free, x, self._x), np.where(free, y, self._y)
+        terminated = self._t >= self.template.episode_length
+        self._success = self._y == self._goal
+        lagging = np.where(self._x < self._t, self.template.penalty, 0.0)
+        self._observe()
+        return np.where(terminated, self._success * 1.0, lagging), terminated
+
+    def _info(self, terminated):
+        return {"cue_step": (np.zeros(self.num_envs, np.int64), np.ones(self.num_envs, bool)),
+                "is_success": (self._success.copy(), terminated)}
+
+    def _frame(self, i):
+        return _tmaze_picture(self.template.length, self._goal[i], self._x[i], self._y[i])
+
+
+class BatchedRecallAcrossEpisodes(_BatchedEnv):
+    """``RecallAcrossEpisodes-v0`` batched; each env draws its target at the reset that starts a block."""
+
+    single_cls = RecallAcrossEpisodesEnv
+
+    def __init__(self, num_envs: int = 1, max_episode_steps: int | None = None,
+                 autoreset_mode: Any = SAME_STEP, **kwargs):
+        super().__init__(num_envs, max_episode_steps, autoreset_mode, **kwargs)
+        self._target = np.zeros(self.num_envs, np.int64)
+        self._episode = np.full(self.num_envs, -1, np.int64)  # as the single env: since the last seeded reset
+
+    def _start(self, idx, seeded):
+        self._episode[idx] = np.where(seeded, 0, self._episode[idx] + 1)
+        first = idx[self._episode[idx] % self.template.block == 0]
+        for i in first:
+            self._target[i] = int(self._gens[i].integers(0, 2))
+        self._obs[idx] = 0.0
+        self._obs[first, 0] = self._target[first]
+        self._obs[first, 1] = 1.0
+
+    def _advance(self, actions):
+        self._obs[:] = 0.0
+        terminated = self._t >= self.template.length
+        self._success = actions == self._target
+        return np.where(terminated, np.where(self._success, 1.0, -1.0), 0.0), terminated
+
+    def _info(self, terminated):
+        k = self._episode % self.template.block
+        return {"block_episode": (k, np.ones(self.num_envs, bool)),
+                "cue_step": (np.zeros(self.num_envs, np.int64), k == 0),
+                "is_success": (self._success.copy(), terminated)}
+
+
+class RecordFinalEpisodeStatistics(gym.vector.VectorWrapper):
+    """``info["final_info"]["episode"]`` = ``{"r", "l", "t"}`` (return, length, seconds) of the envs whose
+    episode ended, with masks, as ``SyncVectorEnv(RecordEpisodeStatistics(env))`` lays it out with SAME_STEP
+    autoreset (gymnasium's vector ``RecordEpisodeStatistics`` puts it in ``info["episode"]`` instead)."""
+
+    def __init__(self, env: gym.vector.VectorEnv):
+        super().__init__(env)
+        self._return = np.zeros(self.num_envs)
+        self._length = np.zeros(self.num_envs, np.int64)
+        self._started = np.zeros(self.num_envs)
+
+    def reset(self, *, seed=None, options=None):
+        rows = (options or {}).get("reset_mask", slice(None))  # read first: a vector env may pop it
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._return[rows], self._length[rows], self._started[rows] = 0.0, 0, time.perf_counter()
+        return obs, info
+
+    def step(self, actions):
+        obs, rewards, terminated, truncated, info = self.env.step(actions)
+        self._return += rewards
+        self._length += 1
+        done = terminated | truncated
+        if done.any():
+            now = time.perf_counter()
+            episode = {}
+            for key, values in (("r", self._return), ("l", self._length), ("t", np.round(now - self._started, 6))):
+                episode[key], episode[f"_{key}"] = np.where(done, values, np.zeros_like(values)), done.copy()
+            info["final_info"]["episode"], info["final_info"]["_episode"] = episode, done.copy()
+            self._return[done], self._length[done], self._started[done] = 0.0, 0, now
+        return obs, rewards, terminated, truncated, info
+
+
+# ---------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------
 def _register(env_id: str, entry_point: str, **kwargs) -> None:
@@ -585,10 +898,13 @@ def _register(env_id: str, entry_point: str, **kwargs) -> None:
         gym.register(id=env_id, entry_point=entry_point, **kwargs)
 
 
-_register("MemoryTask-v0", "memory_envs:MemoryTaskEnv", kwargs={"delay": 8, "difficulty": 0})
-_register("PassiveTMaze-v0", "memory_envs:PassiveTMazeEnv", kwargs={"length": 10})
+_register("MemoryTask-v0", "memory_envs:MemoryTaskEnv", kwargs={"delay": 8, "difficulty": 0},
+          vector_entry_point="memory_envs:BatchedMemoryTask")
+_register("PassiveTMaze-v0", "memory_envs:PassiveTMazeEnv", kwargs={"length": 10},
+          vector_entry_point="memory_envs:BatchedPassiveTMaze")
 _register("CliffWalkingFail-v0", "memory_envs:CliffWalkingFailEnv")
 _register("DarkChamber-v0", "memory_envs:DarkChamberEnv")
 _register("FourRooms-v0", "memory_envs:FourRoomsEnv")
-_register("RecallAcrossEpisodes-v0", "memory_envs:RecallAcrossEpisodesEnv", kwargs={"block": 4, "length": 4})
+_register("RecallAcrossEpisodes-v0", "memory_envs:RecallAcrossEpisodesEnv", kwargs={"block": 4, "length": 4},
+          vector_entry_point="memory_envs:BatchedRecallAcrossEpisodes")
 _register("ALE/MontezumaRevengeRooms-v5", "memory_envs:make_montezuma_rooms")

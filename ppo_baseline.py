@@ -36,7 +36,7 @@ from torch.distributions import Categorical, Normal
 
 from memory_envs import FlattenObservation
 from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
-                          make_base_env, parse_env_kwargs, run_cli)
+                          make_base_env, make_batched_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
@@ -123,6 +123,10 @@ def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = Fal
 
 
 def make_vector_env(args: Args, env_kwargs: dict, kind: str, num_envs: int, video_dir: str = ""):
+    if kind == "vector" and not (args.capture_video and video_dir):
+        batched = make_batched_env(args.env_id, env_kwargs, num_envs)  # the memory tasks as numpy arrays, same results
+        if batched is not None:
+            return batched
     fns = [make_env(args.env_id, env_kwargs, kind, args.capture_video and i == 0 and bool(video_dir),
                     video_dir) for i in range(num_envs)]
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -173,6 +174,27 @@ def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | No
         raise UserError(f"--env-id {env_id!r}: {exc}") from None
     except (ValueError, TypeError) as exc:
         raise UserError(f"--env-id {env_id!r} with --env-kwargs {env_kwargs}: {exc}") from None
+
+
+def make_batched_env(env_id: str, env_kwargs: dict[str, Any], num_envs: int) -> gym.vector.VectorEnv | None:
+    """The numpy-batched version of a ``memory_envs`` env (its ``vector_entry_point``) with the episode
+    statistics of ``SyncVectorEnv(RecordEpisodeStatistics(env))`` and SAME_STEP autoreset, or None where the
+    env has none. User errors as in ``make_base_env``."""
+    if is_atari(env_id):
+        return None
+    try:
+        spec = gym.envs.registration._find_spec(env_id)  # gym.make's lookup, `module:EnvId` included
+        # Other vector entry points (gymnasium's CartPole) do not promise the single env's results.
+        if not str(spec.vector_entry_point).startswith("memory_envs:"):
+            return None
+        envs = gym.make_vec(spec, num_envs, vectorization_mode="vector_entry_point", **env_kwargs)
+    except ModuleNotFoundError as exc:
+        raise UserError(f"--env-id {env_id!r}: cannot import module {exc.name or env_id.partition(':')[0]!r}") from None
+    except gym.error.Error as exc:
+        raise UserError(f"--env-id {env_id!r}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--env-id {env_id!r} with --env-kwargs {env_kwargs}: {exc}") from None
+    return memory_envs.RecordFinalEpisodeStatistics(envs)
 
 
 def check_video(env_id: str, env_kwargs: dict[str, Any]) -> None:
@@ -498,10 +520,12 @@ class Run:
         for k, v in record.items():
             if k in ("mean_return", "std_return", "success_rate", "cue_in_memory", "cue_attention") and v is not None:
                 self.writer.add_scalar(f"eval/{k}", v, record["global_step"])
+        # Peak resident memory of this process (Linux reports KB), for the cost-against-episode-length curves.
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         path = write_eval_json(self.dir, dict(
             algo=args.exp_name, env_id=args.env_id, env_kwargs=parse_env_kwargs(args.env_kwargs), seed=args.seed,
-            total_timesteps=args.total_timesteps, eval_episodes=args.eval_episodes, **record, run_name=args.run_name,
-            args=asdict(args)))
+            total_timesteps=args.total_timesteps, eval_episodes=args.eval_episodes, **record, peak_rss_mb=peak_rss_mb,
+            run_name=args.run_name, args=asdict(args)))
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"eval: return {fmt(record.get('mean_return'))} | success {fmt(record.get('success_rate'))} -> {path}",
               flush=True)
