@@ -49,6 +49,9 @@ gru-ppo                    | recurrent_ppo_baseline.py | --cell gru
 # the recurrent baselines with the inputs (previous action and reward) and the vector preset of trace_ppo
 lstm-ppo-mem               | recurrent_ppo_baseline.py | --memory-preset
 gru-ppo-mem                | recurrent_ppo_baseline.py | --cell gru --memory-preset
+# the transformer over the last 16 steps (the memory budget of 16 slots) and over the whole episode
+trxl-16                    | transformer_ppo_baseline.py | --window 16 --memory-preset
+trxl-full                  | transformer_ppo_baseline.py | --window 0 --memory-preset
 trace-learned              | trace_ppo.py              | --retention learned
 trace-fifo                 | trace_ppo.py              | --retention fifo
 trace-persist              | trace_ppo.py              | --retention learned --persistent-slots 4
@@ -80,17 +83,17 @@ PEER_AGENTS="sb3-ppo sb3-lstm-ppo"
 SETTINGS='
 # suite     | env id                  | env kwargs           | timesteps | eval eps | agents
 smoke       | MemoryTask-v0           | delay=4 difficulty=1 | 2048      | 20       | ppo lstm-ppo trace-learned trace-fifo adamemento ppo-rnd
-memory      | MemoryTask-v0           | delay=16 difficulty=1   | 32000   | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=64 difficulty=1   | 128000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=256 difficulty=1  | 512000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=1024 difficulty=1 | 2048000 | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=64 difficulty=1 cue_time=random   | 128000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
-memory      | MemoryTask-v0           | delay=1024 difficulty=1 cue_time=random | 2048000 | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
-memory      | PassiveTMaze-v0         | length=100           | 202000    | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
-memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
-memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo
-memory      | RecallAcrossEpisodes-v0 |                      | 200000    | 200      | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trace-learned trace-fifo trace-persist
+memory      | MemoryTask-v0           | delay=16 difficulty=1   | 32000   | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=64 difficulty=1   | 128000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=256 difficulty=1  | 512000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=1024 difficulty=1 | 2048000 | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=64 difficulty=1 cue_time=random   | 128000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | MemoryTask-v0           | delay=1024 difficulty=1 cue_time=random | 2048000 | 200 | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | PassiveTMaze-v0         | length=100           | 202000    | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | RecallAcrossEpisodes-v0 |                      | 200000    | 200      | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo trace-persist
 ablation    | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
 ablation    | PassiveTMaze-v0         | length=500           | 1002000   | 200      | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
 ablation    | MemoryTask-v0           | delay=256 difficulty=1  | 512000  | 200 | trace-no-read trace-no-qaux trace-no-recon trace-no-floor
@@ -99,11 +102,11 @@ popgym      | popgym:popgym-RepeatFirstHard-v0   |     | 1662000   | 100      | 
 exploration | CliffWalkingFail-v0     |                      | 100000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 exploration | DarkChamber-v0          | cell_pixels=1        | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
 exploration | FourRooms-v0            |                      | 300000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic
-speed       | MemoryTask-v0           | delay=16 difficulty=1   | 65536   | 8   | ppo lstm-ppo gru-ppo trace-learned trace-fifo
-speed       | MemoryTask-v0           | delay=64 difficulty=1   | 65536   | 8   | ppo lstm-ppo gru-ppo trace-learned trace-fifo adamemento ppo-rnd
-speed       | MemoryTask-v0           | delay=256 difficulty=1  | 65536   | 8   | ppo lstm-ppo gru-ppo trace-learned trace-fifo
-speed       | MemoryTask-v0           | delay=1024 difficulty=1 | 65536   | 8   | ppo lstm-ppo gru-ppo trace-learned trace-fifo
-speed       | MemoryTask-v0           | delay=4096 difficulty=1 | 65536   | 8   | ppo lstm-ppo gru-ppo trace-learned trace-fifo
+speed       | MemoryTask-v0           | delay=16 difficulty=1   | 65536   | 8   | ppo lstm-ppo gru-ppo trxl-16 trxl-full trace-learned trace-fifo
+speed       | MemoryTask-v0           | delay=64 difficulty=1   | 65536   | 8   | ppo lstm-ppo gru-ppo trxl-16 trxl-full trace-learned trace-fifo adamemento ppo-rnd
+speed       | MemoryTask-v0           | delay=256 difficulty=1  | 65536   | 8   | ppo lstm-ppo gru-ppo trxl-16 trxl-full trace-learned trace-fifo
+speed       | MemoryTask-v0           | delay=1024 difficulty=1 | 65536   | 8   | ppo lstm-ppo gru-ppo trxl-16 trxl-full trace-learned trace-fifo
+speed       | MemoryTask-v0           | delay=4096 difficulty=1 | 65536   | 8   | ppo lstm-ppo gru-ppo trxl-16 trxl-full trace-learned trace-fifo
 mujoco      | HalfCheetah-v5          |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense
 mujoco      | Hopper-v5               |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense
 mujoco      | Walker2d-v5             |                      | 1000000   | 10       | ppo lstm-ppo trace-learned adamemento-dense

@@ -102,6 +102,7 @@ class MemoryTaskEnv(_CellRowEnv):
         self.delay = _check_int("delay", delay, 1)
         self.difficulty = _check_choice("difficulty", difficulty, (0, 1))
         self.cue_time = _check_choice("cue_time", cue_time, ("start", "random"))
+        self.episode_length = self.delay  # steps per episode (a transformer's full context)
         self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
         self.observation_space = spaces.Box(0.0, 1.0, (3,), np.float32)
         self.action_space = spaces.Discrete(2)
@@ -523,6 +524,7 @@ class RecallAcrossEpisodesEnv(_CellRowEnv):
     def __init__(self, block: int = 4, length: int = 4, render_mode: str | None = None):
         self.block = _check_int("block", block, 1)
         self.length = _check_int("length", length, 1)
+        self.episode_length = self.length
         self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
         self.observation_space = spaces.Box(0.0, 1.0, (3,), np.float32)
         self.action_space = spaces.Discrete(2)

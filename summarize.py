@@ -232,11 +232,12 @@ def plot_setting(path: str, title: str, agents: dict[str, list[Run]], window: in
 
 
 def episode_length(record: dict) -> int | None:
-    """Steps per episode of the memory tasks (MemoryTask's delay + 1, PassiveTMaze's length + 1)."""
-    kwargs = record.get("env_kwargs") or {}
-    for key in ("delay", "length"):
-        if isinstance(kwargs.get(key), int) and record.get("env_id") != "RecallAcrossEpisodes-v0":
-            return kwargs[key] + 1
+    """Steps per episode of the memory tasks (MemoryTask: its delay; PassiveTMaze: its length + 1)."""
+    kwargs, env_id = record.get("env_kwargs") or {}, record.get("env_id")
+    if env_id == "MemoryTask-v0" and isinstance(kwargs.get("delay"), int):
+        return kwargs["delay"]
+    if env_id == "PassiveTMaze-v0" and isinstance(kwargs.get("length"), int):
+        return kwargs["length"] + 1
     return None
 
 

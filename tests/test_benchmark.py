@@ -204,7 +204,7 @@ def test_summarize_draws_cost_against_episode_length(tmp_path):
     out = tmp_path / "summary"
     assert summarize.main([str(tmp_path), "--out", str(out), "--resamples", "100"]) == 0
     md = (out / "speed.md").read_text()
-    assert "| agent | 17 | 257 |" in md  # episode length = delay + 1
+    assert "| agent | 16 | 256 |" in md  # MemoryTask's episodes last `delay` steps
     assert "| trace-learned | 902 [" in md and "] / 150 [" in md and "| 602 [" in md
     assert (out / "speed__cost.png").stat().st_size > 10_000
 

@@ -21,7 +21,8 @@ import torch
 
 from conftest import REPO_ROOT, describe, popen_script_at, read_tb_scalars, run_script_at
 
-SCRIPTS = ["ppo_baseline.py", "recurrent_ppo_baseline.py", "adamemento_ppo.py", "trace_ppo.py"]
+SCRIPTS = ["ppo_baseline.py", "recurrent_ppo_baseline.py", "adamemento_ppo.py", "trace_ppo.py",
+           "transformer_ppo_baseline.py"]
 # Extra flags a script needs in every run here (e.g. to keep one of its own options tiny).
 EXTRA_ARGS: dict[str, list[str]] = {}
 
