@@ -155,9 +155,22 @@ def is_atari(env_id: str) -> bool:
     return env_id.startswith("ALE/") or env_id.endswith("NoFrameskip-v4")
 
 
+@contextlib.contextmanager
+def env_errors(env_id: str, env_kwargs: dict[str, Any]):
+    """Turn what making an env raises on bad user input (unknown id, missing module, bad kwargs) into UserError."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise UserError(f"--env-id {env_id!r}: cannot import module {exc.name or env_id.partition(':')[0]!r}") from None
+    except gym.error.Error as exc:
+        raise UserError(f"--env-id {env_id!r}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--env-id {env_id!r} with --env-kwargs {env_kwargs}: {exc}") from None
+
+
 def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | None = None,
                   **extra: Any) -> gym.Env:
-    """``gym.make`` with user errors (unknown id, missing module, bad kwargs) as UserError."""
+    """``gym.make`` with user errors as UserError."""
     if is_atari(env_id):
         import ale_py
 
@@ -165,15 +178,8 @@ def make_base_env(env_id: str, env_kwargs: dict[str, Any], render_mode: str | No
     kwargs = dict(env_kwargs, **extra)
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
-    try:
-        env = gym.make(env_id, **kwargs)
-        return env
-    except ModuleNotFoundError as exc:
-        raise UserError(f"--env-id {env_id!r}: cannot import module {exc.name or env_id.partition(':')[0]!r}") from None
-    except gym.error.Error as exc:
-        raise UserError(f"--env-id {env_id!r}: {exc}") from None
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"--env-id {env_id!r} with --env-kwargs {env_kwargs}: {exc}") from None
+    with env_errors(env_id, env_kwargs):
+        return gym.make(env_id, **kwargs)
 
 
 def make_batched_env(env_id: str, env_kwargs: dict[str, Any], num_envs: int) -> gym.vector.VectorEnv | None:
@@ -182,19 +188,13 @@ def make_batched_env(env_id: str, env_kwargs: dict[str, Any], num_envs: int) -> 
     env has none. User errors as in ``make_base_env``."""
     if is_atari(env_id):
         return None
-    try:
+    with env_errors(env_id, env_kwargs):
         spec = gym.envs.registration._find_spec(env_id)  # gym.make's lookup, `module:EnvId` included
         # Other vector entry points (gymnasium's CartPole) do not promise the single env's results.
         if not str(spec.vector_entry_point).startswith("memory_envs:"):
             return None
-        envs = gym.make_vec(spec, num_envs, vectorization_mode="vector_entry_point", **env_kwargs)
-    except ModuleNotFoundError as exc:
-        raise UserError(f"--env-id {env_id!r}: cannot import module {exc.name or env_id.partition(':')[0]!r}") from None
-    except gym.error.Error as exc:
-        raise UserError(f"--env-id {env_id!r}: {exc}") from None
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"--env-id {env_id!r} with --env-kwargs {env_kwargs}: {exc}") from None
-    return memory_envs.RecordFinalEpisodeStatistics(envs)
+        return memory_envs.RecordFinalEpisodeStatistics(
+            gym.make_vec(spec, num_envs, vectorization_mode="vector_entry_point", **env_kwargs))
 
 
 def check_video(env_id: str, env_kwargs: dict[str, Any]) -> None:
