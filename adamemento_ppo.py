@@ -4,41 +4,33 @@ Design, the off-policy correction in full, and every measurement: docs/adamement
 
 AdaMemento adds three things to PPO (this file follows ppo_baseline.py line for line wherever it can):
 
-1. Memory reflection. Finished trajectories go into a success or a failure buffer (``--success-rule``).
-   A prediction network learns the known-good local policy from the successes (state -> action); a
-   reflection network learns from both buffers, sampled half and half, the probability that taking
-   action a in state s belongs to a successful trajectory. At the prediction network's action it is
-   the memory's confidence.
-2. Coarse-fine distinction (``--intrinsic coarse-fine``). An autoencoder with a sparse non-negative
-   code: coarse novelty = reconstruction error, fine novelty = rarity of the latent units an
-   observation activates, which separates observations that reconstruct equally well. As in RND
-   (Burda et al. 2018) the intrinsic reward is divided by the running std of a non-episodic
-   discounted intrinsic return along the time axis, with its own value head. ``--intrinsic rnd``
-   swaps in RND, ``none`` removes the stream.
-3. Confidence ensemble. Where the reflection confidence exceeds ``--kappa`` the memory acts
-   (exploitation), elsewhere the PPO policy samples (exploration). Balanced batches make the
-   reflection output the posterior of success under equal priors, so 0.5 is its decision boundary
-   (the discrete-action default); for continuous actions the memory's regressed action is held by no
-   buffer and the default keeps a margin (0.8).
+1. Memory reflection. Finished trajectories go into a success or a failure buffer (``--success-rule``). A
+   prediction network learns the known-good local policy from the successes (state -> action); a reflection
+   network learns from both buffers, sampled half and half, the probability that taking action a in state s
+   belongs to a successful trajectory: at the prediction's action, the memory's confidence.
+2. Coarse-fine distinction (``--intrinsic coarse-fine``). An autoencoder with a sparse non-negative code: coarse
+   novelty = reconstruction error, fine novelty = rarity of the latent units an observation activates. As in RND
+   (Burda et al. 2018) the intrinsic reward is divided by the running std of a non-episodic intrinsic return, with
+   its own value head. ``--intrinsic rnd`` swaps in RND.
+3. Confidence ensemble. Where the reflection confidence exceeds ``--kappa`` the memory acts, elsewhere the PPO
+   policy samples. Balanced batches make the confidence a posterior under equal priors, so 0.5 is its decision
+   boundary (discrete actions); a continuous action is regressed, so it keeps a margin (0.8).
 
-``--intrinsic rnd --no-reflection`` is the PPO+RND baseline; ``--intrinsic none --no-reflection`` is
-exactly ppo_baseline.py (same seed, same weights: tested).
+``--intrinsic rnd --no-reflection`` is PPO+RND; ``--intrinsic none --no-reflection`` is exactly ppo_baseline.py.
 
-Off-policy correction (the paper's equations are not public; this is our choice). Memory actions are
-not samples of pi_old, so each step records its behaviour distribution mu: pi_old where the policy
-acts, (1 - eps) m + eps pi_old where the memory is confident (``--memory-epsilon``; m is a point mass
-on the prediction network's action, or a Gaussian with the policy's std), so pi_old / mu <= 1/eps.
-The update uses truncated importance sampling throughout: the decoupled PPO objective of Hilton et al.
-2021, w * max(-A r, -A clip(r)) with r = pi_theta / pi_old and w = min(1, pi_old / mu); GAE with
-Retrace-style traces c = min(1, pi_old / mu) on the later actions (Munos et al. 2016; V-trace); value
-targets V(s) + w A. When the memory never acts, w = c = 1 and every formula is PPO's.
+Off-policy correction (our choice: the paper's equations are not public). Each step records its behaviour
+distribution mu: pi_old where the policy acts, (1 - eps) m + eps pi_old where the memory is confident
+(``--memory-epsilon``), so pi_old / mu <= 1/eps. The update is decoupled PPO (Hilton et al. 2021),
+w * max(-A r, -A clip(r)) with r = pi_theta / pi_old and w = min(1, pi_old / mu); GAE with Retrace traces
+c = min(1, pi_old / mu) on the later actions (Munos et al. 2016); value targets V(s) + w A. When the memory
+never acts, w = c = 1 and every formula is PPO's.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -52,8 +44,8 @@ from gymnasium import spaces
 from torch.distributions import Categorical, Normal
 
 from memory_envs import FlattenObservation
-from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, episode_extras, finished_episode,
-                          is_atari, make_base_env, make_batched_env, parse_env_kwargs, run_cli)
+from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, episode_extras,
+                          finished_episode, is_atari, make_base_env, make_batched_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
@@ -103,20 +95,15 @@ class Args(RunArgs):
     kappa: Optional[float] = None
     """confidence threshold: the memory acts where the reflection confidence exceeds it"""
     memory_epsilon: float = 0.1
-    """where the memory is confident, the policy still samples with this probability (keeps
-    the behaviour distribution covering the policy; importance ratios stay <= 1/eps)"""
+    """where the memory is confident, the policy still samples with this probability (ratios stay <= 1/eps)"""
     success_rule: Literal["quantile", "positive"] = "quantile"
-    """a finished episode is a success if its extrinsic return is above the running quantile
-    of recent returns (`quantile`; below = failure, ties are not stored) or > 0 (`positive`,
-    for sparse tasks; <= 0 = failure)"""
+    """success: return above the quantile of recent returns (`quantile`; ties unstored) or > 0 (`positive`)"""
     success_quantile: float = 0.8
     """the quantile of `--success-rule quantile`"""
     buffer_size: Optional[int] = None
     """capacity of each of the success and failure buffers, in transitions"""
     memory_updates: int = 16
     """gradient steps of the prediction and reflection networks per memory update"""
-    memory_lr: float = 1e-3
-    """learning rate of the prediction and reflection networks"""
     eval_memory: bool = True
     """evaluate the ensemble (memory where confident, else the greedy policy); off: policy only"""
 
@@ -128,54 +115,33 @@ class Args(RunArgs):
     fine: bool = True
     """fine novelty (rarity of the active latent units); `--no-fine` drops it"""
     fine_bonus: Literal["surprisal", "count"] = "surprisal"
-    """fine novelty from the firing of the active latent units: mean surprisal -log f_j of their
-    firing frequency (never fades: the policy keeps exploring and the memory exploits), or the
-    count bonus 1/sqrt(n_j + 1) (fades with visitation, like RND's error)"""
+    """fine novelty of the active units: surprisal -log f_j of their firing (never fades) or 1/sqrt(n_j + 1)"""
     center_novelty: bool = True
-    """standardise each novelty term by its running mean and std (a zero-mean exploration signal
-    that does not vanish); `--no-center-novelty`: divide by the running std only, as RND"""
-    coarse_coef: float = 1.0
-    """weight of the (standardised) coarse novelty"""
-    fine_coef: float = 1.0
-    """weight of the (standardised) fine novelty"""
-    ext_coef: float = 2.0
-    """weight of the extrinsic advantage (RND: 2)"""
-    int_coef: float = 1.0
-    """weight of the intrinsic advantage (RND: 1)"""
-    int_gamma: float = 0.99
-    """discount of the non-episodic intrinsic return"""
-    update_proportion: float = 0.25
-    """fraction of each minibatch the novelty model (autoencoder or RND predictor) trains on"""
+    """standardise each novelty term by its running mean and std (`--no-center-novelty`: std only, as RND)"""
 
 SUCCESS_WINDOW = 100  # the success quantile is taken over the last 100 episode returns
 MEMORY_BATCH_SIZE = 256  # samples per memory gradient step (half from each buffer for the reflection network)
 RHO_BAR = C_BAR = 1.0  # truncation of importance weights and traces at 1, as V-trace: exactly PPO when mu = pi_old
 LATENT_DIM = 64  # size of the autoencoder's sparse code
 SPARSITY_COEF = 1e-3  # L1 penalty that makes the code sparse, so active units carry an observation's identity
+MEMORY_LR = 1e-3  # learning rate of the prediction and reflection networks
+EXT_COEF, INT_COEF = 2.0, 1.0  # RND's weights of the extrinsic and intrinsic advantages
+INT_GAMMA = 0.99  # discount of the non-episodic intrinsic return
+UPDATE_PROPORTION = 0.25  # as RND: the novelty model sees part of each minibatch, not outpacing the policy's visits
 
 
 PRESETS = {
-    "vector": dict(learning_rate=2.5e-4, num_envs=4, num_steps=128, num_minibatches=4,
-                   update_epochs=4, clip_coef=0.2, ent_coef=0.01, normalize=False, buffer_size=20_000,
-                   kappa=0.5),
-    "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4,
-                  update_epochs=4, clip_coef=0.1, ent_coef=0.01, normalize=False, buffer_size=5_000,
-                  kappa=0.5),
-    "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32,
-                       update_epochs=10, clip_coef=0.2, ent_coef=0.0, normalize=True, buffer_size=20_000,
-                       kappa=0.8),
+    "vector": dict(learning_rate=2.5e-4, num_envs=4, num_steps=128, num_minibatches=4, update_epochs=4,
+                   clip_coef=0.2, ent_coef=0.01, normalize=False, buffer_size=20_000, kappa=0.5),
+    "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4,
+                  clip_coef=0.1, ent_coef=0.01, normalize=False, buffer_size=5_000, kappa=0.5),
+    "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10,
+                       clip_coef=0.2, ent_coef=0.0, normalize=True, buffer_size=20_000, kappa=0.8),
 }
 
 
 # ---- Environments (as ppo_baseline.py)
-def env_kind(env_id: str, probe: gym.Env) -> str:
-    if is_atari(env_id):
-        return "atari"
-    return "continuous" if isinstance(probe.action_space, spaces.Box) else "vector"
-
-
-def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = False,
-             video_dir: str = ""):
+def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = False, video_dir: str = ""):
     def thunk():
         extra = dict(frameskip=1, repeat_action_probability=0.25) if kind == "atari" else {}
         env = make_base_env(env_id, env_kwargs, "rgb_array" if capture_video else None, **extra)
@@ -233,19 +199,12 @@ class RunningMeanStd(nn.Module):
         self.count.copy_(total)
 
 
-def is_image(space: spaces.Space) -> bool:
-    return isinstance(space, spaces.Box) and len(space.shape) == 3
-
-
 def channels_last(shape: tuple[int, ...]) -> bool:
     return shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
 
 
 def image_encoder(shape: tuple[int, ...]) -> tuple[nn.Module, int, bool]:
-    """Nature CNN for images of at least 36x36 pixels, a 3x3 conv stack for smaller ones.
-
-    Returns the encoder, its output size and whether input is channels-last (HWC).
-    """
+    """Nature CNN for images of at least 36x36 pixels, a 3x3 conv stack for smaller ones; also says if HWC."""
     last = channels_last(shape)
     c, h, w = (shape[2], shape[0], shape[1]) if last else shape
     if min(h, w) >= 36:
@@ -261,25 +220,16 @@ def image_encoder(shape: tuple[int, ...]) -> tuple[nn.Module, int, bool]:
     return nn.Sequential(conv, layer_init(nn.Linear(n_flat, 512)), nn.ReLU()), 512, last
 
 
-class Permute(nn.Module):
-    """HWC -> CHW for channels-last images; identity otherwise."""
-
-    def __init__(self, last: bool):
-        super().__init__()
-        self.last = last
-
+class HWCtoCHW(nn.Module):
     def forward(self, x):
-        return x.permute(0, 3, 1, 2) if self.last else x
+        return x.permute(0, 3, 1, 2)
 
 
 def trunk(obs_shape: tuple[int, ...], hidden: int = 64) -> tuple[nn.Module, int]:
-    """Feature extractor of the memory networks: the policy's CNN for images, else a tanh MLP.
-
-    Takes preprocessed input (``Agent.preprocess``), images channels-first.
-    """
+    """The memory networks' features of ``Agent.preprocess``-ed input: the policy's CNN, else a tanh MLP."""
     if len(obs_shape) == 3:
         enc, n, last = image_encoder(obs_shape)
-        return (nn.Sequential(Permute(last), enc), n)
+        return nn.Sequential(HWCtoCHW() if last else nn.Identity(), enc), n
     n_in = int(np.prod(obs_shape))
     return nn.Sequential(nn.Flatten(), layer_init(nn.Linear(n_in, hidden)), nn.Tanh(),
                          layer_init(nn.Linear(hidden, hidden)), nn.Tanh()), hidden
@@ -288,11 +238,10 @@ def trunk(obs_shape: tuple[int, ...], hidden: int = 64) -> tuple[nn.Module, int]
 class Agent(nn.Module):
     """ppo_baseline's agent with a second value head for the intrinsic return (RND's two heads)."""
 
-    def __init__(self, obs_space: spaces.Box, action_space: spaces.Space, normalize_obs: bool,
-                 intrinsic_head: bool):
+    def __init__(self, obs_space: spaces.Box, action_space: spaces.Space, normalize_obs: bool, intrinsic_head: bool):
         super().__init__()
         self.continuous = isinstance(action_space, spaces.Box)
-        self.image = is_image(obs_space)
+        self.image = len(obs_space.shape) == 3
         self.scale = 255.0 if obs_space.dtype == np.uint8 else 1.0
         n_out = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
         n_values = 2 if intrinsic_head else 1  # column 0: extrinsic value, column 1: intrinsic value
@@ -346,17 +295,9 @@ class Agent(nn.Module):
         return action, dist.log_prob(action), dist.entropy(), self.critic(h), dist
 
 
-def log_prob(dist, action: torch.Tensor) -> torch.Tensor:
-    return dist.log_prob(action).sum(1) if isinstance(dist, Normal) else dist.log_prob(action)
-
-
 # ---- Memory reflection: success/failure buffers, prediction and reflection networks, ensemble
 class TrajectoryBuffer:
-    """Bounded FIFO of the (observation, action) pairs of whole trajectories of one outcome.
-
-    When full, the oldest transitions are overwritten; a trajectory longer than the buffer
-    keeps its last ``capacity`` steps.
-    """
+    """FIFO of the (observation, action) pairs of whole trajectories of one outcome; the oldest go first."""
 
     def __init__(self, capacity: int, obs_shape: tuple, obs_dtype, action_shape: tuple, action_dtype):
         self.capacity = capacity
@@ -390,11 +331,7 @@ class TrajectoryBuffer:
 
 
 def sample_balanced(success: TrajectoryBuffer, failure: TrajectoryBuffer, n: int):
-    """n/2 pairs from each buffer (with replacement) and their labels (1 = success).
-
-    Balancing keeps the reflection network calibrated to "which outcome does this action
-    lead to" rather than to how often each outcome happened to be recorded.
-    """
+    """n/2 pairs from each buffer and their labels (1 = success): the posterior under equal priors."""
     n_succ = n // 2
     obs_s, act_s = success.sample(n_succ)
     obs_f, act_f = failure.sample(n - n_succ)
@@ -416,9 +353,7 @@ class SuccessRule:
         self.history.append(episode_return)
         if not history:
             return None
-        # Strictly above / below the quantile of the *previous* returns; a tie says nothing
-        # about which actions were better (e.g. all-zero returns of a sparse task), so it is
-        # not stored rather than labelled arbitrarily.
+        # A tie with the quantile of the previous returns (all-zero sparse returns) says nothing: not stored.
         q = float(np.quantile(history, self.quantile))
         return True if episode_return > q else (False if episode_return < q else None)
 
@@ -430,14 +365,8 @@ class SuccessRule:
 
 
 def erase_loops(obs: list[np.ndarray]) -> list[int]:
-    """Indices of a trajectory with its loops erased: for every observation that occurs more
-    than once, only its *last* occurrence is kept (the action that finally moved on).
-
-    Without it, a success that spent ten steps pushing into a wall stores that useless action
-    ten times and the prediction network learns to repeat it -- and, once the memory acts,
-    feeds its own mistake back into the buffer. Observations that never repeat (pixels,
-    continuous states) are all kept.
-    """
+    """Indices of a trajectory with its loops erased: only the last visit of a repeated observation, whose
+    action finally moved on (else the memory learns, and replays, pushing into a wall)."""
     seen, keep = set(), []
     for i in range(len(obs) - 1, -1, -1):
         key = obs[i].tobytes()
@@ -487,8 +416,7 @@ class MemoryReflection(nn.Module):
         out = self.predict(x)
         return F.mse_loss(out, action.float()) if self.continuous else F.cross_entropy(out, action.long())
 
-    def reflection_loss(self, x: torch.Tensor, action: torch.Tensor,
-                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reflection_loss(self, x: torch.Tensor, action: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Binary cross-entropy of the confidence against the outcome label; also the accuracy."""
         logit = self.confidence_logit(x, action)
         accuracy = ((logit > 0).float() == labels).float().mean()
@@ -497,23 +425,15 @@ class MemoryReflection(nn.Module):
 
 def ensemble_step(dist, proposal: torch.Tensor, confidence: torch.Tensor, kappa: float, eps: float,
                   policy_action: torch.Tensor, uniform: torch.Tensor):
-    """AdaMemento's confidence ensemble with the behaviour distribution actually used.
-
-    Where ``confidence > kappa`` the memory acts with probability 1 - eps (``uniform`` are
-    U(0,1) draws), otherwise the policy's sample ``policy_action`` is taken. Returns the action,
-    log pi_old(action), log mu(action) (mu = the behaviour mixture described in the module
-    docstring) and the mask of memory-chosen actions.
-    """
+    """Where ``confidence > kappa`` the memory acts if ``uniform >= eps``, else the policy's sample does.
+    Returns the action, log pi_old(action), log mu(action) (the behaviour mixture) and the memory's mask."""
     gate = confidence > kappa
     use_memory = gate & (uniform >= eps)
     if isinstance(dist, Normal):
-        # The memory's continuous action is Gaussian around its prediction with the policy's
-        # std, so mu has a density (a point mass would make pi/mu zero everywhere).
+        # Gaussian around the prediction with the policy's std: a point mass would make pi/mu zero everywhere.
         memory_dist = Normal(proposal, dist.stddev)
-        memory_action = memory_dist.sample()
-        action = torch.where(use_memory.unsqueeze(1), memory_action, policy_action)
-        logp_old = dist.log_prob(action).sum(1)
-        log_m = memory_dist.log_prob(action).sum(1)
+        action = torch.where(use_memory.unsqueeze(1), memory_dist.sample(), policy_action)
+        logp_old, log_m = dist.log_prob(action).sum(1), memory_dist.log_prob(action).sum(1)
     else:
         action = torch.where(use_memory, proposal, policy_action)
         logp_old = dist.log_prob(action)
@@ -523,10 +443,70 @@ def ensemble_step(dist, proposal: torch.Tensor, confidence: torch.Tensor, kappa:
     return action, logp_old, log_mu, use_memory
 
 
+class Memento:
+    """Memory reflection at run time: the networks and their optimizer, the success rule, the success and
+    failure buffers, and each env's trajectory so far."""
+
+    def __init__(self, args: Args, obs_space: spaces.Box, act_space: spaces.Space, device: torch.device):
+        self.args, self.device = args, device
+        self.rule = SuccessRule(args.success_rule, args.success_quantile, SUCCESS_WINDOW)
+        self.net = MemoryReflection(obs_space.shape, act_space).to(device)
+        self.optimizer = optim.Adam(self.net.parameters(), lr=MEMORY_LR, eps=1e-5)
+        act_dtype = np.float32 if self.net.continuous else np.int64
+        self.buffers = {k: TrajectoryBuffer(args.buffer_size, obs_space.shape, obs_space.dtype, act_space.shape,
+                                            act_dtype) for k in ("success", "failure")}
+        self.pending: list[list] = [[] for _ in range(args.num_envs)]
+
+    def state(self) -> dict:
+        return dict(memory_optimizer=self.optimizer, success_rule=self.rule,
+                    **{f"buffer_{k}": b for k, b in self.buffers.items()})
+
+    def record(self, obs: np.ndarray, actions: np.ndarray) -> None:
+        for i, pair in enumerate(zip(obs, actions)):
+            self.pending[i].append(pair)
+
+    def end_episode(self, i: int, episode_return: float) -> None:
+        """The whole trajectory, loops erased, goes to the buffer of its outcome."""
+        outcome, pending = self.rule(episode_return), self.pending[i]
+        if outcome is not None:
+            obs, actions = zip(*[pending[j] for j in erase_loops([o for o, _ in pending])][-self.args.buffer_size:])
+            self.buffers["success" if outcome else "failure"].add(np.stack(obs), np.stack(actions))
+        self.pending[i] = []
+
+    def train(self, agent: Agent) -> Optional[dict]:
+        """Prediction net on successes, reflection net on balanced batches once a failure is stored (the memory
+        acts only after that). Returns the averaged losses, None if one is non-finite."""
+        success, failure, stats = self.buffers["success"], self.buffers["failure"], defaultdict(list)
+        if not len(success):
+            return {}
+
+        def prep(o: np.ndarray) -> torch.Tensor:
+            return agent.preprocess(torch.as_tensor(o, device=self.device)).detach()
+
+        for _ in range(self.args.memory_updates):
+            obs, act = success.sample(MEMORY_BATCH_SIZE)
+            losses = dict(pred_loss=self.net.prediction_loss(prep(obs), torch.as_tensor(act, device=self.device)))
+            loss = losses["pred_loss"]
+            if len(failure):
+                obs, act, labels = sample_balanced(success, failure, MEMORY_BATCH_SIZE)
+                losses["refl_loss"], losses["refl_accuracy"] = self.net.reflection_loss(
+                    prep(obs), torch.as_tensor(act, device=self.device), torch.as_tensor(labels, device=self.device))
+                loss = loss + losses["refl_loss"]
+            if not torch.isfinite(loss):
+                return None
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            for k, v in losses.items():
+                stats[k].append(v.item())
+        if len(failure):
+            self.net.updates += 1
+        return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
 # ---- Intrinsic motivation: coarse-fine distinction (AdaMemento) or RND
 class NoveltyInput(nn.Module):
-    """Observation preprocessing of the novelty models, as RND: the last frame only for Atari
-    stacks, channels first, normalised per element by running statistics and clipped to +-5."""
+    """As RND: the last frame of Atari stacks, channels first, normalised by running statistics, clipped to +-5."""
 
     def __init__(self, obs_space: spaces.Box, atari: bool):
         super().__init__()
@@ -534,12 +514,7 @@ class NoveltyInput(nn.Module):
         self.scale = 255.0 if obs_space.dtype == np.uint8 else 1.0
         self.image, self.atari = len(shape) == 3, atari
         self.last = self.image and not atari and channels_last(shape)
-        if atari:
-            self.shape = (1,) + shape[1:]
-        elif self.last:
-            self.shape = (shape[2], shape[0], shape[1])
-        else:
-            self.shape = shape if self.image else (int(np.prod(shape)),)
+        self.shape = tuple(self.raw(torch.zeros((1,) + shape)).shape[1:])
         self.rms = RunningMeanStd(self.shape)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
@@ -564,28 +539,12 @@ def novelty_encoder(shape: tuple, n_out: int) -> nn.Module:
 
 
 class CoarseFine(nn.Module):
-    """AdaMemento's coarse-fine distinction module.
+    """AdaMemento's coarse-fine distinction: an autoencoder with a ReLU code made sparse by an L1 penalty.
 
-    Autoencoder with a ReLU (non-negative) latent code made sparse by an L1 penalty. For an
-    observation x with code z and reconstruction x':
-      coarse(x) = mean squared reconstruction error (low for frequently seen observations);
-      fine(x)   = how rarely the units this observation activates (z_j > 0) have fired, as the
-                  mean over its active units of either the surprisal -log f_j, f_j = (n_j + 1) /
-                  (N + 2) the smoothed fraction of observations in which unit j was active
-                  (``--fine-bonus surprisal``), or the count bonus 1 / sqrt(n_j + 1) (``count``,
-                  Tang et al. 2017 count hashed codes the same way).
-    Near-identical images reconstruct almost equally well, but once the sparse code assigns
-    them different units, a state whose units rarely fire is still recognised as novel.
-
-    Each term is standardised by its running mean and std (``--center-novelty``) or divided by
-    its running std only, so ``--coarse-coef``/``--fine-coef`` are relative weights. Centring
-    matters for the surprisal: it has a large constant part (every code has active units)
-    which would otherwise dominate the std of the intrinsic return and shrink the differences
-    between states -- the part that drives exploration -- to nothing. Surprisal + centring
-    gives an exploration drive that never fades (AdaMemento leaves exploitation to the
-    memory); count + std-only fades as states become familiar, as RND's bonus does. The
-    intrinsic stream is non-episodic, so negative rewards give no incentive to end episodes.
-    """
+    coarse(x) = reconstruction error; fine(x) = mean over the units x activates of their rarity, the surprisal
+    -log f_j (f_j = (n_j + 1) / (N + 2), the smoothed firing frequency) or the count bonus 1 / sqrt(n_j + 1):
+    near-identical images reconstruct equally well, but a state whose units rarely fire is still novel. Centring
+    removes the surprisal's large constant part, which would otherwise swamp the intrinsic return's std."""
 
     def __init__(self, shape: tuple, latent_dim: int, coarse_coef: float, fine_coef: float,
                  sparsity_coef: float, fine_bonus: str = "surprisal", center: bool = True):
@@ -593,8 +552,7 @@ class CoarseFine(nn.Module):
         self.coarse_coef, self.fine_coef, self.sparsity_coef = coarse_coef, fine_coef, sparsity_coef
         self.fine_bonus, self.center = fine_bonus, center
         self.encoder = nn.Sequential(novelty_encoder(shape, latent_dim), nn.ReLU())
-        # An MLP decoder reconstructs any input size exactly (a transposed-conv stack would
-        # have to be fitted to each image size).
+        # An MLP decoder fits any input size (a transposed-conv stack would be fitted to each image size).
         n_in = int(np.prod(shape))
         self.decoder = nn.Sequential(layer_init(nn.Linear(latent_dim, 256)), nn.ReLU(),
                                      layer_init(nn.Linear(256, n_in), std=1.0))
@@ -604,8 +562,7 @@ class CoarseFine(nn.Module):
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         z = self.encoder(x)
-        recon = self.decoder(z).view_as(x)
-        return F.mse_loss(recon, x) + self.sparsity_coef * z.abs().sum(1).mean()
+        return F.mse_loss(self.decoder(z).view_as(x), x) + self.sparsity_coef * z.abs().sum(1).mean()
 
     @torch.no_grad()
     def novelty(self, x: torch.Tensor, update: bool = True) -> tuple[torch.Tensor, dict]:
@@ -632,15 +589,12 @@ class CoarseFine(nn.Module):
 
 
 class RND(nn.Module):
-    """Random network distillation (Burda et al. 2018): novelty = squared error of a trained
-    predictor against a fixed random target network."""
+    """Random network distillation (Burda et al. 2018): a predictor's error against a fixed random network."""
 
     def __init__(self, shape: tuple):
         super().__init__()
-        self.target = novelty_encoder(shape, 128)
-        self.predictor = novelty_encoder(shape, 128)
-        for p in self.target.parameters():
-            p.requires_grad_(False)
+        self.target, self.predictor = novelty_encoder(shape, 128), novelty_encoder(shape, 128)
+        self.target.requires_grad_(False)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(self.predictor(x), self.target(x))
@@ -651,21 +605,29 @@ class RND(nn.Module):
         return err, dict(rnd_error=err.mean().item())
 
 
+# ---- Returns
 class RewardForwardFilter:
-    """Discounted intrinsic return along the time axis, never reset at episode ends (RND's
-    non-episodic intrinsic return); its running std normalises the intrinsic reward."""
+    """Running std of the discounted return, which rewards are divided by: the extrinsic one (``--normalize``,
+    as gymnasium's NormalizeReward) ends with the episode, the intrinsic one never does (as RND)."""
 
     def __init__(self, num_envs: int, gamma: float):
         self.gamma = gamma
         self.returns = np.zeros(num_envs)
         self.rms = RunningMeanStd(())
 
+    def step(self, rewards: np.ndarray, dones: Optional[np.ndarray] = None) -> float:
+        """One step's (N,) rewards into the return; the std to divide by."""
+        self.returns = self.returns * self.gamma + rewards
+        self.rms.update(torch.as_tensor(self.returns))
+        if dones is not None:
+            self.returns[dones] = 0.0
+        return np.sqrt(self.rms.var.item() + 1e-8)
+
     def __call__(self, rewards: np.ndarray) -> np.ndarray:
-        """``rewards``: (T, N) raw intrinsic rewards of one rollout -> normalised rewards."""
-        for t in range(rewards.shape[0]):  # time axis (CleanRL's RND iterates envs: bug #360)
-            self.returns = self.returns * self.gamma + rewards[t]
-            self.rms.update(torch.as_tensor(self.returns))
-        return rewards / np.sqrt(self.rms.var.item() + 1e-8)
+        """(T, N) intrinsic rewards of a rollout, filtered along the time axis (not the env axis) -> normalised."""
+        for r in rewards:
+            std = self.step(r)
+        return rewards / std
 
     def state_dict(self) -> dict:
         return dict(rms=self.rms.state_dict(), returns=self.returns)
@@ -675,36 +637,10 @@ class RewardForwardFilter:
         self.returns = state["returns"]
 
 
-# ---- Returns
-class RewardScaler:
-    """Divide rewards by the running std of the discounted return (as gymnasium's NormalizeReward).
-
-    Kept outside the env wrappers so its statistics go into the checkpoint with the model.
-    """
-
-    def __init__(self, num_envs: int, gamma: float):
-        self.gamma = gamma
-        self.returns = np.zeros(num_envs)
-        self.rms = RunningMeanStd(())
-
-    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
-        self.returns = self.returns * self.gamma + rewards
-        self.rms.update(torch.as_tensor(self.returns))
-        self.returns[dones] = 0.0
-        return np.clip(rewards / np.sqrt(self.rms.var.item() + 1e-8), -10, 10)
-
-
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
-                last_value: torch.Tensor, gamma: float, lam: float,
-                traces: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """GAE over a (T, N) rollout, with Retrace-style truncated importance traces.
-
-    ``A_t = delta_t + gamma * lam * (1 - d_t) * c_{t+1} * A_{t+1}``, ``c = traces`` (=
-    min(c_bar, pi_old/mu)); ``traces=None`` (all ones) is ppo_baseline's GAE. ``dones[t]``
-    marks that the episode ended with action t; truncated episodes already carry
-    ``gamma * V(final_obs)`` in ``rewards[t]``. ``last_value`` is V of the observation that
-    follows the rollout.
-    """
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
+                gamma: float, lam: float, traces: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GAE over a (T, N) rollout with Retrace traces: A_t = delta_t + gamma lam (1 - d_t) c_{t+1} A_{t+1}.
+    ``traces=None`` (c = 1) is ppo_baseline's GAE; truncated episodes carry gamma V(final_obs) in their reward."""
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(last_value)
     next_value = last_value
@@ -718,56 +654,15 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     return advantages
 
 
-# ---- Evaluation
-@torch.no_grad()
-def evaluate(agent: Agent, memory: Optional[MemoryReflection], args: Args, env_kwargs: dict, kind: str,
-             device: torch.device, video_dir: str = "") -> dict:
-    """Greedy evaluation of ``--eval-episodes`` on fresh envs seeded apart from training; every env runs a
-    fixed quota of episodes so short episodes are not over-represented. With a trained memory (and
-    ``--eval-memory``) the ensemble acts: the memory's action where its confidence > kappa."""
-    episodes = args.eval_episodes
-    n_envs = max(1, min(episodes, 8))
-    quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
-    envs = make_vector_env(args, env_kwargs, kind, n_envs, video_dir)
-    obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
-    returns, successes, done_count, memory_steps, steps = [], [], [0] * n_envs, 0, 0
-    while any(d < q for d, q in zip(done_count, quota)):
-        x = torch.as_tensor(obs, device=device)
-        action, _, _, _, _ = agent.get_action_and_value(x, greedy=True)
-        if memory is not None:
-            proposal, confidence = memory.propose(agent.preprocess(x))
-            gate = confidence > args.kappa
-            action = torch.where(gate.view(-1, *([1] * (action.dim() - 1))), proposal, action)
-            memory_steps += int(gate.sum())
-        steps += n_envs
-        obs, _, term, trunc, info = envs.step(action.cpu().numpy())
-        for i in np.flatnonzero(term | trunc):
-            if done_count[i] < quota[i]:
-                ep_r, _, success = finished_episode(info, i)
-                returns.append(ep_r)
-                if success is not None:
-                    successes.append(float(success))
-                done_count[i] += 1
-    envs.close()
-    return dict(mean_return=float(np.mean(returns)), std_return=float(np.std(returns)),
-                success_rate=float(np.mean(successes)) if successes else None,
-                memory_action_fraction=memory_steps / steps if memory is not None else None)
-
-
 # ---- Training
 def check_args(args: Args) -> None:
-    check_flags(args, at_least_one=("buffer_size", "memory_updates"),
-                non_negative=("memory_lr", "coarse_coef", "fine_coef", "ext_coef", "int_coef"),
-                unit=("kappa", "success_quantile", "update_proportion", "int_gamma"))
+    check_flags(args, at_least_one=("buffer_size", "memory_updates"), unit=("kappa", "success_quantile"))
     if not 0.0 <= args.memory_epsilon < 1.0:
         raise UserError(f"--memory-epsilon must be in [0, 1), got {args.memory_epsilon}")
-    if args.int_gamma == 0:
-        raise UserError(f"--int-gamma must be > 0, got {args.int_gamma}")
-    if args.intrinsic != "coarse-fine" and not (args.coarse and args.fine):
-        raise UserError(f"--no-coarse/--no-fine only apply to --intrinsic coarse-fine, got --intrinsic {args.intrinsic}")
-    if args.intrinsic != "coarse-fine" and (args.fine_bonus != "surprisal" or not args.center_novelty):
-        raise UserError(f"--fine-bonus/--no-center-novelty only apply to --intrinsic coarse-fine, "
-                        f"got --intrinsic {args.intrinsic}")
+    if args.intrinsic != "coarse-fine" and not (args.coarse and args.fine and args.center_novelty
+                                                and args.fine_bonus == "surprisal"):
+        raise UserError("--no-coarse/--no-fine/--fine-bonus/--no-center-novelty only apply to --intrinsic "
+                        f"coarse-fine, got --intrinsic {args.intrinsic}")
     if args.intrinsic == "coarse-fine" and not (args.coarse or args.fine):
         raise UserError("--no-coarse together with --no-fine leaves no intrinsic reward: use --intrinsic none")
 
@@ -778,7 +673,8 @@ def main(args: Args) -> None:
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
     check_spaces(probe, (spaces.Discrete, spaces.Box))
-    kind = env_kind(args.env_id, probe)
+    continuous = isinstance(probe.action_space, spaces.Box)
+    kind = "atari" if is_atari(args.env_id) else "continuous" if continuous else "vector"
     probe.close()
     for key, value in PRESETS[kind].items():
         if getattr(args, key) is None:
@@ -790,79 +686,59 @@ def main(args: Args) -> None:
     minibatch_size, num_iterations = batch_size // args.num_minibatches, run.iterations(batch_size)
     device = run.start()
 
-    envs = make_vector_env(args, env_kwargs, kind, args.num_envs, "" if args.evaluate else os.path.join(run.dir, "videos"))
+    envs = make_vector_env(args, env_kwargs, kind, args.num_envs,
+                           "" if args.evaluate else os.path.join(run.dir, "videos"))
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     use_int = args.intrinsic != "none"
     agent = Agent(obs_space, act_space, args.normalize, use_int).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
-
+    reward_filter = RewardForwardFilter(args.num_envs, args.gamma) if args.normalize else None
     novelty_in = novelty = novelty_optimizer = int_filter = None
     if use_int:
         novelty_in = NoveltyInput(obs_space, kind == "atari").to(device)
         if args.intrinsic == "rnd":
             novelty = RND(novelty_in.shape).to(device)
         else:
-            novelty = CoarseFine(novelty_in.shape, LATENT_DIM, args.coarse_coef if args.coarse else 0.0,
-                                 args.fine_coef if args.fine else 0.0, SPARSITY_COEF, args.fine_bonus,
-                                 args.center_novelty).to(device)
+            novelty = CoarseFine(novelty_in.shape, LATENT_DIM, float(args.coarse), float(args.fine), SPARSITY_COEF,
+                                 args.fine_bonus, args.center_novelty).to(device)
         novelty_optimizer = optim.Adam([p for p in novelty.parameters() if p.requires_grad],
                                        lr=args.learning_rate, eps=1e-5)
-        int_filter = RewardForwardFilter(args.num_envs, args.int_gamma)
+        int_filter = RewardForwardFilter(args.num_envs, INT_GAMMA)
+    memento = Memento(args, obs_space, act_space, device) if args.reflection else None
+    memory = memento.net if memento else None
 
-    memory = memory_optimizer = None
-    success_rule = SuccessRule(args.success_rule, args.success_quantile, SUCCESS_WINDOW)
-    if args.reflection:
-        memory = MemoryReflection(obs_space.shape, act_space).to(device)
-        memory_optimizer = optim.Adam(memory.parameters(), lr=args.memory_lr, eps=1e-5)
-        act_dtype = np.float32 if agent.continuous else np.int64
-        buffers = {k: TrajectoryBuffer(args.buffer_size, obs_space.shape, obs_space.dtype, act_space.shape,
-                                       act_dtype) for k in ("success", "failure")}
-        pending: list[list] = [[] for _ in range(args.num_envs)]
-
-    state = run.state
-    if state is not None:
-        agent.load_state_dict(state["agent"])
-        if memory is not None and state.get("memory") is not None:
-            memory.load_state_dict(state["memory"])
+    # Everything a checkpoint holds (not the episodes in progress), for saving and restoring; a model holds the nets.
+    nets = {k: v for k, v in dict(agent=agent, memory=memory).items() if v is not None}
+    stateful = dict(nets, optimizer=optimizer, reward_rms=reward_filter.rms if reward_filter else None,
+                    novelty_in=novelty_in, novelty=novelty, novelty_optimizer=novelty_optimizer, int_filter=int_filter,
+                    **(memento.state() if memento else {}))
+    stateful = {k: v for k, v in stateful.items() if v is not None}
+    if run.state is not None:
+        for key in nets if args.evaluate else stateful:
+            stateful[key].load_state_dict(run.state[key])
     if args.evaluate:
-        return finish(run, (agent, memory), env_kwargs, kind, device, dict(global_step=state.get("global_step", 0)))
-    # Everything a checkpoint holds, for saving and restoring alike (episodes in progress are not saved: a
-    # resumed run restarts its envs).
-    stateful = dict(optimizer=optimizer, reward_rms=reward_scaler.rms if reward_scaler else None, novelty_in=novelty_in,
-                    novelty=novelty, novelty_optimizer=novelty_optimizer, int_filter=int_filter,
-                    memory_optimizer=memory_optimizer, success_rule=success_rule,
-                    **({f"buffer_{k}": b for k, b in buffers.items()} if memory is not None else {}))
-    if state is not None:
-        for key, obj in stateful.items():
-            if obj is not None:
-                obj.load_state_dict(state[key])
+        return finish(run, nets, env_kwargs, kind, device, dict(global_step=run.state.get("global_step", 0)))
+    if run.state is not None:
         run.restore_rng()
         print(f"resuming {run.dir} at step {run.global_step}", flush=True)
-    writer, global_step = run.writer, run.global_step
 
     obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=obs_dtype, device=device)
     # The state each action led to (final_obs at episode ends): what the novelty reward scores.
     next_obs_buf = torch.zeros_like(obs) if use_int else None
     actions = torch.zeros((args.num_steps, args.num_envs) + act_space.shape, device=device)
-    n_values = 2 if use_int else 1
-    values = torch.zeros((args.num_steps, args.num_envs, n_values), device=device)
-    logprobs, behaviour_logprobs, rewards, dones = (torch.zeros((args.num_steps, args.num_envs), device=device)
-                                                    for _ in range(4))
+    values = torch.zeros((args.num_steps, args.num_envs, 2 if use_int else 1), device=device)
+    logprobs, behaviour_logprobs, rewards, dones = torch.zeros((4, args.num_steps, args.num_envs), device=device)
 
     # Resumed runs restart their envs with a different seed so they do not replay old episodes.
-    next_obs, _ = envs.reset(seed=args.seed + run.start_iteration - 1)
-    next_obs = torch.as_tensor(next_obs, device=device)
-    progress = Progress(args.total_timesteps)
+    next_obs = torch.as_tensor(envs.reset(seed=args.seed + run.start_iteration - 1)[0], device=device)
+    writer, global_step, progress = run.writer, run.global_step, Progress(args.total_timesteps)
     start_step, last_ckpt = global_step, time.time()
     for iteration in range(run.start_iteration, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
-        memory_ready = (memory is not None and int(memory.updates) > 0
-                        and len(buffers["success"]) > 0 and len(buffers["failure"]) > 0)
+        memory_ready = memory is not None and int(memory.updates) > 0  # trained on both outcomes
         confidences, memory_chosen = [], 0
-
         for step in range(args.num_steps):
             global_step += args.num_envs
             obs[step] = next_obs
@@ -876,15 +752,14 @@ def main(args: Args) -> None:
                                                                     args.memory_epsilon, action, uniform)
                     confidences.append(confidence)
                     memory_chosen += int(chosen.sum())
-            values[step], actions[step], logprobs[step] = value, action, logprob
-            behaviour_logprobs[step] = log_mu
+            values[step], actions[step], logprobs[step], behaviour_logprobs[step] = value, action, logprob, log_mu
             action_np = action.cpu().numpy()
             next_obs_np, reward, term, trunc, info = envs.step(action_np)
             done = term | trunc
             if kind == "atari":
                 reward = np.sign(reward)
-            if reward_scaler is not None:
-                reward = reward_scaler(reward, done)
+            if reward_filter is not None:
+                reward = np.clip(reward / reward_filter.step(reward, done), -10, 10)
             reward = torch.as_tensor(reward, dtype=torch.float32, device=device)
             # Truncation is not termination: bootstrap the cut-off return with V_ext(final_obs).
             cut = np.flatnonzero(trunc & ~term)
@@ -900,11 +775,8 @@ def main(args: Args) -> None:
                 if len(ended):
                     next_obs_buf[step, ended] = torch.as_tensor(np.stack(info["final_obs"][ended]), device=device,
                                                                 dtype=next_obs_buf.dtype)
-            if memory is not None:
-                obs_np = obs[step].cpu().numpy()
-                for i in range(args.num_envs):
-                    pending[i].append((obs_np[i], action_np[i]))
-
+            if memento is not None:
+                memento.record(obs[step].cpu().numpy(), action_np)
             for i in np.flatnonzero(done):
                 ep_r, ep_l, success = finished_episode(info, i)
                 writer.add_scalar("charts/episodic_return", ep_r, global_step)
@@ -914,54 +786,35 @@ def main(args: Args) -> None:
                 for key, value in episode_extras(info, i).items():  # e.g. the rooms of MontezumaRevengeRooms
                     writer.add_scalar(f"charts/episodic_{key}", value, global_step)
                 progress.episode(ep_r, success)
-                if memory is not None:
-                    # Memory reflection: the whole trajectory goes to the buffer of its outcome.
-                    outcome = success_rule(ep_r)
-                    if outcome is not None:
-                        # loops erased: only the last visit of a repeated observation is stored
-                        traj = [pending[i][j] for j in erase_loops([o for o, _ in pending[i]])][-args.buffer_size:]
-                        buffers["success" if outcome else "failure"].add(
-                            np.stack([o for o, _ in traj]), np.stack([a for _, a in traj]))
-                    pending[i] = []
+                if memento is not None:
+                    memento.end_episode(i, ep_r)
 
         with torch.no_grad():
             last_value = agent.get_value(next_obs)
         # Behaviour correction: truncated importance ratios pi_old/mu (all ones without memory).
         is_ratio = (logprobs - behaviour_logprobs).exp()
         weights, traces = is_ratio.clamp(max=RHO_BAR), is_ratio.clamp(max=C_BAR)
-        advantages = compute_gae(rewards, values[..., 0], dones, last_value[:, 0], args.gamma, args.gae_lambda,
-                                 traces)
-        returns = values[..., 0] + weights * advantages
-        int_stats = {}
+        advantages = compute_gae(rewards, values[..., 0], dones, last_value[:, 0], args.gamma, args.gae_lambda, traces)
+        b_returns = (values[..., 0] + weights * advantages).reshape(-1)
         if use_int:
-            flat_next = next_obs_buf.reshape((-1,) + obs_space.shape)
-            novelty_in.rms.update(novelty_in.raw(flat_next))
+            b_next = next_obs_buf.reshape((-1,) + obs_space.shape)
+            novelty_in.rms.update(novelty_in.raw(b_next))
             with torch.no_grad():
-                int_raw, int_stats = novelty.novelty(novelty_in(flat_next))
+                int_raw, int_stats = novelty.novelty(novelty_in(b_next))
             int_rewards = torch.as_tensor(int_filter(int_raw.view(args.num_steps, args.num_envs).cpu().numpy()),
                                           dtype=torch.float32, device=device)
-            # Non-episodic intrinsic return: episode ends do not cut it (dones = 0).
+            # Non-episodic intrinsic return (dones = 0): negative, centred rewards give no incentive to end episodes.
             int_advantages = compute_gae(int_rewards, values[..., 1], torch.zeros_like(dones), last_value[:, 1],
-                                         args.int_gamma, args.gae_lambda, traces)
-            int_returns = values[..., 1] + weights * int_advantages
-            b_next = flat_next
-            b_int_returns = int_returns.reshape(-1)
-            combined = args.ext_coef * advantages + args.int_coef * int_advantages
-        else:
-            combined = advantages
+                                         INT_GAMMA, args.gae_lambda, traces)
+            b_int_returns = (values[..., 1] + weights * int_advantages).reshape(-1)
+            advantages = EXT_COEF * advantages + INT_COEF * int_advantages
 
-        b_obs = obs.reshape((-1,) + obs_space.shape)
-        b_actions = actions.reshape((-1,) + act_space.shape)
-        b_logprobs, b_advantages = logprobs.reshape(-1), combined.reshape(-1)
-        b_returns, b_values = returns.reshape(-1), values.reshape(-1, n_values)
-        b_weights = weights.reshape(-1)
-        if not agent.continuous:
-            b_actions = b_actions.long()
-
+        b_obs, b_actions = obs.reshape((-1,) + obs_space.shape), actions.reshape((-1,) + act_space.shape)
+        b_actions = b_actions if agent.continuous else b_actions.long()
+        b_logprobs, b_advantages, b_weights = logprobs.reshape(-1), advantages.reshape(-1), weights.reshape(-1)
+        b_values = values.reshape(-1, values.shape[-1])
         b_inds = np.arange(batch_size)
-        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
-        if use_int:
-            stats.update(int_value_loss=[], novelty_loss=[])
+        stats = defaultdict(list)
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, batch_size, minibatch_size):
@@ -988,130 +841,109 @@ def main(args: Args) -> None:
                     v_loss = 0.5 * ((new_ext - b_returns[mb]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                losses = dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy_loss,
+                              old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
+                nov_loss = None
                 if use_int:
-                    int_v_loss = 0.5 * ((newvalue[:, 1] - b_int_returns[mb]) ** 2).mean()
-                    loss = loss + int_v_loss * args.vf_coef
-                    # As RND: the novelty model trains on a random fraction of each minibatch, so
-                    # it does not learn the states faster than the policy can visit them.
-                    keep = torch.rand(len(mb), device=device) < args.update_proportion
+                    losses["int_value_loss"] = 0.5 * ((newvalue[:, 1] - b_int_returns[mb]) ** 2).mean()
+                    loss = loss + losses["int_value_loss"] * args.vf_coef
+                    keep = torch.rand(len(mb), device=device) < UPDATE_PROPORTION
                     nov_loss = novelty.loss(novelty_in(b_next[mb][keep])) if keep.any() else None
-                if not torch.isfinite(loss) or (use_int and nov_loss is not None and not torch.isfinite(nov_loss)):
+                if not torch.isfinite(loss) or (nov_loss is not None and not torch.isfinite(nov_loss)):
                     raise run.diverged(f"non-finite loss ({loss.item()})", global_step)
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
-                if use_int and nov_loss is not None:
+                if nov_loss is not None:
                     novelty_optimizer.zero_grad()
                     nov_loss.backward()
                     novelty_optimizer.step()
-                    stats["novelty_loss"].append(nov_loss.item())
-                if use_int:
-                    stats["int_value_loss"].append(int_v_loss.item())
-                for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy_loss),
-                             ("old_approx_kl", old_approx_kl), ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
+                    losses["novelty_loss"] = nov_loss
+                for k, v in losses.items():
                     stats[k].append(v.item())
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
-        memory_stats = {}
-        if memory is not None and len(buffers["success"]):
-            memory_stats = train_memory(memory, memory_optimizer, buffers, agent, args, device)
-            if memory_stats is None:
-                raise run.diverged("non-finite memory loss", global_step)
-
-        # Normalisation statistics change between rollouts, never inside one, so the update
-        # recomputes exactly the log-probabilities the rollout acted with (the first ratio is 1).
+        memory_stats = memento.train(agent) if memento is not None else {}
+        if memory_stats is None:
+            raise run.diverged("non-finite memory loss", global_step)
+        # Statistics change between rollouts only, so the update recomputes the rollout's log-probabilities exactly.
         if agent.obs_rms is not None:
-            agent.obs_rms.update(obs.reshape((-1,) + envs.single_observation_space.shape).float())
+            agent.obs_rms.update(b_obs.float())
 
         y_pred, y_true = b_values[:, 0].cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
         sps = (global_step - start_step) / (time.time() - run.start_time)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        for k, v in stats.items():
-            if v:
-                writer.add_scalar(f"losses/{k}", float(np.mean(v)), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
+        scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps,
+                   "losses/explained_variance": np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y,
+                   **{f"losses/{k}": float(np.mean(v)) for k, v in stats.items()}}
         if use_int:
-            writer.add_scalar("intrinsic/reward_mean", int_rewards.mean().item(), global_step)
-            writer.add_scalar("intrinsic/reward_max", int_rewards.max().item(), global_step)
-            for k, v in int_stats.items():
-                writer.add_scalar(f"intrinsic/{k}", v, global_step)
-        if memory is not None:
-            writer.add_scalar("memory/action_fraction", memory_chosen / batch_size, global_step)
-            writer.add_scalar("memory/success_buffer", len(buffers["success"]), global_step)
-            writer.add_scalar("memory/failure_buffer", len(buffers["failure"]), global_step)
-            writer.add_scalar("memory/importance_weight_mean", weights.mean().item(), global_step)
+            scalars.update({"intrinsic/reward_mean": int_rewards.mean().item(),
+                            "intrinsic/reward_max": int_rewards.max().item(),
+                            **{f"intrinsic/{k}": v for k, v in int_stats.items()}})
+        if memento is not None:
+            scalars.update({"memory/action_fraction": memory_chosen / batch_size,
+                            **{f"memory/{k}_buffer": len(buffer) for k, buffer in memento.buffers.items()},
+                            "memory/importance_weight_mean": weights.mean().item(),
+                            **{f"memory/{k}": v for k, v in memory_stats.items()}})
             if confidences:
                 conf = torch.cat(confidences)
-                writer.add_scalar("memory/confidence_mean", conf.mean().item(), global_step)
-                writer.add_scalar("memory/gate_fraction", (conf > args.kappa).float().mean().item(), global_step)
+                scalars["memory/confidence_mean"] = conf.mean().item()
+                scalars["memory/gate_fraction"] = (conf > args.kappa).float().mean().item()
                 writer.add_histogram("memory/confidence", conf.cpu().numpy(), global_step)
-            for k, v in memory_stats.items():
-                writer.add_scalar(f"memory/{k}", v, global_step)
+        for k, v in scalars.items():
+            writer.add_scalar(k, v, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if run.due(last_ckpt, iteration == num_iterations):
-            run.save(iteration, global_step, agent=agent.state_dict(), memory=memory.state_dict() if memory else None,
-                     **{k: obj.state_dict() for k, obj in stateful.items() if obj is not None})
+            run.save(iteration, global_step, **{k: obj.state_dict() for k, obj in stateful.items()})
             last_ckpt = time.time()
     envs.close()
 
     if args.save_model:
-        run.save_model(agent=agent.state_dict(), memory=memory.state_dict() if memory else None, global_step=global_step)
-    finish(run, (agent, memory), env_kwargs, kind, device,
+        run.save_model(**{k: net.state_dict() for k, net in nets.items()}, global_step=global_step)
+    finish(run, nets, env_kwargs, kind, device,
            dict(global_step=global_step, sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9),
                 wall_time_s=run.wall_time()))
 
 
-def finish(run: Run, nets: tuple, env_kwargs: dict, kind: str, device: torch.device, record: dict) -> None:
-    """Evaluate (the trained agent and memory, or the ones --evaluate loaded) and write eval.json."""
-    (agent, memory), args = nets, run.args
+@torch.no_grad()
+def finish(run: Run, nets: dict, env_kwargs: dict, kind: str, device: torch.device, record: dict) -> None:
+    """Greedy ``--eval-episodes`` of the trained (or loaded) nets, then eval.json: a fixed quota per env (short
+    episodes are not over-represented); with a trained memory the ensemble acts (the memory where confident)."""
+    args, agent, memory = run.args, nets["agent"], nets.get("memory")
+    memory = memory if args.eval_memory and memory is not None and int(memory.updates) > 0 else None
     record = dict(record, mean_return=None, std_return=None, success_rate=None, memory_action_fraction=None)
     if args.eval_episodes > 0:
         agent.eval()
-        eval_memory = memory if (args.eval_memory and memory is not None and int(memory.updates) > 0) else None
         video = os.path.join(run.dir, "videos") if args.evaluate and args.capture_video else ""
-        record.update(evaluate(agent, eval_memory, args, env_kwargs, kind, device, video))
+        n_envs = max(1, min(args.eval_episodes, 8))
+        quota = [args.eval_episodes // n_envs + (i < args.eval_episodes % n_envs) for i in range(n_envs)]
+        envs = make_vector_env(args, env_kwargs, kind, n_envs, video)
+        obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
+        returns, successes, done_count, memory_steps, steps = [], [], [0] * n_envs, 0, 0
+        while any(d < q for d, q in zip(done_count, quota)):
+            x = torch.as_tensor(obs, device=device)
+            action, _, _, _, _ = agent.get_action_and_value(x, greedy=True)
+            if memory is not None:
+                proposal, confidence = memory.propose(agent.preprocess(x))
+                gate = confidence > args.kappa
+                action = torch.where(gate.view(-1, *([1] * (action.dim() - 1))), proposal, action)
+                memory_steps += int(gate.sum())
+            steps += n_envs
+            obs, _, term, trunc, info = envs.step(action.cpu().numpy())
+            for i in np.flatnonzero(term | trunc):
+                if done_count[i] < quota[i]:
+                    ep_r, _, success = finished_episode(info, i)
+                    returns.append(ep_r)
+                    if success is not None:
+                        successes.append(float(success))
+                    done_count[i] += 1
+        envs.close()
+        record.update(mean_return=float(np.mean(returns)), std_return=float(np.std(returns)),
+                      success_rate=float(np.mean(successes)) if successes else None,
+                      memory_action_fraction=memory_steps / steps if memory is not None else None)
     run.finish(record)
-
-
-def train_memory(memory: MemoryReflection, optimizer: optim.Optimizer, buffers: dict, agent: Agent,
-                 args: Args, device: torch.device) -> Optional[dict]:
-    """Memory reflection update: prediction net on successes, reflection net on balanced batches.
-
-    The reflection network needs both outcomes; until a failure is stored only the prediction
-    network trains (and the memory does not act). Returns averaged losses, None if non-finite.
-    """
-    stats = {"pred_loss": [], "refl_loss": [], "refl_accuracy": []}
-    both = len(buffers["failure"]) > 0
-
-    def prep(o: np.ndarray) -> torch.Tensor:
-        return agent.preprocess(torch.as_tensor(o, device=device)).detach()
-
-    for _ in range(args.memory_updates):
-        obs_s, act_s = buffers["success"].sample(MEMORY_BATCH_SIZE)
-        pred_loss = memory.prediction_loss(prep(obs_s), torch.as_tensor(act_s, device=device))
-        loss = pred_loss
-        if both:
-            obs_b, act_b, labels = sample_balanced(buffers["success"], buffers["failure"], MEMORY_BATCH_SIZE)
-            refl_loss, accuracy = memory.reflection_loss(prep(obs_b), torch.as_tensor(act_b, device=device),
-                                                         torch.as_tensor(labels, device=device))
-            loss = pred_loss + refl_loss
-        if not torch.isfinite(loss):
-            return None
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        stats["pred_loss"].append(pred_loss.item())
-        if both:
-            stats["refl_loss"].append(refl_loss.item())
-            stats["refl_accuracy"].append(accuracy.item())
-    if both:
-        memory.updates += 1
-    return {k: float(np.mean(v)) for k, v in stats.items() if v}
 
 
 if __name__ == "__main__":
