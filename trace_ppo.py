@@ -44,7 +44,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, NamedTuple, Optional
 
 import gymnasium as gym
@@ -55,7 +57,6 @@ import torch.nn.functional as F
 import torch.optim as optim
 from gymnasium import spaces
 from torch.distributions import Categorical, Normal
-from torch.utils.tensorboard import SummaryWriter
 
 from memory_envs import FlattenObservation
 from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
@@ -133,14 +134,14 @@ class Args(RunArgs):
 
 PRESETS = {
     "vector": dict(learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, clip_coef=0.2,
-                   ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=False, aux_recon_coef=1.0, explore_visits=20.0,
-                   teacher_window=4096),
+                   ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=False, aux_recon_coef=1.0,
+                   explore_visits=20.0, teacher_window=4096),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, clip_coef=0.1,
-                  ent_coef=0.01, normalize=False, normalize_reward=False, norm_adv=True, aux_recon_coef=0.0, explore_visits=0.0,
-                  teacher_window=128),
+                  ent_coef=0.01, normalize=False, normalize_reward=False, norm_adv=True, aux_recon_coef=0.0,
+                  explore_visits=0.0, teacher_window=128),
     "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10,
-                       clip_coef=0.2, ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=True, aux_recon_coef=0.0,
-                       explore_visits=0.0, teacher_window=4096),
+                       clip_coef=0.2, ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=True,
+                       aux_recon_coef=0.0, explore_visits=0.0, teacher_window=4096),
 }
 USEFULNESS_TEMPERATURE = 0.1  # relative to the mean error: the votes go to the few entries that explain a step
 PERSISTENT_LOOK_BACK = 16  # with persistent slots, retention also judges the entries of the last 16 episodes
@@ -148,12 +149,6 @@ VOTER_FRACTION = 8  # the rollout's 1/8 steps with the largest |TD error| teach 
 
 
 # ---- Environments
-def env_kind(env_id: str, probe: gym.Env) -> str:
-    if is_atari(env_id):
-        return "atari"
-    return "continuous" if isinstance(probe.action_space, spaces.Box) else "vector"
-
-
 def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = False,
              video_dir: str = ""):
     def thunk():
@@ -213,15 +208,9 @@ class RunningMeanStd(nn.Module):
         self.count.copy_(total)
 
 
-def is_image(space: spaces.Space) -> bool:
-    return isinstance(space, spaces.Box) and len(space.shape) == 3
-
-
 def image_encoder(shape: tuple[int, ...]) -> tuple[nn.Module, int, bool]:
-    """Nature CNN for images of at least 36x36 pixels, a 3x3 conv stack for smaller ones.
-
-    Returns the encoder, its output size and whether input is channels-last (HWC).
-    """
+    """Nature CNN for images of at least 36x36 pixels, a 3x3 conv stack for smaller ones; returns the encoder, its
+    output size and whether input is channels-last (HWC)."""
     channels_last = shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
     c, h, w = (shape[2], shape[0], shape[1]) if channels_last else shape
     if min(h, w) >= 36:
@@ -244,9 +233,8 @@ _TIME_TABLES: dict[str, torch.Tensor] = {}
 
 
 def time_encoding(tau: torch.Tensor) -> torch.Tensor:
-    """Features of the agent's clock tau: log(1 + tau) and sinusoids of it (the first steps resolved
-    finely, tau = 10^5 still in range) plus sinusoids of tau with periods up to 1000 steps. Looked up
-    in a table grown by doubling: one gather instead of a dozen elementwise ops per step."""
+    """Features of the clock tau: log(1 + tau) and its sinusoids (fine early, still in range at 10^5) plus sinusoids
+    of tau (periods up to 1000). A table grown by doubling: one gather instead of a dozen elementwise ops."""
     key = str(tau.device)
     table = _TIME_TABLES.get(key)
     need = int(tau.max()) + 1 if tau.numel() else 1
@@ -268,7 +256,8 @@ class VisitCounter:
     """Pseudo-counts of observations by SimHash (Tang et al. 2017): an observation is hashed to the signs of
     ``bits`` fixed random projections of its raw values and N counts the visits of its bucket."""
 
-    def __init__(self, obs_dim: int, seed: int, device, bits: int = 16):
+    def __init__(self, obs_dim: int, seed: int, device, bits: int = 16, m: float = 0.0):
+        self.m = m  # of the exploration floor
         self.proj = torch.randn((bits, obs_dim), generator=torch.Generator().manual_seed(seed)).to(device)
         self.powers = 2 ** torch.arange(bits, device=device)
         self.counts = torch.zeros(2 ** bits, device=device)
@@ -278,6 +267,16 @@ class VisitCounter:
         code = ((obs.float().flatten(1) @ self.proj.T >= 0).long() * self.powers).sum(1)
         self.counts.index_add_(0, code, torch.ones_like(code, dtype=self.counts.dtype))
         return self.counts[code]
+
+    def floor(self, obs: torch.Tensor) -> torch.Tensor:
+        """The exploration floor: an observation's first m visits act uniformly, later ones with chance m / N."""
+        return (self.m / self.visit(obs)).clamp(max=1.0)
+
+    def state_dict(self) -> torch.Tensor:
+        return self.counts
+
+    def load_state_dict(self, counts: torch.Tensor) -> None:
+        self.counts.copy_(counts)
 
 
 TAG_DIM = 3  # persistent slots: [1, symlog(return of the entry's episode), log(1 + episodes ago)]
@@ -314,22 +313,17 @@ class Retention(nn.Module):
         n_in = self.n_env_part + n_act + d
         self.scorer = nn.Sequential(layer_init(nn.Linear(n_in, hidden)), nn.Tanh(),
                                     layer_init(nn.Linear(hidden, 1), std=0.01))
-        # The critic's first layer is split into a step part and an entry part, so that a (step, entry) pair
-        # costs one add. Its output is bilinear in the action, [1, a] . V h: per-action read-outs of the
-        # same features, so "reward when the action matches the entry's bit" is linear in them.
+        # First layer split into a step part and an entry part: a (step, entry) pair costs one add. The output is
+        # bilinear in the action, [1, a] . V h, so "reward when the action matches the entry's bit" is linear.
         self.critic_step = layer_init(nn.Linear(d, hidden))
-        # The critic judges an entry by what the environment showed at its step only, not by the agent's action
-        # (nor the embedding, which contains it): otherwise the later steps into which an agent that has solved
-        # the task copies the cue through its own actions would share the cue's votes and push it out.
+        # Only what the env showed at the entry's step: steps the agent copied a cue into must not share its votes.
         self.critic_entry = layer_init(nn.Linear(self.n_env_part, hidden, bias=False))
-        # Small initial outputs: an untrained critic predicts the same for every entry, so no entry looks
-        # better than another by chance and the first votes weigh nothing.
+        # Small initial outputs: an untrained critic favours no entry, so the first votes weigh nothing.
         self.critic_out = layer_init(nn.Linear(hidden, 1 + n_act), std=0.01)
 
     @staticmethod
     def features(e, content, tau, prev_act, prev_rew, tag=None) -> torch.Tensor:
-        """An entry as retention sees it: first what the environment showed at its step (raw content, see
-        ``Agent.content``, reward, clock, persistent tag), then the agent's part (previous action, embedding)."""
+        """An entry as retention sees it: what the env showed (content, reward, clock, tag), then the agent's part."""
         tag = e.new_zeros(e.shape[:-1] + (TAG_DIM,)) if tag is None else tag
         return torch.cat([content, prev_rew.unsqueeze(-1), time_encoding(tau), tag, prev_act, e.detach()], -1)
 
@@ -337,22 +331,20 @@ class Retention(nn.Module):
         return self.scorer(x).squeeze(-1)
 
     def loss(self, v: Votes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Entry-critic loss, retention loss, the weights G and the targets of the voting steps ``v``: the
-        target of a step is u_j = softmax_j(-err_j / (0.1 mean err)) over the critic's errors on its candidates,
-        its weight G = mean err - sum_j u_j err_j, how much better its best entries explain it than the average.
-        A candidate's persistent tag enters both first layers as a per-(step, entry) term."""
+        """Entry-critic loss, retention loss, the weights G and the targets u of the voting steps ``v`` (module
+        docstring). A candidate's persistent tag enters both first layers as a per-(step, entry) term."""
         k, tags = self.n_env_part, slice(self.n_env_part - TAG_DIM, self.n_env_part)
         h = self.critic_entry(v.entries[..., :k]).index_select(0, v.env) + v.tag @ self.critic_entry.weight[:, tags].T
         pre = self.scorer[0](v.entries).index_select(0, v.env) + v.tag @ self.scorer[0].weight[:, tags].T
         r = self.scorer[2](torch.tanh(pre)).squeeze(-1)
         out = self.critic_out(torch.tanh(self.critic_step(v.e_step).unsqueeze(1) + h))
         pred = (out * torch.cat([torch.ones_like(v.action[:, :1]), v.action], 1).unsqueeze(1)).sum(-1)
-        err = (pred - v.y[:, None]) ** 2
-        seen = v.seen
+        err, seen = (pred - v.y[:, None]) ** 2, v.seen
         mean_err = (err * seen).sum(1) / seen.sum(1).clamp(min=1)
         critic_loss = mean_err.mean()
         with torch.no_grad():
-            target = torch.softmax((-err / (USEFULNESS_TEMPERATURE * mean_err[:, None] + 1e-8)).masked_fill(~seen, -1e30), 1)
+            u = (-err / (USEFULNESS_TEMPERATURE * mean_err[:, None] + 1e-8)).masked_fill(~seen, -1e30)
+            target = torch.softmax(u, 1)
             gain = (mean_err - (target * err).sum(1)) * seen.any(1)
         ce = -(target * torch.log_softmax(r.masked_fill(~seen, -1e30), 1) * seen).sum(1)
         return critic_loss, (gain * ce).mean(), gain, target
@@ -365,7 +357,7 @@ class Agent(nn.Module):
         if d % self.num_heads:
             raise UserError(f"--hidden-size {d} must be divisible by --num-heads {self.num_heads}")
         self.continuous = isinstance(action_space, spaces.Box)
-        self.image = is_image(obs_space)
+        self.image = isinstance(obs_space, spaces.Box) and len(obs_space.shape) == 3
         self.scale = 255.0 if obs_space.dtype == np.uint8 else 1.0
         self.n_act = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
         self.obs_rms = RunningMeanStd(obs_space.shape) if args.normalize else None
@@ -404,8 +396,8 @@ class Agent(nn.Module):
         if self.obs_rms is None:
             return x.float() / self.scale
         if self._norm_count != self.obs_rms.count.item():  # statistics move between rollouts only: cache them
-            self._norm_count = self.obs_rms.count.item()
-            self._norm = (self.obs_rms.mean.float() * self.scale, (self.obs_rms.var + 1e-8).rsqrt().float() / self.scale)
+            rms, self._norm_count = self.obs_rms, self.obs_rms.count.item()
+            self._norm = (rms.mean.float() * self.scale, (rms.var + 1e-8).rsqrt().float() / self.scale)
         return ((x.float() - self._norm[0]) * self._norm[1]).clamp(-10, 10)
 
     def content(self, obs: torch.Tensor) -> torch.Tensor:
@@ -430,9 +422,8 @@ class Agent(nn.Module):
         return Retention.features(e, content, raw["tau"], raw["pact"], raw["prew"], tag)
 
     def attend(self, e: torch.Tensor, slots: torch.Tensor, tags: Optional[torch.Tensor], held: torch.Tensor):
-        """The read: multi-head scaled dot-product attention of queries made of e (B, D) over the entries
-        ``slots`` (B, S, D), persistent ones shifted by their tag, empty slots weighing 0 (an empty memory reads
-        0). Returns the read (B, D) and the weights (B, H, S); acting and the update's replay both call it."""
+        """The read, for acting and replay alike: multi-head attention of e (B, D) over ``slots`` (B, S, D), tagged
+        ones shifted by their tag, empty ones weighing 0. Returns the read (B, D) and the weights (B, H, S)."""
         if tags is not None:
             slots = slots + self.tag_proj(tags)
         split = lambda x: x.view(*x.shape[:-1], self.num_heads, -1)  # noqa: E731
@@ -445,10 +436,8 @@ class Agent(nn.Module):
         return self.read_norm(self.o_proj(read)), w
 
     def read_losses(self, replayed: tuple, action, y, read_target: tuple, slot: Optional[tuple]) -> dict:
-        """The losses that teach the read, {name: (coefficient, loss)}: attention head 0 looks where the entry
-        critic credits a voting step's outcome (``read_target``: its target over the slots and weight, 0 for the
-        steps that did not vote); the action-value head predicts the TD target ``y`` from [e, read, action]; and a
-        random held slot's observation is rebuilt from the read and its clock (``slot``, see ``slot_inputs``)."""
+        """{name: (coefficient, loss)} that teach the read: head 0 looks where the critic credits a vote
+        (``read_target``: target over the slots, weight), Q(e, read, a) -> ``y``, and rebuilding ``slot``."""
         (e, read, w), (target, weight), out = replayed, read_target, {}
         if self.coefs["read_loss"] > 0:
             ce = -(target * torch.log(w[:, 0] + 1e-8)).sum(-1)
@@ -463,31 +452,26 @@ class Agent(nn.Module):
         return {k: (self.coefs[k], v) for k, v in out.items()}
 
     def heads(self, e, read, action=None, greedy: bool = False, floor: Optional[torch.Tensor] = None):
-        """Policy and value on [e, read]. Given ``action`` (the update): its log-probability and the
-        entropy. Without (acting): a sampled action (the mode if ``greedy``), entropy None. ``floor``
-        (acting, one value per row): the action is drawn from (1 - floor) softmax + floor uniform, but
-        the log-probability returned is the softmax's, the policy PPO trains."""
+        """Action, log-probability, entropy and value on [e, read]. Acting (no ``action``): sample (the mode if
+        ``greedy``; with a ``floor`` per row, from (1 - floor) softmax + floor uniform), entropy None. The
+        log-probability is always the softmax's: the policy PPO trains."""
         z = torch.cat([e, read], -1)
-        out, value = self.actor(z), self.critic(z).squeeze(-1)
+        out, value, acting = self.actor(z), self.critic(z).squeeze(-1), action is None
         if self.continuous:
             dist = Normal(out, self.actor_logstd.expand_as(out).exp(), validate_args=False)
-            if action is None:
-                action = out if greedy else dist.sample()
-                return action, dist.log_prob(action).sum(1), None, value
-            return action, dist.log_prob(action).sum(1), dist.entropy().sum(1), value
-        dist = Categorical(logits=out, validate_args=False)
-        if action is None:
-            if greedy:
-                action = out.argmax(1)
-            elif floor is None:
-                action = dist.sample()
-            else:
-                probs = (1.0 - floor).unsqueeze(-1) * dist.probs + floor.unsqueeze(-1) / self.n_act
-                # inverse-CDF sampling (torch.multinomial costs ~20x more per call on CPU)
-                below = probs.cumsum(-1) < torch.rand_like(floor).unsqueeze(-1)
-                action = below.sum(-1).clamp(max=self.n_act - 1)
-            return action, dist.log_prob(action), None, value
-        return action, dist.log_prob(action), dist.entropy(), value
+        else:
+            dist = Categorical(logits=out, validate_args=False)
+        if acting and greedy:
+            action = out if self.continuous else out.argmax(1)
+        elif acting and (floor is None or self.continuous):
+            action = dist.sample()
+        elif acting:  # inverse-CDF sampling: torch.multinomial costs much more per call on CPU
+            probs = (1.0 - floor).unsqueeze(-1) * dist.probs + floor.unsqueeze(-1) / self.n_act
+            action = (probs.cumsum(-1) < torch.rand_like(floor).unsqueeze(-1)).sum(-1).clamp(max=self.n_act - 1)
+        logprob, entropy = dist.log_prob(action), None if acting else dist.entropy()
+        if self.continuous:
+            logprob, entropy = logprob.sum(1), None if acting else entropy.sum(1)
+        return action, logprob, entropy, value
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
         """An action as an input: one-hot for discrete, the (clipped) vector for Box."""
@@ -498,27 +482,23 @@ class Agent(nn.Module):
 
 # ---- Memory: slots, their sources, and the look-back of the current episodes
 class Memory:
-    """The memories of N envs: M episodic then K persistent slots per env. A slot holds one entry (its raw
-    inputs, its embedding, its retention score) and ``src``, the index of its source in this rollout's pool
-    [the S entries held when the rollout began, the rollout's T steps] (-1 = empty), which the update needs
-    to replay every read. The memory also keeps what the next entry needs (previous action and reward,
-    clock) and the raw steps of the last rollouts, from which retention looks back over each episode."""
+    """M episodic then K persistent slots per env. A slot holds an entry (raw inputs, embedding, score) and ``src``,
+    its source's index in the rollout's pool [S entries held at its start, T steps] (-1: empty), from which the
+    update replays every read. Also the next entry's inputs and the last rollouts' raw steps (the look-back)."""
 
     def __init__(self, agent: Agent, n: int, args: Args, obs_space: spaces.Box, device, generator=None):
-        self.agent, self.n, self.m, self.k = agent, n, args.memory_slots, args.persistent_slots
-        self.s, self.policy, self.window, self.generator = self.m + self.k, args.retention, args.teacher_window, generator
-        n_act, s = agent.n_act, self.s
+        self.agent, self.n, self.generator, self.policy = agent, n, generator, args.retention
+        self.m, self.k, self.window = args.memory_slots, args.persistent_slots, args.teacher_window
+        self.s = self.m + self.k
+        s, zeros, long = self.s, partial(torch.zeros, device=device), torch.long
         obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
-        self.src = torch.full((n, s), -1, dtype=torch.long, device=device)
-        self.entry = dict(obs=torch.zeros((n, s) + obs_space.shape, dtype=obs_dtype, device=device),
-                          pact=torch.zeros((n, s, n_act), device=device), prew=torch.zeros((n, s), device=device),
-                          tau=torch.zeros((n, s), dtype=torch.long, device=device))
-        self.emb, self.score = torch.zeros((n, s, args.hidden_size), device=device), torch.zeros((n, s), device=device)
-        self.order = torch.zeros((n, s), dtype=torch.long, device=device)       # write order, for FIFO
-        self.outcome, self.episodes_ago = torch.zeros((n, s), device=device), torch.zeros((n, s), device=device)
-        self.prev_act, self.prev_rew = torch.zeros((n, n_act), device=device), torch.zeros(n, device=device)
-        self.clock = torch.zeros(n, dtype=torch.long, device=device)
-        self.ep_return, self.writes, self.history = np.zeros(n), 0, []
+        self.src = torch.full((n, s), -1, dtype=long, device=device)
+        self.entry = dict(obs=zeros((n, s) + obs_space.shape, dtype=obs_dtype), pact=zeros((n, s, agent.n_act)),
+                          prew=zeros((n, s)), tau=zeros((n, s), dtype=long))
+        self.emb, self.score, self.order = zeros((n, s, args.hidden_size)), zeros((n, s)), zeros((n, s), dtype=long)
+        self.outcome, self.episodes_ago = zeros((n, s)), zeros((n, s))  # of persistent entries
+        self.prev_act, self.prev_rew, self.clock = zeros((n, agent.n_act)), zeros(n), zeros(n, dtype=long)
+        self.ep_return, self.writes, self.history = np.zeros(n), 0, []  # writes: the order FIFO evicts by
 
     def tags(self) -> torch.Tensor:
         """[persistent, symlog(return of its episode), log(1 + episodes ago)] per slot; 0 for episodic slots."""
@@ -528,17 +508,15 @@ class Memory:
         return tag * (self.src >= 0).unsqueeze(-1)
 
     def act(self, obs: torch.Tensor, greedy: bool = False, floor: Optional[torch.Tensor] = None):
-        """Read and act for all envs. Returns (action, log-prob, value), the read's weights and this step's
-        embedding, which ``write`` stores after the env step."""
+        """Read and act: (action, log-prob, value), the read's weights and the embedding ``write`` stores."""
         e = self.agent.embed(obs, self.prev_act, self.prev_rew, self.clock)
         read, w = self.agent.attend(e, self.emb, self.tags() if self.k else None, self.src >= 0)
         action, logprob, _, value = self.agent.heads(e, read, greedy=greedy, floor=floor)
         return (action, logprob, value), w, e
 
     def write(self, e: torch.Tensor, obs: torch.Tensor, pool_index: int) -> torch.Tensor:
-        """Store this step's entry in the episodic slots. When they are full, ``learned`` drops the lowest
-        score among the M entries and the new one (which may be the one not kept), ``fifo`` the oldest,
-        ``random`` a uniform one. Returns the age of the dropped entry per env (-1: nothing dropped)."""
+        """Store the step's entry; when full, drop the lowest score of the M and the new one (``learned``), the oldest
+        (``fifo``) or a uniform one (``random``). Returns the age of the dropped entry per env (-1: none)."""
         m, new = self.m, dict(obs=obs, pact=self.prev_act, prew=self.prev_rew, tau=self.clock)
         score = self.agent.retention.score(self.agent.retention_features(e, new))
         held = self.src[:, :m] >= 0
@@ -560,6 +538,17 @@ class Memory:
         self.writes += 1
         return torch.where(full, self.clock - victim_tau, -1)
 
+    def step(self, e: torch.Tensor, obs: torch.Tensor, pool_index: int, action: torch.Tensor, reward) -> torch.Tensor:
+        """Write this step's entry, then take in its action and reward; returns ``write``'s ages."""
+        with torch.no_grad():
+            ages = self.write(e, obs, pool_index)
+        self.advance(action, reward)
+        return ages
+
+    @torch.no_grad()
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.act(obs)[0][2]
+
     def advance(self, action: torch.Tensor, reward: np.ndarray) -> None:
         """Inputs of the next entry: the action taken (clipped for Box), symlog of its reward, the clock."""
         self.prev_act = self.agent.action_input(action)
@@ -569,9 +558,8 @@ class Memory:
 
     @torch.no_grad()
     def end_episodes(self, rows: np.ndarray) -> None:
-        """The episodes of envs ``rows`` ended: their entries and the persistent ones compete for the K
-        persistent slots (learned: highest score with their current tags; fifo: latest; random), which
-        are tagged with the episode's return; then the episodic slots are cleared."""
+        """Envs ``rows`` ended an episode: all held entries compete for the K persistent slots (by score, write order
+        or at random), tagged with the episode's return; then the episodic slots are cleared."""
         for i in rows.tolist() if self.k else []:
             held = torch.nonzero(self.src[i] >= 0).squeeze(1)
             one = {k: v[i, held] for k, v in self.entry.items()}
@@ -595,8 +583,8 @@ class Memory:
 
     @torch.no_grad()
     def begin_rollout(self) -> tuple[dict, tuple]:
-        """Re-encode the held entries with the current parameters (so that the rollout and the update agree);
-        they become pool entries 0..S-1. Returns their raw inputs (the pool's carry-in) and the look-back."""
+        """Re-encode the held entries with the current parameters (the update will too): pool entries 0..S-1.
+        Returns their raw inputs (the carry-in) and the look-back."""
         n, s = self.n, self.s
         flat = {k: v.flatten(0, 1) for k, v in self.entry.items()}
         e = self.agent.embed(flat["obs"], flat["pact"], flat["prew"], flat["tau"])
@@ -606,11 +594,9 @@ class Memory:
         return {k: v.clone() for k, v in self.entry.items()}, self.look_back()
 
     def look_back(self) -> tuple[Optional[dict], torch.Tensor, torch.Tensor]:
-        """The steps before this rollout that retention may look back at (at most ``window``), from the stored
-        rollouts: those of the running episodes, or with persistent slots also those of the last
-        PERSISTENT_LOOK_BACK episodes before (whose entries could be held there). Returns their raw inputs (N, L,
-        ...) (None if L = 0), which are valid (N, L), and per env the clock where the running episode's look-back
-        starts."""
+        """The last ``window`` stored steps of the running episodes (with persistent slots, also of the
+        PERSISTENT_LOOK_BACK episodes before): raw inputs (N, L, ...) or None, which are valid (N, L), and per env
+        the clock where the running episode's look-back starts."""
         steps = {k: torch.cat([h[k] for h in self.history])[-self.window:].transpose(0, 1)
                  for k in self.history[0]} if self.history else None
         n_hist = steps["tau"].shape[1] if steps else 0
@@ -626,7 +612,8 @@ class Memory:
 
     def end_rollout(self, steps: dict, num_steps: int) -> None:
         """Keep this rollout's raw steps for the look-back of the next ones."""
-        self.history = (self.history + [{k: v.clone() for k, v in steps.items()}])[-(math.ceil(self.window / num_steps) + 1):]
+        keep = math.ceil(self.window / num_steps) + 1  # rollouts
+        self.history = (self.history + [{k: v.clone() for k, v in steps.items()}])[-keep:]
 
 
 # ---- The rollout buffer, returns
@@ -635,17 +622,15 @@ class Rollout:
     source each slot held (``src``) with the slots' persistent tags (the update replays the reads)."""
 
     def __init__(self, t: int, n: int, mem: Memory, obs_space: spaces.Box, act_space: spaces.Space, device):
-        obs_dtype, s, n_act = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32, mem.s, mem.agent.n_act
-        self.tagged = mem.k > 0
-        self.obs = torch.zeros((t, n) + obs_space.shape, dtype=obs_dtype, device=device)
-        self.actions = torch.zeros((t, n) + act_space.shape, device=device)
-        self.pact = torch.zeros((t, n, n_act), device=device)
+        s, self.tagged, zeros = mem.s, mem.k > 0, partial(torch.zeros, device=device)
+        self.obs = zeros((t, n) + obs_space.shape, dtype=mem.entry["obs"].dtype)
+        self.actions, self.pact = zeros((t, n) + act_space.shape), zeros((t, n, mem.agent.n_act))
         self.logprobs, self.rewards, self.dones, self.values, self.prew, self.floor, self.ret = (
-            torch.zeros((t, n), device=device) for _ in range(7))  # ret: an episode's return, at its last step
-        self.tau = torch.zeros((t, n), dtype=torch.long, device=device)
-        self.src = torch.zeros((t, n, s), dtype=torch.long, device=device)
-        self.tag = torch.zeros((t, n, s, TAG_DIM), device=device)
-        self.attn = torch.zeros((t, n, s), device=device)  # diagnostics only
+            zeros((t, n)) for _ in range(7))  # ret: an episode's return, at its last step
+        self.tau, self.src = zeros((t, n), dtype=torch.long), zeros((t, n, s), dtype=torch.long)
+        self.tag = zeros((t, n, s, TAG_DIM))
+        # diagnostics only: mean attention, age of the entry dropped (-1: none), the cue's step at episode ends (-1)
+        self.attn, self.age, self.cue = zeros((t, n, s)), *(torch.full((t, n), -1, device=device) for _ in range(2))
 
     def record_inputs(self, step: int, obs: torch.Tensor, mem: Memory) -> None:
         self.obs[step], self.pact[step], self.prew[step], self.tau[step] = obs, mem.prev_act, mem.prev_rew, mem.clock
@@ -653,8 +638,29 @@ class Rollout:
         if mem.k:
             self.tag[step] = mem.tags()
 
+    @torch.no_grad()
+    def act(self, step: int, obs: torch.Tensor, mem: Memory, counter: Optional[VisitCounter]):
+        """Record the step's inputs, read and act; returns the action and the embedding ``Memory.step`` stores."""
+        self.record_inputs(step, obs, mem)
+        floor = None
+        if counter is not None:
+            floor = self.floor[step] = counter.floor(obs)
+        (action, logprob, value), w, e = mem.act(obs, floor=floor)
+        self.attn[step], self.values[step], self.actions[step], self.logprobs[step] = w.mean(1), value, action, logprob
+        return action, e
+
+    def record_outcome(self, step: int, reward: torch.Tensor, done: np.ndarray, mem: Memory, info: dict) -> None:
+        """The step's reward and episode ends, each ended episode's return and its cue's step (diagnostics)."""
+        self.rewards[step], self.dones[step] = reward, torch.as_tensor(done, dtype=torch.float32, device=reward.device)
+        self.ret[step] = torch.as_tensor(np.where(done, mem.ep_return, 0.0), dtype=torch.float32, device=reward.device)
+        self.cue[step] = torch.tensor([cue_step(info, i) if d else -1 for i, d in enumerate(done)])
+
     def raw(self) -> dict:
         return dict(obs=self.obs, pact=self.pact, prew=self.prew, tau=self.tau)
+
+    def pool(self, carry: dict) -> dict:
+        """The rollout's pool per env, [S carried entries, T steps]: a slot's source indexes it."""
+        return {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in self.raw().items()}
 
     def steps(self) -> dict:
         """The raw steps with where episodes ended and their returns, as the look-back keeps them."""
@@ -695,9 +701,8 @@ class RewardScaler:
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
                 last_value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
-    """Generalised advantage estimation over a (T, N) rollout. ``dones[t]`` marks that the episode ended
-    with action t (terminated *or* truncated); a truncated episode already carries gamma V(final) in
-    ``rewards[t]``."""
+    """GAE over a (T, N) rollout. ``dones[t]``: the episode ended with action t (terminated or truncated; a truncated
+    one already carries gamma V(final) in ``rewards[t]``)."""
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(last_value)
     next_value = last_value
@@ -711,9 +716,8 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
 
 def td_targets(rewards, values, dones, last_value, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one-step TD target r_t + gamma V(s_t+1) of every action (cut at episode ends) and its TD error,
-    flattened over (T, N): what the entry critic and the action-value head predict. One step, not the
-    lambda-return: the reward is put on the action that earned it, later ones enter only through V."""
+    """The one-step TD target r_t + gamma V(s_t+1) (cut at episode ends) and TD error, flat over (T, N). One step,
+    not the lambda-return: a reward stays on the action that earned it, later ones enter only through V."""
     next_values = torch.cat([values[1:], last_value.unsqueeze(0)])
     y = rewards + gamma * next_values * (1.0 - dones)
     return y.reshape(-1), (y - values).reshape(-1)
@@ -727,9 +731,8 @@ def pool_embed(agent: Agent, pool: dict) -> torch.Tensor:
 
 
 def replay(agent: Agent, pool_e: torch.Tensor, ro: Rollout, t_idx: torch.Tensor, i_idx: torch.Tensor):
-    """Reproduce the rollout's reads of the steps (t_idx, i_idx) over the pool [S carried entries, T steps]
-    from the recorded slot sources and tags, with the same ``attend`` as acting. Returns the steps'
-    embeddings (B, D), their reads (B, D), their slot sources (B, S) and the read's weights (B, H, S)."""
+    """Replay the reads of steps (t_idx, i_idx) from the recorded slot sources into the pool and tags, with acting's
+    ``attend``. Returns their embeddings (B, D), reads (B, D), slot sources (B, S) and weights (B, H, S)."""
     src = ro.src[t_idx, i_idx]
     n, p, d = pool_e.shape
     flat = pool_e.reshape(n * p, d)
@@ -749,10 +752,9 @@ def slot_inputs(pool: dict, src: torch.Tensor, i_idx: torch.Tensor) -> tuple:
 
 @torch.no_grad()
 def retention_votes(agent: Agent, look: dict, ro: Rollout, voters: torch.Tensor, y: torch.Tensor, m: int) -> Votes:
-    """What the entry critic and the scorer see for the voting steps (flat indices t * N + i, TD targets ``y``),
-    over the look-back pool ``look`` (``look_back_pool``). A step's candidates are the entries it could have
-    held: every earlier step of its episode in the pool, the carried episodic entries older than the look-back,
-    and with persistent slots every step of the episodes before, tagged as it would be in a persistent slot."""
+    """What critic and scorer see for the voting steps (flat t * N + i, TD targets ``y``) over ``look_back_pool``.
+    A step's candidates are the entries it could have held: the earlier steps of its episode, the carried episodic
+    entries older than the look-back and, with persistent slots, the episodes before, tagged as they would be."""
     n, p = look["tau"].shape
     t_idx, i_idx = voters // n, voters % n
     s, lb = ro.src.shape[2], p - ro.src.shape[2] - ro.tau.shape[0]
@@ -761,14 +763,13 @@ def retention_votes(agent: Agent, look: dict, ro: Rollout, voters: torch.Tensor,
     ep, tau = look["ep"][i_idx], look["tau"][i_idx]                                  # B P
     own = (ep == ep_q[:, None]) & (tau < tau_q[:, None])
     src = ro.src[t_idx, i_idx]
-    old = (src[:, :m] >= 0) & (src[:, :m] < s) & (tau.gather(1, src[:, :m].clamp(0, s - 1)) < look["start"][i_idx, None])
+    clock = tau.gather(1, torch.where(src < s, src, src + lb).clamp(min=0))  # a slot source's clock (pool -> look)
+    old = (src[:, :m] >= 0) & (src[:, :m] < s) & (clock[:, :m] < look["start"][i_idx, None])
     own[:, :s] |= torch.zeros_like(own[:, :s + 1]).scatter_(1, torch.where(old, src[:, :m], s), True)[:, :s]
     before = (ep < ep_q[:, None]) & (ep > -10 ** 9) & ro.tagged
     lag = (ep_q[:, None] - ep).clamp(min=0).float()
     tag = torch.stack([before.float(), symlog(look["ret"][i_idx]), torch.log1p(lag)], -1) * before.unsqueeze(-1)
-    # Which candidate each slot held: episodic slots by clock among the step's own entries, persistent ones by
-    # clock among the entries of the episode their tag says they came from.
-    clock = torch.where(src < s, tau.gather(1, src.clamp(0, s - 1)), ro.tau[(src - s).clamp(0, ro.tau.shape[0] - 1), i_idx[:, None]])
+    # Which candidate each slot held: by clock among the step's own entries, or (persistent) its tag's episode's.
     ago = torch.expm1(ro.tag[t_idx, i_idx][..., 2]).round().long()
     match = (tau.unsqueeze(1) == clock.unsqueeze(2)) & (src >= 0).unsqueeze(2)        # B S P
     match[:, :m] &= own.unsqueeze(1)
@@ -780,9 +781,8 @@ def retention_votes(agent: Agent, look: dict, ro: Rollout, voters: torch.Tensor,
 
 
 def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args: Args, stats: dict):
-    """``update_epochs`` passes over the votes in minibatches of whole envs (a minibatch needs the look-back
-    of its own envs only). Returns, per vote, the trained critic's target over the slots the step read (its
-    mass on them renormalised) and that vote's weight, G times the mass: what the read is taught to look at."""
+    """``update_epochs`` passes over the votes in minibatches of whole envs (each needs its own look-back only).
+    Returns per vote what the read is taught: the target renormalised over the slots read, G times its mass, G."""
     n = len(votes.entries)
     for _ in range(args.update_epochs):
         for envs in torch.randperm(n, device=votes.env.device).chunk(min(n, args.num_minibatches)):
@@ -804,10 +804,9 @@ def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args
 
 
 def look_back_pool(carry: dict, back: tuple, ro: Rollout) -> dict:
-    """Retention's look-back pool per env: [S entries held at the rollout's start, L earlier steps, T steps]
-    (see ``retention_votes``), from the carry-in, ``Memory.look_back()`` at the rollout's start and the rollout.
-    Each entry gets its episode's index (0: running when the rollout began; earlier ones negative, invalid
-    ones and the carried entries -10^9), its episode's return (0 while it runs) and its clock."""
+    """Retention's look-back per env, [S carried entries, L earlier steps (``Memory.look_back``), T steps], with each
+    entry's episode (0: running at the rollout's start, earlier ones negative; invalid and carried: -10^9)
+    and that episode's return (0 while it runs)."""
     prefix, valid, start = back
     n, s = carry["tau"].shape
     now = ro.steps()
@@ -836,19 +835,18 @@ def clip_action(action: torch.Tensor, space: spaces.Space) -> torch.Tensor:
     return action
 
 
-def cue_step(info: dict, i: int) -> Optional[int]:
-    """The step of the cue of env i's finished episode, where the env reports it (logging only)."""
+def cue_step(info: dict, i: int) -> int:
+    """The step of the cue of env i's finished episode, where the env reports it (-1: it does not; logging only)."""
     fin = info["final_info"]
-    return int(fin["cue_step"][i]) if "cue_step" in fin and fin.get("_cue_step", np.ones(i + 1, bool))[i] else None
+    return int(fin["cue_step"][i]) if "cue_step" in fin and fin.get("_cue_step", np.ones(i + 1, bool))[i] else -1
 
 
 @torch.no_grad()
-def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, video_dir: str = "") -> tuple[dict, Optional[np.ndarray]]:
-    """Greedy evaluation of ``--eval-episodes`` with deterministic eviction on fresh envs seeded apart from training, the memory
-    (episodic and persistent) carried exactly as in training. Also returns the attention matrix (decision
-    step x source step) of env 0's first episode. Where the env reports ``cue_step``, it measures both
-    halves of recall at each episode's last decision: ``cue_in_memory`` (the cue's entry is in a slot) and
-    ``cue_attention`` (the weight of the head that reads it most): retention can keep what the read ignores."""
+def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str,
+             video_dir: str = "") -> tuple[dict, Optional[np.ndarray]]:
+    """Greedy evaluation of ``--eval-episodes`` on fresh envs, memory carried as in training, and the attention map
+    (decision step x source step) of env 0's first episode. At each episode's last decision: is the cue in a slot
+    (``cue_in_memory``), and how much does its most attentive head read it (``cue_attention``)."""
     episodes, device = args.eval_episodes, next(agent.parameters()).device
     n_envs = max(1, min(episodes, 8))
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
@@ -866,8 +864,7 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, video_dir: s
         if picture is None:
             rows.append((read_tau[0][held[0]].cpu().numpy(), w[0].mean(0)[:m][held[0]].cpu().numpy()))
         obs, reward, term, trunc, info = envs.step(action.cpu().numpy())
-        mem.write(e, obs_t, 0)
-        mem.advance(clip_action(action, envs.single_action_space), reward)
+        mem.step(e, obs_t, 0, clip_action(action, envs.single_action_space), reward)
         done = np.flatnonzero(term | trunc)
         if picture is None and 0 in done:
             picture = np.zeros((len(rows), len(rows)), np.float32)
@@ -880,7 +877,7 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, video_dir: s
                 if success is not None:
                     successes.append(float(success))
                 cue = cue_step(info, i)
-                if cue is not None:
+                if cue >= 0:
                     cue_in.append(float((read_tau[i] == cue).any()))
                     cue_attn.append(float((w[i, :, :m] * (read_tau[i] == cue)).sum(-1).max()))
                 done_count[i] += 1
@@ -912,46 +909,26 @@ def save_attention_png(mat: np.ndarray, path: str) -> None:
     plt.close(fig)
 
 
-class MemoryStats:
-    """memory/* scalars of the training run: ages of dropped entries, whether the cue (where the env reports
-    it) was in memory at each episode's last decision, attention entropy, occupancy, retention votes."""
-
-    def __init__(self):
-        self.sums = dict(age=0.0, dropped=0, cue_in=0, cue_n=0)
-
-    def on_write(self, ages: torch.Tensor) -> None:
-        dropped = ages >= 0
-        self.sums["age"] += float(ages[dropped].sum())
-        self.sums["dropped"] += int(dropped.sum())
-
-    def on_episode_end(self, ro: Rollout, carry: dict, step: int, i: int, cue: Optional[int], m: int) -> None:
-        if cue is None:
-            return
-        src = ro.src[step, i, :m]
-        src = src[src >= 0]
-        s = carry["tau"].shape[1]
-        taus = torch.where(src < s, carry["tau"][i, src.clamp(max=s - 1)], ro.tau[(src - s).clamp(min=0), i])
-        self.sums["cue_in"] += int((taus == cue).any())
-        self.sums["cue_n"] += 1
-
-    def log(self, writer: SummaryWriter, ro: Rollout, extra: dict, global_step: int) -> None:
-        s = self.sums
-        if s["dropped"]:
-            writer.add_scalar("memory/mean_age_evicted", s["age"] / s["dropped"], global_step)
-        if s["cue_n"]:
-            writer.add_scalar("memory/cue_in_memory_at_decision", s["cue_in"] / s["cue_n"], global_step)
-        held = (ro.src >= 0).any(-1)
-        if held.any():
-            entropy = -(ro.attn * torch.log(ro.attn.clamp(min=1e-12))).sum(-1)
-            writer.add_scalar("memory/attention_entropy", entropy[held].mean().item(), global_step)
-        writer.add_scalar("memory/occupancy", (ro.src >= 0).float().sum(-1).mean().item(), global_step)
-        for k, v in extra.items():
-            writer.add_scalar(f"memory/{k}", v, global_step)
-        self.sums = dict(age=0.0, dropped=0, cue_in=0, cue_n=0)
+def memory_scalars(ro: Rollout, pool: dict, m: int) -> dict:
+    """memory/* scalars of a rollout: ages of dropped entries, whether the cue (where the env reports it) was
+    held at each episode's last decision, attention entropy and occupancy."""
+    out, dropped, (t, i) = {}, ro.age >= 0, torch.nonzero(ro.cue >= 0, as_tuple=True)
+    if dropped.any():
+        out["mean_age_evicted"] = float(ro.age[dropped].sum()) / int(dropped.sum())
+    if len(t):
+        src = ro.src[t, i, :m]
+        held_cue = (pool["tau"][i[:, None], src.clamp(min=0)] == ro.cue[t, i, None]) & (src >= 0)
+        out["cue_in_memory_at_decision"] = int(held_cue.any(1).sum()) / len(t)
+    held = (ro.src >= 0).any(-1)
+    if held.any():
+        out["attention_entropy"] = (-(ro.attn * torch.log(ro.attn.clamp(min=1e-12))).sum(-1))[held].mean().item()
+    out["occupancy"] = (ro.src >= 0).float().sum(-1).mean().item()
+    return out
 
 
 # ---- Training
-def main(args: Args) -> None:
+def configure(args: Args) -> tuple[Run, dict, str]:
+    """The run, the env's keyword arguments and its kind; fills the ``None`` flags from the kind's preset."""
     if args.env_kwargs is None:  # the main job: a randomly timed cue, 64 steps against 16 slots
         args.env_kwargs = ("delay=64", "difficulty=1", "cue_time=random") if args.env_id == "MemoryTask-v0" else ()
     run = Run(args, Args)
@@ -959,7 +936,8 @@ def main(args: Args) -> None:
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
     check_spaces(probe, (spaces.Discrete, spaces.Box))
-    kind = env_kind(args.env_id, probe)
+    kind = "continuous" if isinstance(probe.action_space, spaces.Box) else "vector"
+    kind = "atari" if is_atari(args.env_id) else kind
     probe.close()
     for key, value in PRESETS[kind].items():
         if getattr(args, key) is None:
@@ -968,10 +946,17 @@ def main(args: Args) -> None:
         raise UserError(f"--explore-visits needs discrete actions; {args.env_id} has Box actions")
     check_flags(args, at_least_one=("memory_slots", "hidden_size", "num_heads", "teacher_window"),
                 non_negative=("persistent_slots", "read_coef", "action_value_coef", "aux_recon_coef", "explore_visits"))
+    if (args.num_envs * args.num_steps) % args.num_minibatches:
+        raise UserError(f"--num-minibatches {args.num_minibatches} must divide "
+                        f"num_envs*num_steps={args.num_envs * args.num_steps}")
+    return run, env_kwargs, kind
+
+
+def main(args: Args) -> None:
+    run, env_kwargs, kind = configure(args)
+    args = run.args
     T, N, M = args.num_steps, args.num_envs, args.memory_slots
     S, batch_size = M + args.persistent_slots, N * T
-    if batch_size % args.num_minibatches:
-        raise UserError(f"--num-minibatches {args.num_minibatches} must divide num_envs*num_steps={batch_size}")
     minibatch_size, num_iterations = batch_size // args.num_minibatches, run.iterations(batch_size)
     device = run.start()
 
@@ -979,34 +964,34 @@ def main(args: Args) -> None:
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     agent = Agent(obs_space, act_space, args).to(device)
     policy_params = agent.policy_parameters()
-    # fused: one kernel for all parameters (same update rule, ~2x faster step on CPU with many small tensors)
+    # fused: one kernel for all parameters (same update rule, faster on CPU with many small tensors)
     optimizer = optim.Adam(policy_params, lr=args.learning_rate, eps=1e-5, fused=True)
     ret_optimizer = optim.Adam(agent.retention.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    counter = VisitCounter(int(np.prod(obs_space.shape)), args.seed, device) if args.explore_visits > 0 else None
+    n_obs = int(np.prod(obs_space.shape))
+    counter = VisitCounter(n_obs, args.seed, device, m=args.explore_visits) if args.explore_visits > 0 else None
     reward_scaler = RewardScaler(N, args.gamma) if args.normalize_reward else None
+    # what a checkpoint holds besides the agent (None: off in this run)
+    parts = dict(optimizer=optimizer, ret_optimizer=ret_optimizer, visit_counts=counter, reward_rms=reward_scaler)
     if run.state is not None:
         try:
             agent.load_state_dict(run.state["agent"])
         except RuntimeError as err:
             missing = str(err).strip().splitlines()[-1].strip()
-            raise UserError(f"--{'evaluate' if args.evaluate else 'resume'} {args.evaluate or args.resume}: its network "
-                            f"does not match this version of trace_ppo.py ({missing})") from None
+            flag = f"--evaluate {args.evaluate}" if args.evaluate else f"--resume {args.resume}"
+            raise UserError(f"{flag}: its network does not match this version of trace_ppo.py ({missing})") from None
     if args.evaluate:
         return finish(run, agent, env_kwargs, kind, dict(global_step=run.state.get("global_step", 0)))
     if run.state is not None:
-        optimizer.load_state_dict(run.state["optimizer"])
-        ret_optimizer.load_state_dict(run.state["ret_optimizer"])
-        if counter is not None:
-            counter.counts.copy_(run.state["visit_counts"])
-        if reward_scaler is not None:
-            reward_scaler.load_state_dict(run.state["reward_rms"])
+        for key, part in parts.items():
+            if part is not None:
+                part.load_state_dict(run.state[key])
         run.restore_rng()
         print(f"resuming {run.dir} at step {run.global_step} (memory contents start empty)", flush=True)
     writer, global_step = run.writer, run.global_step
 
     mem = Memory(agent, N, args, obs_space, device)
     ro = Rollout(T, N, mem, obs_space, act_space, device)
-    stats_mem, progress = MemoryStats(), Progress(args.total_timesteps)
+    progress = Progress(args.total_timesteps)
     next_obs = torch.as_tensor(envs.reset(seed=args.seed + run.start_iteration - 1)[0], device=device)
     start_step, last_ckpt = global_step, time.time()
     for iteration in range(run.start_iteration, num_iterations + 1):
@@ -1017,34 +1002,22 @@ def main(args: Args) -> None:
         carry, back = mem.begin_rollout()
         for step in range(T):
             global_step += N
-            ro.record_inputs(step, next_obs, mem)
-            floor = None
-            if counter is not None:  # an observation's first m visits act uniformly, later ones with chance m/N
-                floor = ro.floor[step] = (args.explore_visits / counter.visit(next_obs)).clamp(max=1.0)
-            with torch.no_grad():
-                (action, logprob, value), w, e = mem.act(next_obs, floor=floor)
-            ro.attn[step], ro.values[step], ro.actions[step], ro.logprobs[step] = w.mean(1), value, action, logprob
+            action, e = ro.act(step, next_obs, mem, counter)
             next_obs_np, reward, term, trunc, info = envs.step(action.cpu().numpy())
             if not np.isfinite(reward).all():  # it would enter the memory before any loss could catch it
                 raise run.diverged("non-finite reward", global_step)
             done = term | trunc
-            raw_reward = np.asarray(reward, dtype=np.float64)
+            ro.age[step] = mem.step(e, ro.obs[step], S + step, clip_action(action, act_space), reward)
             reward = np.sign(reward) if kind == "atari" else reward
             reward = reward_scaler(reward, done) if reward_scaler is not None else reward
             reward = torch.as_tensor(reward, dtype=torch.float32, device=device)
-            with torch.no_grad():
-                stats_mem.on_write(mem.write(e, ro.obs[step], S + step))
-            mem.advance(clip_action(action, act_space), raw_reward)
             # Truncation is not termination: bootstrap with V(final obs), read from the memory holding the last entry.
             cut = np.flatnonzero(trunc & ~term)
             if len(cut):
                 final = next_obs_np.copy()
                 final[cut] = np.stack(info["final_obs"][cut])
-                with torch.no_grad():
-                    (_, _, v_final), _, _ = mem.act(torch.as_tensor(final, device=device))
-                reward[cut] += args.gamma * v_final[cut]
-            ro.rewards[step], ro.dones[step] = reward, torch.as_tensor(done, dtype=torch.float32, device=device)
-            ro.ret[step] = torch.as_tensor(np.where(done, mem.ep_return, 0.0), dtype=torch.float32, device=device)
+                reward[cut] += args.gamma * mem.value(torch.as_tensor(final, device=device))[cut]
+            ro.record_outcome(step, reward, done, mem, info)
             for i in np.flatnonzero(done):
                 ep_r, ep_l, success = finished_episode(info, i)
                 writer.add_scalar("charts/episodic_return", ep_r, global_step)
@@ -1052,23 +1025,20 @@ def main(args: Args) -> None:
                 if success is not None:
                     writer.add_scalar("charts/episodic_success", float(success), global_step)
                 progress.episode(ep_r, success)
-                stats_mem.on_episode_end(ro, carry, step, i, cue_step(info, i), M)
             if done.any():
                 mem.end_episodes(np.flatnonzero(done))
             next_obs = torch.as_tensor(next_obs_np, device=device)
         mem.end_rollout(ro.steps(), T)
 
-        with torch.no_grad():
-            (_, _, last_value), _, _ = mem.act(next_obs)
+        last_value = mem.value(next_obs)
         advantages = compute_gae(ro.rewards, ro.values, ro.dones, last_value, args.gamma, args.gae_lambda)
         b_returns, b_adv, b_values = (advantages + ro.values).reshape(-1), advantages.reshape(-1), ro.values.reshape(-1)
         b_y, b_td_error = td_targets(ro.rewards, ro.values, ro.dones, last_value, args.gamma)
         b_actions = ro.actions.reshape((-1,) + act_space.shape)
         b_actions, b_logprobs = b_actions if agent.continuous else b_actions.long(), ro.logprobs.reshape(-1)
-        pool = {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in ro.raw().items()}
-        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
-                                 "action_value_loss", "aux_recon_loss", "read_loss", "retention_loss", "entry_critic_loss")}
-        vote_stats, read_target, read_weight = {}, torch.zeros((batch_size, S), device=device), torch.zeros(batch_size, device=device)
+        pool = ro.pool(carry)
+        stats, vote_stats = defaultdict(list), {}  # losses/*, memory/vote_*
+        read_target, read_weight = torch.zeros((batch_size, S), device=device), torch.zeros(batch_size, device=device)
         if args.retention == "learned":
             # The steps the critic found most surprising vote; each is weighted by its gain G (module docstring).
             voters = b_td_error.abs().topk(max(1, batch_size // VOTER_FRACTION)).indices
@@ -1098,7 +1068,8 @@ def main(args: Args) -> None:
                 mb_adv = b_adv[mb]
                 if args.norm_adv:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                clipped = torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * clipped).mean()
                 if args.clip_vloss:
                     v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -args.clip_coef, args.clip_coef)
                     v_loss = 0.5 * torch.max((newvalue - b_returns[mb]) ** 2, (v_clipped - b_returns[mb]) ** 2).mean()
@@ -1128,21 +1099,18 @@ def main(args: Args) -> None:
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         explained_var = np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
         sps = (global_step - start_step) / (time.time() - run.start_time)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        for k, v in stats.items():
-            if v:
-                writer.add_scalar(f"losses/{k}", float(np.mean(v)), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("debug/replay_max_error", replay_error, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
+        scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps,
+                   "losses/explained_variance": explained_var, "debug/replay_max_error": replay_error,
+                   **{f"losses/{k}": float(np.mean(v)) for k, v in stats.items() if v},
+                   **{f"memory/{k}": v for k, v in dict(memory_scalars(ro, pool, M), **vote_stats).items()}}
         if counter is not None:
-            writer.add_scalar("intrinsic/explore_floor_mean", ro.floor.mean().item(), global_step)
-        stats_mem.log(writer, ro, vote_stats, global_step)
+            scalars["intrinsic/explore_floor_mean"] = ro.floor.mean().item()
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if run.due(last_ckpt, iteration == num_iterations):
-            run.save(iteration, global_step, agent=agent.state_dict(), optimizer=optimizer.state_dict(),
-                     ret_optimizer=ret_optimizer.state_dict(), visit_counts=counter.counts if counter else None,
-                     reward_rms=reward_scaler.state_dict() if reward_scaler else None)
+            run.save(iteration, global_step, agent=agent.state_dict(),
+                     **{key: part.state_dict() if part is not None else None for key, part in parts.items()})
             last_ckpt = time.time()
     envs.close()
 
