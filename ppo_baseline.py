@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.optim as optim
 from gymnasium import spaces
-from torch.distributions import Categorical, Normal
+from torch.distributions import Normal
 
 from memory_envs import FlattenObservation
 from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
@@ -233,14 +233,18 @@ class Agent(nn.Module):
         h = self.features(x)
         out = self.actor(h)
         if self.continuous:
-            dist = Normal(out, self.actor_logstd.expand_as(out).exp())
+            dist = Normal(out, self.actor_logstd.expand_as(out).exp(), validate_args=False)
             if action is None:
                 action = out if greedy else dist.sample()
             return action, dist.log_prob(action).sum(1), dist.entropy().sum(1), self.critic(h)
-        dist = Categorical(logits=out)
+        # Categorical(logits=out) spelled out, op for op (so the same numbers): at this network size building
+        # and checking a distribution object every step costs more than the network.
+        logits = out - out.logsumexp(1, keepdim=True)
         if action is None:
-            action = out.argmax(1) if greedy else dist.sample()
-        return action, dist.log_prob(action), dist.entropy(), self.critic(h)
+            action = out.argmax(1) if greedy else torch.multinomial(logits.softmax(1), 1, True).view(-1)
+        logprob = logits.gather(1, action.long().unsqueeze(1)).squeeze(1)
+        entropy = -(logits.clamp(min=torch.finfo(logits.dtype).min) * logits.softmax(1)).sum(1)
+        return action, logprob, entropy, self.critic(h)
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,16 +277,19 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     nothing is ever bootstrapped across an episode boundary. ``last_value`` is V of the
     observation that follows the rollout.
     """
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(last_value)
-    next_value = last_value
-    for t in reversed(range(rewards.shape[0])):
-        not_done = 1.0 - dones[t]
-        delta = rewards[t] + gamma * next_value * not_done - values[t]
+    # A Python loop over T steps of N numbers: numpy's per-operation cost is a fraction of torch's, and its
+    # float arithmetic is the same, so the advantages are bit for bit those of the torch loop.
+    rewards_np, values_np, dones_np = (t.cpu().numpy() for t in (rewards, values, dones))
+    advantages = np.zeros_like(rewards_np)
+    last_gae = np.zeros_like(values_np[0])
+    next_value = last_value.cpu().numpy()
+    for t in reversed(range(rewards_np.shape[0])):
+        not_done = 1.0 - dones_np[t]
+        delta = rewards_np[t] + gamma * next_value * not_done - values_np[t]
         last_gae = delta + gamma * lam * not_done * last_gae
         advantages[t] = last_gae
-        next_value = values[t]
-    return advantages
+        next_value = values_np[t]
+    return torch.from_numpy(advantages).to(rewards.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,7 +344,8 @@ def main(args: Args) -> None:
 
     envs = make_vector_env(args, env_kwargs, kind, args.num_envs, "" if args.evaluate else os.path.join(run.dir, "videos"))
     agent = Agent(envs.single_observation_space, envs.single_action_space, args.normalize).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    # foreach: the same arithmetic as the default per-parameter loop (bit for bit on CPU) in fewer Python calls.
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
     reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
 
     if run.state is not None:
@@ -364,6 +372,7 @@ def main(args: Args) -> None:
     next_obs, _ = envs.reset(seed=args.seed + run.start_iteration - 1)
     next_obs = torch.as_tensor(next_obs, device=device)
     progress = Progress(args.total_timesteps)
+    params = list(agent.parameters())
     start_step, last_ckpt = global_step, time.time()
     for iteration in range(run.start_iteration, num_iterations + 1):
         if args.anneal_lr:
@@ -389,7 +398,7 @@ def main(args: Args) -> None:
                 final = torch.as_tensor(np.stack(info["final_obs"][cut]), device=device)
                 with torch.no_grad():
                     reward[cut] += args.gamma * agent.get_value(agent.normalize_obs(final)).flatten()
-            rewards[step], dones[step] = reward, torch.as_tensor(done, dtype=torch.float32, device=device)
+            rewards[step], dones[step] = reward, torch.as_tensor(done, device=device)
             next_obs = torch.as_tensor(next_obs_np, device=device)
 
             for i in np.flatnonzero(done):
@@ -417,7 +426,8 @@ def main(args: Args) -> None:
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, batch_size, minibatch_size):
-                mb = b_inds[start:start + minibatch_size]
+                # A tensor index: a numpy one would be converted again for every buffer it indexes.
+                mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
                 logratio = newlogprob - b_logprobs[mb]
                 ratio = logratio.exp()
@@ -431,18 +441,19 @@ def main(args: Args) -> None:
                 pg_loss = torch.max(-mb_adv * ratio,
                                     -mb_adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
                 newvalue = newvalue.view(-1)
+                mb_values, mb_returns = b_values[mb], b_returns[mb]
                 if args.clip_vloss:
-                    v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -args.clip_coef, args.clip_coef)
-                    v_loss = 0.5 * torch.max((newvalue - b_returns[mb]) ** 2, (v_clipped - b_returns[mb]) ** 2).mean()
+                    v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
+                    v_loss = 0.5 * torch.max((newvalue - mb_returns) ** 2, (v_clipped - mb_returns) ** 2).mean()
                 else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
+                    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
                 if not torch.isfinite(loss):
                     raise run.diverged(f"non-finite loss ({loss.item()})", global_step)
                 optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy_loss),
                              ("old_approx_kl", old_approx_kl), ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
