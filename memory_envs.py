@@ -604,9 +604,9 @@ class _BatchedEnv(gym.vector.VectorEnv):
     layout (a ``_key`` mask per key; ``final_obs`` and ``final_info`` where an episode ended). Only SAME_STEP
     autoreset is supported.
 
-    A subclass keeps each env's state in arrays and defines ``_start`` (draw the new episodes of the envs
-    ``idx``), ``_advance`` (one step of every env: rewards, terminations), ``_info`` (each info key's
-    values and mask) and ``_frame`` (env ``i``'s picture).
+    A subclass keeps each env's state in arrays (made in ``_setup``) and defines ``_start`` (draw the new
+    episodes of the envs ``idx``), ``_advance`` (one step of every env: rewards, terminations), ``_info`` (each
+    info key's values and mask), and where needed ``_rewind`` and ``_frame`` (env ``i``'s picture).
     """
 
     single_cls: type[gym.Env]
@@ -632,6 +632,7 @@ class _BatchedEnv(gym.vector.VectorEnv):
         self._obs = np.zeros((self.num_envs, *self.single_observation_space.shape), np.float32)
         self._success = np.zeros(self.num_envs, bool)
         self._ready = False  # every env has been reset
+        self._setup()
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
         if seed is None:
@@ -672,10 +673,8 @@ class _BatchedEnv(gym.vector.VectorEnv):
             raise ValueError(f"actions must be {self.num_envs} integers in 0..{n - 1}, got {actions!r}")
         self._t += 1
         rewards, terminated = self._advance(actions)
-        if self.max_episode_steps is None:
-            truncated = np.zeros(self.num_envs, bool)
-        else:
-            truncated = self._t >= self.max_episode_steps
+        limit = self.max_episode_steps
+        truncated = np.zeros(self.num_envs, bool) if limit is None else self._t >= limit
         done = terminated | truncated
         ended = self._info(terminated)
         if not done.any():
@@ -712,17 +711,11 @@ class _BatchedEnv(gym.vector.VectorEnv):
     def _frame(self, i: int) -> np.ndarray:
         return _cells_to_rgb(self._obs[i][None, :])
 
-    def _rewind(self, i: int) -> None:
+    def _setup(self) -> None:
         pass
 
-    def _start(self, idx: np.ndarray, seeded: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def _advance(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-    def _info(self, terminated: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        raise NotImplementedError
+    def _rewind(self, i: int) -> None:
+        pass
 
 
 class BatchedMemoryTask(_BatchedEnv):
@@ -733,11 +726,9 @@ class BatchedMemoryTask(_BatchedEnv):
 
     single_cls = MemoryTaskEnv
 
-    def __init__(self, num_envs: int = 1, max_episode_steps: int | None = None,
-                 autoreset_mode: Any = SAME_STEP, **kwargs):
-        super().__init__(num_envs, max_episode_steps, autoreset_mode, **kwargs)
+    def _setup(self):
         env = self.template
-        self._last = min(env.delay, max_episode_steps or env.delay)  # the step of an episode's last observation
+        self._last = min(env.delay, self.max_episode_steps or env.delay)  # the step of an episode's last observation
         self._cells = np.zeros((self.num_envs, self._last + 1, 2), np.float32)  # channels 0, 1 of every step
         self._target = np.zeros(self.num_envs, np.int64)
         self._cue = np.zeros(self.num_envs, np.int64)
@@ -789,9 +780,7 @@ class BatchedPassiveTMaze(_BatchedEnv):
     _DX = np.array([dx for dx, _ in PassiveTMazeEnv._MOVES])
     _DY = np.array([dy for _, dy in PassiveTMazeEnv._MOVES])
 
-    def __init__(self, num_envs: int = 1, max_episode_steps: int | None = None,
-                 autoreset_mode: Any = SAME_STEP, **kwargs):
-        super().__init__(num_envs, max_episode_steps, autoreset_mode, **kwargs)
+    def _setup(self):
         self._x = np.zeros(self.num_envs, np.int64)
         self._y = np.zeros(self.num_envs, np.int64)
         self._goal = np.zeros(self.num_envs, np.int64)
@@ -832,9 +821,7 @@ class BatchedRecallAcrossEpisodes(_BatchedEnv):
 
     single_cls = RecallAcrossEpisodesEnv
 
-    def __init__(self, num_envs: int = 1, max_episode_steps: int | None = None,
-                 autoreset_mode: Any = SAME_STEP, **kwargs):
-        super().__init__(num_envs, max_episode_steps, autoreset_mode, **kwargs)
+    def _setup(self):
         self._target = np.zeros(self.num_envs, np.int64)
         self._episode = np.full(self.num_envs, -1, np.int64)  # as the single env: since the last seeded reset
 

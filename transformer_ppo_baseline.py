@@ -522,6 +522,8 @@ def main(args: Args) -> None:
     probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
     check_spaces(probe, (spaces.Discrete, spaces.Box))
     kind = env_kind(args.env_id, probe)
+    if args.window < 0:
+        raise UserError(f"--window must be >= 1, or 0 for the whole episode, got {args.window}")
     if args.window == 0:  # full context
         bounds = [n for n in (getattr(probe.unwrapped, "episode_length", None), probe.spec and probe.spec.max_episode_steps) if n]
         if not bounds:

@@ -98,6 +98,21 @@ class BootstrapProbeEnv(gym.Env):
         return self._obs(), 1.0, terminated, truncated, {}
 
 
+class ImageMemoryTask(gym.ObservationWrapper):
+    """MemoryTask-v0 as a 6x6x1 uint8 image (its three values painted in the first row): the CNN path."""
+
+    def __init__(self, delay: int = 5, difficulty: int = 1):
+        import memory_envs
+
+        super().__init__(memory_envs.MemoryTaskEnv(delay=delay, difficulty=difficulty))
+        self.observation_space = spaces.Box(0, 255, (6, 6, 1), np.uint8)
+
+    def observation(self, obs):
+        img = np.zeros((6, 6, 1), np.uint8)
+        img[0, :3, 0] = (obs * 255).astype(np.uint8)
+        return img
+
+
 def _register(env_id: str, entry_point: str) -> None:
     if env_id not in gym.registry:
         gym.register(id=env_id, entry_point=f"helper_envs:{entry_point}")
@@ -107,3 +122,4 @@ _register("NaNReward-v0", "NaNRewardEnv")
 _register("TextObs-v0", "TextObsEnv")
 _register("MultiBinaryAction-v0", "MultiBinaryActionEnv")
 _register("BootstrapProbe-v0", "BootstrapProbeEnv")
+_register("ImageMemoryTask-v0", "ImageMemoryTask")

@@ -27,7 +27,7 @@ SCRIPTS = ["ppo_baseline.py", "recurrent_ppo_baseline.py", "adamemento_ppo.py", 
 EXTRA_ARGS: dict[str, list[str]] = {}
 
 EVAL_KEYS = {"algo", "env_id", "env_kwargs", "seed", "total_timesteps", "eval_episodes", "mean_return",
-             "std_return", "success_rate", "sps", "wall_time_s"}
+             "std_return", "success_rate", "sps", "wall_time_s", "peak_rss_mb"}
 TB_KEYS = {"charts/episodic_return", "charts/SPS", "losses/value_loss", "losses/policy_loss",
            "losses/entropy", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
            "charts/learning_rate"}
@@ -82,7 +82,7 @@ def test_end_to_end(tmp_path, script, kind):
     assert (record["env_id"], record["env_kwargs"], record["seed"]) == (cfg["env_id"], cfg["env_kwargs"], 3)
     assert (record["total_timesteps"], record["eval_episodes"]) == (total, cfg["eval_episodes"])
     assert math.isfinite(record["mean_return"]) and record["std_return"] >= 0
-    assert record["sps"] > 0 and record["wall_time_s"] > 0
+    assert record["sps"] > 0 and record["wall_time_s"] > 0 and record["peak_rss_mb"] > 10
     if kind == "vector":
         # every MemoryTask episode returns +1 or -1, so return and success rate determine each other
         p = record["success_rate"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 import pytest
 
@@ -36,7 +35,8 @@ def test_readme_is_a_front_door():
 
 
 @pytest.mark.parametrize("script", ["ppo_baseline.py", "recurrent_ppo_baseline.py", "trace_ppo.py",
-                                    "adamemento_ppo.py", "memory_envs.py", "run_contract.py"])
+                                    "adamemento_ppo.py", "transformer_ppo_baseline.py", "memory_envs.py",
+                                    "run_contract.py"])
 def test_module_docstrings_are_short(script):
     doc = ast.get_docstring(ast.parse((REPO_ROOT / script).read_text()), clean=False)
     assert doc and len(doc.splitlines()) <= 40

@@ -8,7 +8,6 @@ import math
 import sys
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -20,23 +19,6 @@ import memory_envs  # noqa: E402,F401
 import run_contract  # noqa: E402
 import trace_ppo  # noqa: E402
 from trace_ppo import Agent, Args, Memory, Retention, Rollout, Votes  # noqa: E402
-
-
-class ImageMemoryTask(gym.ObservationWrapper):
-    """MemoryTask-v0 rendered as a 6x6x1 uint8 image (bits painted in the first row)."""
-
-    def __init__(self, delay: int = 6, difficulty: int = 1):
-        super().__init__(memory_envs.MemoryTaskEnv(delay=delay, difficulty=difficulty))
-        self.observation_space = spaces.Box(0, 255, (6, 6, 1), np.uint8)
-
-    def observation(self, obs):
-        img = np.zeros((6, 6, 1), np.uint8)
-        img[0, :3, 0] = (obs * 255).astype(np.uint8)
-        return img
-
-
-if "TraceImageMemory-v0" not in gym.registry:
-    gym.register("TraceImageMemory-v0", entry_point=ImageMemoryTask)
 
 
 def small_args(**kw) -> Args:
@@ -566,7 +548,7 @@ def test_evaluation_measures_cue_kept_and_cue_read(delay, slots, retention, cue_
 
 
 def test_main_image_env(tmp_path, monkeypatch):
-    result, tb, _ = run_main(tmp_path, monkeypatch, env_id="TraceImageMemory-v0", env_kwargs=("delay=5",),
+    result, tb, _ = run_main(tmp_path, monkeypatch, env_id="helper_envs:ImageMemoryTask-v0", env_kwargs=("delay=5",),
                              aux_recon_coef=0.1)
     assert max(v for _, v in tb["debug/replay_max_error"]) < 1e-5
     assert result["success_rate"] is not None

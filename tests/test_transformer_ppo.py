@@ -10,7 +10,6 @@ rollout and across the rollout boundary, for whole rollouts and for chunks.
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 import time
@@ -20,34 +19,16 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from gymnasium import spaces
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import memory_envs  # noqa: E402
+import memory_envs  # noqa: E402,F401  (registers the memory tasks)
 import transformer_ppo_baseline as tp  # noqa: E402
 from conftest import read_tb_scalars  # noqa: E402
 
 # Different delays per env, so episodes end at different steps in each env; difficulty 1 makes every
 # observation random, so an entry read that should not be (or one missed) changes the outputs.
 DELAYS = (2, 3, 5)
-
-
-class ImageMemoryTask(gym.ObservationWrapper):
-    """MemoryTask-v0 as a 6x6x1 uint8 image (the bits painted in the first row): the CNN path."""
-
-    def __init__(self, delay: int = 5, difficulty: int = 1):
-        super().__init__(memory_envs.MemoryTaskEnv(delay=delay, difficulty=difficulty))
-        self.observation_space = spaces.Box(0, 255, (6, 6, 1), np.uint8)
-
-    def observation(self, obs):
-        img = np.zeros((6, 6, 1), np.uint8)
-        img[0, :3, 0] = (obs * 255).astype(np.uint8)
-        return img
-
-
-if "TransformerImageMemory-v0" not in gym.registry:
-    gym.register("TransformerImageMemory-v0", entry_point=ImageMemoryTask)
 
 
 def memory_envs_of(delays=DELAYS, env_id="MemoryTask-v0"):
@@ -113,7 +94,7 @@ def perturb_(agent, scale=0.05):
 # rollout (the window crosses the rollout boundary mid-episode), and images through the CNN.
 @pytest.mark.parametrize("seq_len", [24, 6])
 @pytest.mark.parametrize("delays,env_id", [(DELAYS, "MemoryTask-v0"), ((50, 50, 50), "MemoryTask-v0"),
-                                           ((3, 4), "TransformerImageMemory-v0")])
+                                           ((3, 4), "helper_envs:ImageMemoryTask-v0")])
 def test_update_reproduces_rollout(seq_len, delays, env_id):
     envs = memory_envs_of(delays, env_id)
     agent = small_agent(envs, window=4)
@@ -248,11 +229,6 @@ def test_truncation_bootstraps_from_the_episodes_own_window(tmp_path, monkeypatc
     assert len(boot) == 8 and (boot == 3).all()
     acting = taus[~(taus == 3).any(1)]
     assert set(acting.flatten().tolist()) == {0, 1, 2}
-
-
-def test_module_docstring_is_short():
-    doc = ast.get_docstring(ast.parse(Path(tp.__file__).read_text()), clean=False)
-    assert doc and len(doc.splitlines()) <= 40 and "docs/baselines.md" in doc
 
 
 @pytest.mark.parametrize("window", [16, 1])
