@@ -25,13 +25,11 @@ What retention is taught, and why it works
   nothing, so it cannot teach "keep the earliest entries" nor erode a kept cue. Critic and scorer read
   detached inputs and have their own optimizer: retention never shapes what the policy reads.
 
-Teaching the read, exactly replayed
+The read, exactly replayed
   The rollout records which source each slot holds at every step; the update re-encodes the sources
   and replays every read with the same attention as acting, so PPO's gradient reaches attention and
-  encoder (the first epoch reproduces the rollout's log-probabilities exactly). Attention head 0 is
-  taught to look where the critic found a voting step's outcome decided (u over the slots it read,
-  weighted by G), and two dense losses help: an action-value head Q(step, read, a) -> y, and
-  rebuilding a random slot's observation from the read and the slot's clock.
+  encoder (the first epoch reproduces the rollout's log-probabilities exactly). The read has no loss
+  of its own: what to read is learned from PPO's loss alone.
 
 PPO for one decision in a thousand steps (vector preset): observation and reward normalisation, no
 entropy bonus, no per-minibatch advantage normalisation, and a count-based exploration floor: an
@@ -121,12 +119,6 @@ class Args(RunArgs):
     """attention heads of the memory read"""
     teacher_window: Optional[int] = None
     """how many of the current episode's latest steps the entry critic may look back at"""
-    read_coef: float = 1.0
-    """coefficient of teaching attention head 0 to look at the held entries the entry critic credits (0 = off)"""
-    action_value_coef: float = 0.5
-    """coefficient of the auxiliary action-value head Q(e, read, a) -> TD target (0 = off)"""
-    aux_recon_coef: Optional[float] = None
-    """coefficient of reconstructing a random slot's observation from the read (0 = off)"""
     explore_visits: Optional[float] = None
     """m of the exploration floor: act uniformly with probability min(1, m / visits of the observation)
     (0 = off; discrete actions)"""
@@ -134,14 +126,14 @@ class Args(RunArgs):
 
 PRESETS = {
     "vector": dict(learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, clip_coef=0.2,
-                   ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=False, aux_recon_coef=1.0,
-                   explore_visits=20.0, teacher_window=4096),
+                   ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=False, explore_visits=20.0,
+                   teacher_window=4096),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, clip_coef=0.1,
-                  ent_coef=0.01, normalize=False, normalize_reward=False, norm_adv=True, aux_recon_coef=0.0,
-                  explore_visits=0.0, teacher_window=128),
+                  ent_coef=0.01, normalize=False, normalize_reward=False, norm_adv=True, explore_visits=0.0,
+                  teacher_window=128),
     "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10,
                        clip_coef=0.2, ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=True,
-                       aux_recon_coef=0.0, explore_visits=0.0, teacher_window=4096),
+                       explore_visits=0.0, teacher_window=4096),
 }
 USEFULNESS_TEMPERATURE = 0.1  # relative to the mean error: the votes go to the few entries that explain a step
 PERSISTENT_LOOK_BACK = 16  # with persistent slots, retention also judges the entries of the last 16 episodes
@@ -292,7 +284,6 @@ class Votes(NamedTuple):
     e_step: torch.Tensor    # (B, D) the step's embedding
     action: torch.Tensor    # (B, A) its action (one-hot for discrete actions)
     y: torch.Tensor         # (B,) its TD target
-    held: torch.Tensor      # (B, S) which candidate each of its slots held (-1: empty, or older than the look-back)
 
     def of_envs(self, envs: torch.Tensor) -> "Votes":
         """The votes of the steps of ``envs`` only, with those envs' look-back pools."""
@@ -300,7 +291,7 @@ class Votes(NamedTuple):
         pos[envs] = torch.arange(len(envs), device=envs.device)
         b = torch.nonzero(pos[self.env] >= 0).squeeze(1)
         return Votes(self.entries[envs], self.clock[envs], self.seen[b], self.tag[b], pos[self.env[b]], self.e_step[b],
-                     self.action[b], self.y[b], self.held[b])
+                     self.action[b], self.y[b])
 
 
 class Retention(nn.Module):
@@ -330,9 +321,9 @@ class Retention(nn.Module):
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.scorer(x).squeeze(-1)
 
-    def loss(self, v: Votes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Entry-critic loss, retention loss, the weights G and the targets u of the voting steps ``v`` (module
-        docstring). A candidate's persistent tag enters both first layers as a per-(step, entry) term."""
+    def loss(self, v: Votes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Entry-critic loss, retention loss and the weights G of the voting steps ``v`` (module docstring). A
+        candidate's persistent tag enters both first layers as a per-(step, entry) term."""
         k, tags = self.n_env_part, slice(self.n_env_part - TAG_DIM, self.n_env_part)
         h = self.critic_entry(v.entries[..., :k]).index_select(0, v.env) + v.tag @ self.critic_entry.weight[:, tags].T
         pre = self.scorer[0](v.entries).index_select(0, v.env) + v.tag @ self.scorer[0].weight[:, tags].T
@@ -347,7 +338,7 @@ class Retention(nn.Module):
             target = torch.softmax(u, 1)
             gain = (mean_err - (target * err).sum(1)) * seen.any(1)
         ce = -(target * torch.log_softmax(r.masked_fill(~seen, -1e30), 1) * seen).sum(1)
-        return critic_loss, (gain * ce).mean(), gain, target
+        return critic_loss, (gain * ce).mean(), gain
 
 
 class Agent(nn.Module):
@@ -379,13 +370,9 @@ class Agent(nn.Module):
             return nn.Sequential(layer_init(nn.Linear(n_in, 64)), nn.Tanh(), layer_init(nn.Linear(64, out), std=std))
 
         self.actor, self.critic = head(2 * d, self.n_act, 0.01), head(2 * d, 1, 1.0)
-        self.action_value = head(2 * d + self.n_act, 1, 1.0) if args.action_value_coef > 0 else None
-        self.coefs = dict(read_loss=args.read_coef, action_value_loss=args.action_value_coef,
-                          aux_recon_loss=args.aux_recon_coef)
         if self.continuous:
             self.actor_logstd = nn.Parameter(torch.zeros(1, self.n_act))
         n_content = (obs_space.shape[-1 if self.channels_last else 0] * 16) if self.image else n_feat
-        self.recon = head(d + TIME_DIM, n_content, 1.0) if args.aux_recon_coef > 0 else None
         self.retention = Retention(d, n_content, self.n_act)
 
     def policy_parameters(self) -> list[nn.Parameter]:
@@ -434,22 +421,6 @@ class Agent(nn.Module):
         w = torch.softmax(logits.masked_fill(~held.unsqueeze(1), -1e30), -1) * held.any(-1).float()[:, None, None]
         read = (w.transpose(1, 2).unsqueeze(-1) * v).sum(1).flatten(1)
         return self.read_norm(self.o_proj(read)), w
-
-    def read_losses(self, replayed: tuple, action, y, read_target: tuple, slot: Optional[tuple]) -> dict:
-        """{name: (coefficient, loss)} that teach the read: head 0 looks where the critic credits a vote
-        (``read_target``: target over the slots, weight), Q(e, read, a) -> ``y``, and rebuilding ``slot``."""
-        (e, read, w), (target, weight), out = replayed, read_target, {}
-        if self.coefs["read_loss"] > 0:
-            ce = -(target * torch.log(w[:, 0] + 1e-8)).sum(-1)
-            out["read_loss"] = (weight * ce).sum() / (weight > 0).sum().clamp(min=1)
-        if self.action_value is not None:
-            q = self.action_value(torch.cat([e, read, self.action_input(action)], -1)).squeeze(-1)
-            out["action_value_loss"] = 0.5 * ((q - y) ** 2).mean()
-        if self.recon is not None:
-            obs, tau, has = slot
-            pred = self.recon(torch.cat([read, time_encoding(tau)], -1))
-            out["aux_recon_loss"] = (((pred - self.content(obs)) ** 2).mean(-1) * has).sum() / has.sum().clamp(min=1)
-        return {k: (self.coefs[k], v) for k, v in out.items()}
 
     def heads(self, e, read, action=None, greedy: bool = False, floor: Optional[torch.Tensor] = None):
         """Action, log-probability, entropy and value on [e, read]. Acting (no ``action``): sample (the mode if
@@ -732,22 +703,14 @@ def pool_embed(agent: Agent, pool: dict) -> torch.Tensor:
 
 def replay(agent: Agent, pool_e: torch.Tensor, ro: Rollout, t_idx: torch.Tensor, i_idx: torch.Tensor):
     """Replay the reads of steps (t_idx, i_idx) from the recorded slot sources into the pool and tags, with acting's
-    ``attend``. Returns their embeddings (B, D), reads (B, D), slot sources (B, S) and weights (B, H, S)."""
+    ``attend``. Returns their embeddings (B, D), reads (B, D) and weights (B, H, S)."""
     src = ro.src[t_idx, i_idx]
     n, p, d = pool_e.shape
     flat = pool_e.reshape(n * p, d)
     e = flat.index_select(0, i_idx * p + src.shape[1] + t_idx)
     slots = flat.index_select(0, (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)).view(*src.shape, d)
     read, w = agent.attend(e, slots, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0)
-    return e, read, src, w
-
-
-def slot_inputs(pool: dict, src: torch.Tensor, i_idx: torch.Tensor) -> tuple:
-    """One random held slot per query, for the reconstruction loss: its observation, clock, whether any is held."""
-    held = src >= 0
-    pick = torch.multinomial(held.float() + (~held.any(1)).float().unsqueeze(1), 1).squeeze(1)
-    j = src[torch.arange(len(src), device=src.device), pick].clamp(min=0)
-    return pool["obs"][i_idx, j], pool["tau"][i_idx, j], held.any(1).float()
+    return e, read, w
 
 
 @torch.no_grad()
@@ -769,38 +732,28 @@ def retention_votes(agent: Agent, look: dict, ro: Rollout, voters: torch.Tensor,
     before = (ep < ep_q[:, None]) & (ep > -10 ** 9) & ro.tagged
     lag = (ep_q[:, None] - ep).clamp(min=0).float()
     tag = torch.stack([before.float(), symlog(look["ret"][i_idx]), torch.log1p(lag)], -1) * before.unsqueeze(-1)
-    # Which candidate each slot held: by clock among the step's own entries, or (persistent) its tag's episode's.
-    ago = torch.expm1(ro.tag[t_idx, i_idx][..., 2]).round().long()
-    match = (tau.unsqueeze(1) == clock.unsqueeze(2)) & (src >= 0).unsqueeze(2)        # B S P
-    match[:, :m] &= own.unsqueeze(1)
-    match[:, m:] &= before.unsqueeze(1) & (ep.unsqueeze(1) == (ep_q[:, None] - ago[:, m:]).unsqueeze(2))
-    held = torch.where(match.any(2), match.float().argmax(2), -1)
     raw = {k: look[k] for k in ("obs", "pact", "prew", "tau")}
     return Votes(agent.retention_features(e, raw), look["tau"], own | before, tag, i_idx, e[i_idx, s + lb + t_idx],
-                 agent.action_input(ro.actions[t_idx, i_idx]), y, held)
+                 agent.action_input(ro.actions[t_idx, i_idx]), y)
 
 
-def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args: Args, stats: dict):
-    """``update_epochs`` passes over the votes in minibatches of whole envs (each needs its own look-back only).
-    Returns per vote what the read is taught: the target renormalised over the slots read, G times its mass, G."""
+def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args: Args, stats: dict) -> None:
+    """``update_epochs`` passes over the votes in minibatches of whole envs (each needs its own look-back only)."""
     n = len(votes.entries)
-    for _ in range(args.update_epochs):
+    for epoch in range(args.update_epochs):
         for envs in torch.randperm(n, device=votes.env.device).chunk(min(n, args.num_minibatches)):
             chunk = votes.of_envs(envs)
             if not len(chunk.y):
                 continue
-            critic_loss, ret_loss, _, _ = agent.retention.loss(chunk)
+            critic_loss, ret_loss, gain = agent.retention.loss(chunk)
             optimizer.zero_grad()
             (critic_loss + ret_loss).backward()
             nn.utils.clip_grad_norm_(agent.retention.parameters(), args.max_grad_norm)
             optimizer.step()
             stats["retention_loss"].append(ret_loss.item())
             stats["entry_critic_loss"].append(critic_loss.item())
-    with torch.no_grad():
-        _, _, gain, target = agent.retention.loss(votes)
-        on_slots = target.gather(1, votes.held.clamp(min=0)) * (votes.held >= 0)
-        mass = on_slots.sum(1)
-    return on_slots / mass.clamp(min=1e-12)[:, None], gain * mass, gain
+            if epoch == args.update_epochs - 1:  # diagnostics: the weights G of the last pass
+                stats["vote_gain"].append(gain.detach())
 
 
 def look_back_pool(carry: dict, back: tuple, ro: Rollout) -> dict:
@@ -945,7 +898,7 @@ def configure(args: Args) -> tuple[Run, dict, str]:
     if args.explore_visits > 0 and kind == "continuous":
         raise UserError(f"--explore-visits needs discrete actions; {args.env_id} has Box actions")
     check_flags(args, at_least_one=("memory_slots", "hidden_size", "num_heads", "teacher_window"),
-                non_negative=("persistent_slots", "read_coef", "action_value_coef", "aux_recon_coef", "explore_visits"))
+                non_negative=("persistent_slots", "explore_visits"))
     if (args.num_envs * args.num_steps) % args.num_minibatches:
         raise UserError(f"--num-minibatches {args.num_minibatches} must divide "
                         f"num_envs*num_steps={args.num_envs * args.num_steps}")
@@ -1038,14 +991,14 @@ def main(args: Args) -> None:
         b_actions, b_logprobs = b_actions if agent.continuous else b_actions.long(), ro.logprobs.reshape(-1)
         pool = ro.pool(carry)
         stats, vote_stats = defaultdict(list), {}  # losses/*, memory/vote_*
-        read_target, read_weight = torch.zeros((batch_size, S), device=device), torch.zeros(batch_size, device=device)
         if args.retention == "learned":
             # The steps the critic found most surprising vote; each is weighted by its gain G (module docstring).
             voters = b_td_error.abs().topk(max(1, batch_size // VOTER_FRACTION)).indices
             # The critic explains TD targets in the env's own reward units, which stay put while the reward scale moves.
             y = b_y[voters] * (reward_scaler.scale() if reward_scaler is not None else 1.0)
             votes = retention_votes(agent, look_back_pool(carry, back, ro), ro, voters, y, M)
-            read_target[voters], read_weight[voters], gain = train_retention(agent, ret_optimizer, votes, args, stats)
+            train_retention(agent, ret_optimizer, votes, args, stats)
+            gain = torch.cat(stats.pop("vote_gain"))
             vote_stats = dict(vote_gain_mean=gain.mean().item(), vote_gain_max=gain.max().item())
             if not np.isfinite(stats["retention_loss"] + stats["entry_critic_loss"]).all():
                 raise run.diverged("non-finite retention loss", global_step)
@@ -1055,7 +1008,7 @@ def main(args: Args) -> None:
             for start in range(0, batch_size, minibatch_size):
                 mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
                 t_idx, i_idx = mb // N, mb % N
-                e, read, src, w = replay(agent, pool_embed(agent, pool), ro, t_idx, i_idx)
+                e, read, _ = replay(agent, pool_embed(agent, pool), ro, t_idx, i_idx)
                 _, newlogprob, entropy, newvalue = agent.heads(e, read, b_actions[mb])
                 logratio = newlogprob - b_logprobs[mb]
                 if epoch == 0 and start == 0:  # before any gradient step the update reproduces the rollout exactly
@@ -1077,11 +1030,6 @@ def main(args: Args) -> None:
                     v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-                aux = agent.read_losses((e, read, w), b_actions[mb], b_y[mb], (read_target[mb], read_weight[mb]),
-                                        slot_inputs(pool, src, i_idx) if agent.recon is not None else None)
-                for k, (coef, value) in aux.items():
-                    loss = loss + coef * value
-                    stats[k].append(value.item())
                 if not torch.isfinite(loss):
                     raise run.diverged(f"non-finite loss ({loss.item()})", global_step)
                 optimizer.zero_grad()

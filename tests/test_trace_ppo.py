@@ -24,7 +24,7 @@ from trace_ppo import Agent, Args, Memory, Retention, Rollout, Votes  # noqa: E4
 def small_args(**kw) -> Args:
     base = dict(num_envs=3, num_steps=16, num_minibatches=2, update_epochs=2, learning_rate=2.5e-4,
                 clip_coef=0.2, ent_coef=0.001, normalize=False, norm_adv=False, memory_slots=4,
-                hidden_size=16, num_heads=2, aux_recon_coef=0.0, explore_visits=0.0, teacher_window=4096)
+                hidden_size=16, num_heads=2, explore_visits=0.0, teacher_window=4096)
     base.update(kw)
     return Args(**base)
 
@@ -183,7 +183,7 @@ def test_update_reproduces_rollout_logits_values_and_weights(persistent):
     assert (ro.tau == 0).any() and (ro.tau[0] > 0).any(), "episode boundaries inside and across rollouts"
     pool = {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in ro.raw().items()}
     t_idx, i_idx = all_queries(T, 3)
-    e, read, _, w = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx)
+    e, read, w = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx)
     _, logp, _, value = agent.heads(e, read, ro.actions.reshape(-1).long())
     assert torch.allclose(agent.actor(torch.cat([e, read], -1)), out["logits"].reshape(-1, 2), atol=1e-5)
     assert torch.allclose(logp, ro.logprobs.reshape(-1), atol=1e-5)
@@ -191,7 +191,7 @@ def test_update_reproduces_rollout_logits_values_and_weights(persistent):
     assert torch.allclose(w, out["w"].reshape(T * 3, *out["w"].shape[2:]), atol=1e-5)
     # A shuffled subset of the queries (a minibatch) gets the same reads.
     sub = torch.randperm(len(t_idx), generator=torch.Generator().manual_seed(0))[: len(t_idx) // 3]
-    _, read_sub, _, _ = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx[sub], i_idx[sub])
+    _, read_sub, _ = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx[sub], i_idx[sub])
     assert torch.allclose(read_sub, read[sub], atol=1e-5)
 
 
@@ -201,7 +201,7 @@ def test_policy_gradient_reaches_encoder_and_attention_but_not_retention():
     ro, carry, *_ = run_rollout(envs, mem, 12)
     pool = {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in ro.raw().items()}
     t_idx, i_idx = all_queries(12, 2)
-    e, read, _, _ = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx)
+    e, read, _ = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx)
     # Through the READ only (the step's own features detached): the gradient reaches the encoder through the
     # re-encoded memory entries.
     _, logp, _, _ = agent.heads(e.detach(), read, ro.actions.reshape(-1).long())
@@ -260,10 +260,9 @@ def test_look_back_window_keeps_older_entries_still_in_memory():
 
 
 @pytest.mark.parametrize("persistent", [0, 2])
-def test_votes_locate_the_entries_each_step_read(persistent):
-    """``held`` points every held slot at its own entry among the step's candidates -- the same clock, and for a
-    persistent slot the episode its tag says -- and -1 at empty slots: the read is taught from the critic's
-    verdict on exactly the entries it could attend to."""
+def test_the_entries_each_step_read_are_among_its_candidates(persistent):
+    """Every held slot's entry is among the step's candidates -- the same clock, and for a persistent slot the
+    episode its tag says -- with the tag it carried then: retention judges the entries the step could hold."""
     args = small_args(memory_slots=2, num_envs=2, persistent_slots=persistent)
     envs, agent, mem = make_memory(args, {"delay": 3, "difficulty": 1})
     obs = None
@@ -278,14 +277,13 @@ def test_votes_locate_the_entries_each_step_read(persistent):
         t, i = int(t_idx[b]), int(i_idx[b])
         for slot, src in enumerate(ro.src[t, i].tolist()):
             if src < 0:
-                assert votes.held[b, slot] == -1
                 continue
-            j = int(votes.held[b, slot])
             clock = int(carry["tau"][i, src]) if src < s else int(ro.tau[src - s, i])
-            assert votes.seen[b, j] and int(look["tau"][i, j]) == clock
             ago = round(math.expm1(ro.tag[t, i, slot, 2].item())) if slot >= 2 else 0
-            assert int(look["ep"][i, j]) == int(ep_ids[t, i]) - ago or (slot < 2 and j < s)
-            assert torch.allclose(votes.tag[b, j], ro.tag[t, i, slot], atol=1e-6)  # the tag it carried then
+            found = [j for j in range(look["tau"].shape[1]) if votes.seen[b, j] and int(look["tau"][i, j]) == clock
+                     and (int(look["ep"][i, j]) == int(ep_ids[t, i]) - ago or (slot < 2 and j < s))]
+            assert len(found) == 1
+            assert torch.allclose(votes.tag[b, found[0]], ro.tag[t, i, slot], atol=1e-6)  # the tag it carried then
             checked += 1
     assert checked > 10
 
@@ -360,9 +358,8 @@ def train_entry_critic(retention: Retention, steps: int, seed: int = 0):
         action = torch.randint(0, 2, (b,), generator=gen)
         y = torch.where(action == (content[env, 0, 0] > 0).long(), 1.0, -1.0)
         votes = Votes(x, torch.arange(p).repeat(n, 1), torch.ones(b, p, dtype=torch.bool), torch.zeros(b, p, 3), env,
-                      torch.tanh(torch.randn(b, d, generator=gen)), torch.nn.functional.one_hot(action, 2).float(), y,
-                      torch.full((b, 0), -1))
-        critic_loss, ret_loss, gain, _ = retention.loss(votes)
+                      torch.tanh(torch.randn(b, d, generator=gen)), torch.nn.functional.one_hot(action, 2).float(), y)
+        critic_loss, ret_loss, gain = retention.loss(votes)
         opt.zero_grad()
         (critic_loss + ret_loss).backward()
         opt.step()
@@ -394,9 +391,8 @@ def test_steps_that_no_entry_explains_do_not_vote():
                            torch.arange(p).repeat(n, 1), torch.zeros(n, p, 2), torch.zeros(n, p))
     votes = Votes(x, torch.arange(p).repeat(n, 1), torch.ones(b, p, dtype=torch.bool), torch.zeros(b, p, 3),
                   torch.arange(b) % n, torch.randn(b, 16, generator=gen),
-                  torch.nn.functional.one_hot(torch.randint(0, 2, (b,)), 2).float(), 0.05 * torch.randn(b, generator=gen),
-                  torch.full((b, 0), -1))
-    _, _, gain, _ = retention.loss(votes)
+                  torch.nn.functional.one_hot(torch.randint(0, 2, (b,)), 2).float(), 0.05 * torch.randn(b, generator=gen))
+    _, _, gain = retention.loss(votes)
     assert gain.max() < 0.01
 
 
@@ -423,7 +419,7 @@ def test_retention_loss_reaches_the_scorer_through_an_evicted_entry():
         batches.append((votes, cue))
     opt = torch.optim.Adam(agent.retention.parameters(), lr=3e-3)
     for step in range(800):
-        critic_loss, ret_loss, gain, _ = agent.retention.loss(batches[step % len(batches)][0])
+        critic_loss, ret_loss, gain = agent.retention.loss(batches[step % len(batches)][0])
         opt.zero_grad()
         (critic_loss + ret_loss).backward()
         opt.step()
@@ -434,7 +430,7 @@ def test_retention_loss_reaches_the_scorer_through_an_evicted_entry():
 
 
 def test_td_target_is_the_reward_of_the_action_that_earned_it():
-    """What the entry critic and the action-value head predict: the one-step r_t + gamma V(s_t+1), cut at
+    """What the entry critic predicts: the one-step r_t + gamma V(s_t+1), cut at
     episode ends, so the steps before a rewarded decision do not carry its reward."""
     gamma = 0.9
     rewards = torch.tensor([[0.0], [0.0], [1.0], [0.0]])
@@ -514,7 +510,7 @@ def test_main_vector_env_replays_exactly_and_logs(tmp_path, monkeypatch):
     errs = [v for _, v in tb["debug/replay_max_error"]]
     assert len(errs) == 4 and max(errs) < 1e-5
     for key in ("charts/episodic_return", "charts/SPS", "losses/policy_loss", "losses/retention_loss",
-                "losses/entry_critic_loss", "losses/aux_recon_loss", "losses/action_value_loss", "losses/read_loss",
+                "losses/entry_critic_loss",
                 "memory/mean_age_evicted", "memory/attention_entropy", "memory/cue_in_memory_at_decision",
                 "memory/vote_gain_mean", "intrinsic/explore_floor_mean"):
         assert key in tb, key
@@ -548,8 +544,7 @@ def test_evaluation_measures_cue_kept_and_cue_read(delay, slots, retention, cue_
 
 
 def test_main_image_env(tmp_path, monkeypatch):
-    result, tb, _ = run_main(tmp_path, monkeypatch, env_id="helper_envs:ImageMemoryTask-v0", env_kwargs=("delay=5",),
-                             aux_recon_coef=0.1)
+    result, tb, _ = run_main(tmp_path, monkeypatch, env_id="helper_envs:ImageMemoryTask-v0", env_kwargs=("delay=5",))
     assert max(v for _, v in tb["debug/replay_max_error"]) < 1e-5
     assert result["success_rate"] is not None
 
@@ -565,7 +560,7 @@ def test_main_box_actions_fifo(tmp_path, monkeypatch):
     result, tb, _ = run_main(tmp_path, monkeypatch, env_id="Pendulum-v1", retention="fifo", num_steps=64,
                              num_minibatches=4, update_epochs=2, total_timesteps=128, eval_episodes=1)
     assert max(v for _, v in tb["debug/replay_max_error"]) < 1e-5
-    assert "losses/aux_recon_loss" not in tb and "losses/retention_loss" not in tb  # off for Box / fifo
+    assert "losses/retention_loss" not in tb  # off with fifo
     assert np.isfinite(result["mean_return"])
 
 
