@@ -388,8 +388,8 @@ class Agent(nn.Module):
         return ((x.float() - self._norm[0]) * self._norm[1]).clamp(-10, 10)
 
     def content(self, obs: torch.Tensor) -> torch.Tensor:
-        """An observation's raw content, as retention sees it and the auxiliary read reconstructs it: the
-        normalised observation (images: 4x4 average-pooled)."""
+        """An observation's raw content, as retention sees it: the normalised observation (images: 4x4
+        average-pooled)."""
         x = self.normalize_obs(obs)
         if self.image:
             return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2) if self.channels_last else x, 4).flatten(1)
