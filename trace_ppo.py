@@ -737,9 +737,10 @@ def retention_votes(agent: Agent, look: dict, ro: Rollout, voters: torch.Tensor,
                  agent.action_input(ro.actions[t_idx, i_idx]), y)
 
 
-def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args: Args, stats: dict) -> None:
-    """``update_epochs`` passes over the votes in minibatches of whole envs (each needs its own look-back only)."""
-    n = len(votes.entries)
+def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args: Args, stats: dict) -> torch.Tensor:
+    """``update_epochs`` passes over the votes in minibatches of whole envs (each needs its own look-back only).
+    Returns the weights G of the last pass (diagnostics)."""
+    n, gains = len(votes.entries), []
     for epoch in range(args.update_epochs):
         for envs in torch.randperm(n, device=votes.env.device).chunk(min(n, args.num_minibatches)):
             chunk = votes.of_envs(envs)
@@ -752,8 +753,9 @@ def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args
             optimizer.step()
             stats["retention_loss"].append(ret_loss.item())
             stats["entry_critic_loss"].append(critic_loss.item())
-            if epoch == args.update_epochs - 1:  # diagnostics: the weights G of the last pass
-                stats["vote_gain"].append(gain.detach())
+            if epoch == args.update_epochs - 1:
+                gains.append(gain)
+    return torch.cat(gains)
 
 
 def look_back_pool(carry: dict, back: tuple, ro: Rollout) -> dict:
@@ -997,8 +999,7 @@ def main(args: Args) -> None:
             # The critic explains TD targets in the env's own reward units, which stay put while the reward scale moves.
             y = b_y[voters] * (reward_scaler.scale() if reward_scaler is not None else 1.0)
             votes = retention_votes(agent, look_back_pool(carry, back, ro), ro, voters, y, M)
-            train_retention(agent, ret_optimizer, votes, args, stats)
-            gain = torch.cat(stats.pop("vote_gain"))
+            gain = train_retention(agent, ret_optimizer, votes, args, stats)
             vote_stats = dict(vote_gain_mean=gain.mean().item(), vote_gain_max=gain.max().item())
             if not np.isfinite(stats["retention_loss"] + stats["entry_critic_loss"]).all():
                 raise run.diverged("non-finite retention loss", global_step)
