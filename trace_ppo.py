@@ -12,13 +12,13 @@ Read, act, write
   so acting costs O(M) per step however long the episode (--retention fifo / random: the controls).
 
 What retention is taught, and why it works
-  r sees an entry's content only, never its slot or write order. It is taught in hindsight: every
-  env keeps the raw steps of its running episode (a few KB), so at each update an ENTRY CRITIC can
-  look back at every earlier step, kept or evicted. c(step q, action, entry j) predicts q's one-step
-  TD target y_q = r_q + gamma V(s_q+1) from the ONE entry j, judging j by what the env showed at its
-  step (not by the agent's own action, or the later steps the agent copies a cue into would share
-  its credit). The entry that decides an outcome predicts it with a small error, the others with
-  about the same larger one. So q votes, by cross-entropy, for softmax(r) over its entries to follow
+  r sees an entry's content only, never its slot or write order. It is taught in hindsight: at each
+  update an ENTRY CRITIC judges every entry a step q could have held, the earlier steps of its episode
+  in the rollout (kept or evicted) and the entries memory carried in. c(step q, action, entry j)
+  predicts q's one-step TD target y_q = r_q + gamma V(s_q+1) from the ONE entry j, judging j by what
+  the env showed at its step (not by the agent's own action, or the later steps the agent copies a
+  cue into would share its credit). The entry that decides an outcome predicts it with a small error,
+  the others with about the same larger one. So q votes, by cross-entropy, for softmax(r) to follow
       u_qj = softmax_j(-err_qj / (0.1 mean_j err_qj)),
   weighted by how much its best entries beat the average one, G_q = mean_j err_qj - sum_j u_qj err_qj.
   A step that no entry explains better than another (value noise, a task already solved) weighs
@@ -117,8 +117,6 @@ class Args(RunArgs):
     """width of entry embeddings, attention and heads"""
     num_heads: int = 4
     """attention heads of the memory read"""
-    teacher_window: Optional[int] = None
-    """how many of the current episode's latest steps the entry critic may look back at"""
     explore_visits: Optional[float] = None
     """m of the exploration floor: act uniformly with probability min(1, m / visits of the observation)
     (0 = off; discrete actions)"""
@@ -126,17 +124,14 @@ class Args(RunArgs):
 
 PRESETS = {
     "vector": dict(learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, clip_coef=0.2,
-                   ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=False, explore_visits=20.0,
-                   teacher_window=4096),
+                   ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=False, explore_visits=20.0),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, clip_coef=0.1,
-                  ent_coef=0.01, normalize=False, normalize_reward=False, norm_adv=True, explore_visits=0.0,
-                  teacher_window=128),
+                  ent_coef=0.01, normalize=False, normalize_reward=False, norm_adv=True, explore_visits=0.0),
     "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10,
                        clip_coef=0.2, ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=True,
-                       explore_visits=0.0, teacher_window=4096),
+                       explore_visits=0.0),
 }
 USEFULNESS_TEMPERATURE = 0.1  # relative to the mean error: the votes go to the few entries that explain a step
-PERSISTENT_LOOK_BACK = 16  # with persistent slots, retention also judges the entries of the last 16 episodes
 VOTER_FRACTION = 8  # the rollout's 1/8 steps with the largest |TD error| teach retention; the rest hardly vote
 
 
@@ -275,8 +270,8 @@ TAG_DIM = 3  # persistent slots: [1, symlog(return of the entry's episode), log(
 
 
 class Votes(NamedTuple):
-    """What retention is taught from: B voting steps, and the look-back entries each could have held."""
-    entries: torch.Tensor   # (N, P, F) features of every env's look-back pool (untagged)
+    """What retention is taught from: B voting steps, and the pool entries each could have held."""
+    entries: torch.Tensor   # (N, P, F) features of every env's pool entries (untagged)
     clock: torch.Tensor     # (N, P) their clocks
     seen: torch.Tensor      # (B, P) the entries of env[b] that step b could have held (its candidates)
     tag: torch.Tensor       # (B, P, 3) the persistent tag each candidate would carry at step b (0: its episode)
@@ -286,7 +281,7 @@ class Votes(NamedTuple):
     y: torch.Tensor         # (B,) its TD target
 
     def of_envs(self, envs: torch.Tensor) -> "Votes":
-        """The votes of the steps of ``envs`` only, with those envs' look-back pools."""
+        """The votes of the steps of ``envs`` only, with those envs' pools."""
         pos = torch.full((len(self.entries),), -1, dtype=torch.long, device=envs.device)
         pos[envs] = torch.arange(len(envs), device=envs.device)
         b = torch.nonzero(pos[self.env] >= 0).squeeze(1)
@@ -451,15 +446,15 @@ class Agent(nn.Module):
         return F.one_hot(action.long(), self.n_act).float()
 
 
-# ---- Memory: slots, their sources, and the look-back of the current episodes
+# ---- Memory: slots and their sources
 class Memory:
     """M episodic then K persistent slots per env. A slot holds an entry (raw inputs, embedding, score) and ``src``,
     its source's index in the rollout's pool [S entries held at its start, T steps] (-1: empty), from which the
-    update replays every read. Also the next entry's inputs and the last rollouts' raw steps (the look-back)."""
+    update replays every read and retention finds the entries a step held. Also the next entry's inputs."""
 
     def __init__(self, agent: Agent, n: int, args: Args, obs_space: spaces.Box, device, generator=None):
         self.agent, self.n, self.generator, self.policy = agent, n, generator, args.retention
-        self.m, self.k, self.window = args.memory_slots, args.persistent_slots, args.teacher_window
+        self.m, self.k = args.memory_slots, args.persistent_slots
         self.s = self.m + self.k
         s, zeros, long = self.s, partial(torch.zeros, device=device), torch.long
         obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
@@ -469,7 +464,7 @@ class Memory:
         self.emb, self.score, self.order = zeros((n, s, args.hidden_size)), zeros((n, s)), zeros((n, s), dtype=long)
         self.outcome, self.episodes_ago = zeros((n, s)), zeros((n, s))  # of persistent entries
         self.prev_act, self.prev_rew, self.clock = zeros((n, agent.n_act)), zeros(n), zeros(n, dtype=long)
-        self.ep_return, self.writes, self.history = np.zeros(n), 0, []  # writes: the order FIFO evicts by
+        self.ep_return, self.writes = np.zeros(n), 0  # writes: the order FIFO evicts by
 
     def tags(self) -> torch.Tensor:
         """[persistent, symlog(return of its episode), log(1 + episodes ago)] per slot; 0 for episodic slots."""
@@ -553,38 +548,16 @@ class Memory:
         self.ep_return[rows] = 0.0
 
     @torch.no_grad()
-    def begin_rollout(self) -> tuple[dict, tuple]:
+    def begin_rollout(self) -> dict:
         """Re-encode the held entries with the current parameters (the update will too): pool entries 0..S-1.
-        Returns their raw inputs (the carry-in) and the look-back."""
+        Returns their raw inputs (the carry-in)."""
         n, s = self.n, self.s
         flat = {k: v.flatten(0, 1) for k, v in self.entry.items()}
         e = self.agent.embed(flat["obs"], flat["pact"], flat["prew"], flat["tau"])
         score = self.agent.retention.score(self.agent.retention_features(e, flat, self.tags().flatten(0, 1)))
         self.emb, self.score = e.view(n, s, -1), score.view(n, s)
         self.src = torch.where(self.src >= 0, torch.arange(s, device=self.src.device).expand(n, s), -1)
-        return {k: v.clone() for k, v in self.entry.items()}, self.look_back()
-
-    def look_back(self) -> tuple[Optional[dict], torch.Tensor, torch.Tensor]:
-        """The last ``window`` stored steps of the running episodes (with persistent slots, also of the
-        PERSISTENT_LOOK_BACK episodes before): raw inputs (N, L, ...) or None, which are valid (N, L), and per env
-        the clock where the running episode's look-back starts."""
-        steps = {k: torch.cat([h[k] for h in self.history])[-self.window:].transpose(0, 1)
-                 for k in self.history[0]} if self.history else None
-        n_hist = steps["tau"].shape[1] if steps else 0
-        n_back = self.clock.clamp(max=n_hist)
-        if self.k and n_hist:  # episodes back from each step: episode starts after it
-            back = (steps["tau"] == 0).long().flip(1).cumsum(1).flip(1) - (steps["tau"] == 0).long()
-            keep = back + (self.clock.unsqueeze(1) == 0).long() <= PERSISTENT_LOOK_BACK
-            n_back = keep.sum(1)
-        length = int(n_back.max()) if n_hist else 0
-        valid = torch.arange(length, device=self.clock.device) >= (length - n_back).unsqueeze(1)
-        steps = {k: v[:, n_hist - length:] for k, v in steps.items()} if length else None
-        return steps, valid, self.clock - self.clock.clamp(max=length)
-
-    def end_rollout(self, steps: dict, num_steps: int) -> None:
-        """Keep this rollout's raw steps for the look-back of the next ones."""
-        keep = math.ceil(self.window / num_steps) + 1  # rollouts
-        self.history = (self.history + [{k: v.clone() for k, v in steps.items()}])[-keep:]
+        return {k: v.clone() for k, v in self.entry.items()}
 
 
 # ---- The rollout buffer, returns
@@ -633,13 +606,16 @@ class Rollout:
         """The rollout's pool per env, [S carried entries, T steps]: a slot's source indexes it."""
         return {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in self.raw().items()}
 
-    def steps(self) -> dict:
-        """The raw steps with where episodes ended and their returns, as the look-back keeps them."""
-        return dict(self.raw(), done=self.dones, ret=self.ret)
-
     def episode_ids(self) -> torch.Tensor:
         """(T, N): which episode of its env each step belongs to (0 = the one running at the rollout's start)."""
         return torch.cumsum((self.tau == 0).long(), 0)
+
+    def episode_returns(self) -> torch.Tensor:
+        """(N, T): the return of each step's episode, recorded where it ended (0 if it runs on after the rollout)."""
+        t = self.tau.shape[0]
+        pos = torch.arange(t, device=self.tau.device).expand_as(self.tau.T)
+        end_at = torch.where(self.dones.T > 0, pos, t).flip(1).cummin(1).values.flip(1)
+        return torch.cat([self.ret.T, self.ret.new_zeros(len(pos), 1)], 1).gather(1, end_at)
 
 
 class RewardScaler:
@@ -714,31 +690,33 @@ def replay(agent: Agent, pool_e: torch.Tensor, ro: Rollout, t_idx: torch.Tensor,
 
 
 @torch.no_grad()
-def retention_votes(agent: Agent, look: dict, ro: Rollout, voters: torch.Tensor, y: torch.Tensor, m: int) -> Votes:
-    """What critic and scorer see for the voting steps (flat t * N + i, TD targets ``y``) over ``look_back_pool``.
-    A step's candidates are the entries it could have held: the earlier steps of its episode, the carried episodic
-    entries older than the look-back and, with persistent slots, the episodes before, tagged as they would be."""
-    n, p = look["tau"].shape
+def retention_votes(agent: Agent, pool: dict, ro: Rollout, voters: torch.Tensor, y: torch.Tensor) -> Votes:
+    """What critic and scorer see for the voting steps (flat t * N + i, TD targets ``y``) over the rollout's pool
+    [S carried entries, T steps]. A step's candidates are the entries it could have held: the earlier steps of its
+    episode in the rollout, kept or evicted, the carried entries its slots still hold (with the tags they carry) and,
+    with persistent slots, the rollout's earlier episodes, tagged as they would be."""
+    n, p = pool["tau"].shape
     t_idx, i_idx = voters // n, voters % n
-    s, lb = ro.src.shape[2], p - ro.src.shape[2] - ro.tau.shape[0]
-    e = pool_embed(agent, look)
-    tau_q, ep_q = ro.tau[t_idx, i_idx], ro.episode_ids()[t_idx, i_idx]
-    ep, tau = look["ep"][i_idx], look["tau"][i_idx]                                  # B P
-    own = (ep == ep_q[:, None]) & (tau < tau_q[:, None])
-    src = ro.src[t_idx, i_idx]
-    clock = tau.gather(1, torch.where(src < s, src, src + lb).clamp(min=0))  # a slot source's clock (pool -> look)
-    old = (src[:, :m] >= 0) & (src[:, :m] < s) & (clock[:, :m] < look["start"][i_idx, None])
-    own[:, :s] |= torch.zeros_like(own[:, :s + 1]).scatter_(1, torch.where(old, src[:, :m], s), True)[:, :s]
-    before = (ep < ep_q[:, None]) & (ep > -10 ** 9) & ro.tagged
+    s, e, ep_ids = p - ro.tau.shape[0], pool_embed(agent, pool), ro.episode_ids()
+    tau_q, ep_q = ro.tau[t_idx, i_idx], ep_ids[t_idx, i_idx]
+    ep = torch.cat([torch.full((n, s), -10 ** 9, device=ep_ids.device), ep_ids.T], 1)[i_idx]  # B P (carried: none)
+    own = (ep == ep_q[:, None]) & (pool["tau"][i_idx] < tau_q[:, None])
+    before = (ep < ep_q[:, None]) & (ep >= 0) & ro.tagged
     lag = (ep_q[:, None] - ep).clamp(min=0).float()
-    tag = torch.stack([before.float(), symlog(look["ret"][i_idx]), torch.log1p(lag)], -1) * before.unsqueeze(-1)
-    raw = {k: look[k] for k in ("obs", "pact", "prew", "tau")}
-    return Votes(agent.retention_features(e, raw), look["tau"], own | before, tag, i_idx, e[i_idx, s + lb + t_idx],
+    ret = torch.cat([torch.zeros((n, s), device=ep.device), ro.episode_returns()], 1)[i_idx]
+    tag = torch.stack([before.float(), symlog(ret), torch.log1p(lag)], -1) * before.unsqueeze(-1)
+    src = ro.src[t_idx, i_idx]
+    held = torch.where((src >= 0) & (src < s), src, s)  # the carried entry each slot holds (s: none)
+    own[:, :s] |= torch.zeros_like(own[:, :s + 1]).scatter_(1, held, True)[:, :s]
+    if ro.tagged:
+        tag[:, :s] = tag.new_zeros(len(held), s + 1, TAG_DIM).scatter_(
+            1, held.unsqueeze(-1).expand(-1, -1, TAG_DIM), ro.tag[t_idx, i_idx])[:, :s]
+    return Votes(agent.retention_features(e, pool), pool["tau"], own | before, tag, i_idx, e[i_idx, s + t_idx],
                  agent.action_input(ro.actions[t_idx, i_idx]), y)
 
 
 def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args: Args, stats: dict) -> torch.Tensor:
-    """``update_epochs`` passes over the votes in minibatches of whole envs (each needs its own look-back only).
+    """``update_epochs`` passes over the votes in minibatches of whole envs (each needs its own pool only).
     Returns the weights G of the last pass (diagnostics)."""
     n, gains = len(votes.entries), []
     for epoch in range(args.update_epochs):
@@ -756,30 +734,6 @@ def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args
             if epoch == args.update_epochs - 1:
                 gains.append(gain)
     return torch.cat(gains)
-
-
-def look_back_pool(carry: dict, back: tuple, ro: Rollout) -> dict:
-    """Retention's look-back per env, [S carried entries, L earlier steps (``Memory.look_back``), T steps], with each
-    entry's episode (0: running at the rollout's start, earlier ones negative; invalid and carried: -10^9)
-    and that episode's return (0 while it runs)."""
-    prefix, valid, start = back
-    n, s = carry["tau"].shape
-    now = ro.steps()
-    parts = ([prefix] if prefix is not None else []) + [{k: v.transpose(0, 1) for k, v in now.items()}]
-    steps = {k: torch.cat([part[k] for part in parts], 1) for k in now}          # (N, L + T, ...)
-    L = steps["tau"].shape[1] - ro.tau.shape[0]
-    ep = torch.cumsum((steps["tau"] == 0).long(), 1)
-    ep = ep - (ep[:, L - 1:L] if L else 0)                                        # 0: running at the rollout's start
-    ep = torch.where(torch.cat([valid, torch.ones_like(ro.tau.T, dtype=torch.bool)], 1), ep, -10 ** 9)
-    # Each step's episode return: the return recorded at the next episode end at or after it (0 if none yet).
-    pos = torch.arange(ep.shape[1], device=ep.device).expand_as(ep)
-    end_at = torch.where(steps["done"] > 0, pos, ep.shape[1]).flip(1).cummin(1).values.flip(1)
-    ret = torch.cat([steps["ret"], steps["ret"].new_zeros(n, 1)], 1).gather(1, end_at)
-    look = {k: torch.cat([carry[k], steps[k]], 1) for k in carry}
-    look["ep"] = torch.cat([torch.full((n, s), -10 ** 9, device=ep.device), ep], 1)
-    look["ret"] = torch.cat([torch.zeros((n, s), device=ep.device), ret], 1)
-    look["start"] = start
-    return look
 
 
 # ---- Evaluation and diagnostics (off the algorithm's path)
@@ -899,7 +853,7 @@ def configure(args: Args) -> tuple[Run, dict, str]:
             setattr(args, key, value)
     if args.explore_visits > 0 and kind == "continuous":
         raise UserError(f"--explore-visits needs discrete actions; {args.env_id} has Box actions")
-    check_flags(args, at_least_one=("memory_slots", "hidden_size", "num_heads", "teacher_window"),
+    check_flags(args, at_least_one=("memory_slots", "hidden_size", "num_heads"),
                 non_negative=("persistent_slots", "explore_visits"))
     if (args.num_envs * args.num_steps) % args.num_minibatches:
         raise UserError(f"--num-minibatches {args.num_minibatches} must divide "
@@ -954,7 +908,7 @@ def main(args: Args) -> None:
             for opt in (optimizer, ret_optimizer):
                 opt.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
-        carry, back = mem.begin_rollout()
+        carry = mem.begin_rollout()
         for step in range(T):
             global_step += N
             action, e = ro.act(step, next_obs, mem, counter)
@@ -983,7 +937,6 @@ def main(args: Args) -> None:
             if done.any():
                 mem.end_episodes(np.flatnonzero(done))
             next_obs = torch.as_tensor(next_obs_np, device=device)
-        mem.end_rollout(ro.steps(), T)
 
         last_value = mem.value(next_obs)
         advantages = compute_gae(ro.rewards, ro.values, ro.dones, last_value, args.gamma, args.gae_lambda)
@@ -998,7 +951,7 @@ def main(args: Args) -> None:
             voters = b_td_error.abs().topk(max(1, batch_size // VOTER_FRACTION)).indices
             # The critic explains TD targets in the env's own reward units, which stay put while the reward scale moves.
             y = b_y[voters] * (reward_scaler.scale() if reward_scaler is not None else 1.0)
-            votes = retention_votes(agent, look_back_pool(carry, back, ro), ro, voters, y, M)
+            votes = retention_votes(agent, pool, ro, voters, y)
             gain = train_retention(agent, ret_optimizer, votes, args, stats)
             vote_stats = dict(vote_gain_mean=gain.mean().item(), vote_gain_max=gain.max().item())
             if not np.isfinite(stats["retention_loss"] + stats["entry_critic_loss"]).all():

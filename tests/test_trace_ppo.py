@@ -1,4 +1,4 @@
-"""Tests of trace_ppo.py: memory invariants, the look-back, exact rollout replay, what retention is
+"""Tests of trace_ppo.py: memory invariants, retention's candidates, exact rollout replay, what retention is
 trained on, end-to-end runs and a fast learning check of retention."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from trace_ppo import Agent, Args, Memory, Retention, Rollout, Votes  # noqa: E4
 def small_args(**kw) -> Args:
     base = dict(num_envs=3, num_steps=16, num_minibatches=2, update_epochs=2, learning_rate=2.5e-4,
                 clip_coef=0.2, ent_coef=0.001, normalize=False, norm_adv=False, memory_slots=4,
-                hidden_size=16, num_heads=2, explore_visits=0.0, teacher_window=4096)
+                hidden_size=16, num_heads=2, explore_visits=0.0)
     base.update(kw)
     return Args(**base)
 
@@ -40,10 +40,10 @@ def make_memory(args: Args, env_kwargs=None, env_id="MemoryTask-v0", seed=0):
 
 def run_rollout(envs, mem: Memory, steps: int, seed: int = 0, obs=None, on_step=None):
     """The rollout loop of trace_ppo.main. Starts from reset unless ``obs`` is given. Returns the Rollout,
-    the carry-in, the look-back (taken at the start), what the policy output at each step, and the last obs."""
+    the carry-in, the pool [carried entries, steps], what the policy output at each step, and the last obs."""
     agent, n, s = mem.agent, mem.n, mem.s
     ro = Rollout(steps, n, mem, envs.single_observation_space, envs.single_action_space, torch.device("cpu"))
-    carry, back = mem.begin_rollout()
+    carry = mem.begin_rollout()
     out = {k: [] for k in ("w", "logits")}
     if obs is None:
         obs = torch.as_tensor(envs.reset(seed=seed)[0])
@@ -68,8 +68,13 @@ def run_rollout(envs, mem: Memory, steps: int, seed: int = 0, obs=None, on_step=
         if len(done):
             mem.end_episodes(done)
         obs = torch.as_tensor(nxt)
-    mem.end_rollout(ro.steps(), steps)
-    return ro, carry, back, {k: torch.stack(v) for k, v in out.items()}, obs
+    return ro, carry, ro.pool(carry), {k: torch.stack(v) for k, v in out.items()}, obs
+
+
+def pool_episodes(ro: Rollout, carry: dict) -> torch.Tensor:
+    """(N, P): the episode of each pool entry as retention_votes numbers them (carried entries: -10^9)."""
+    n, s = carry["tau"].shape
+    return torch.cat([torch.full((n, s), -10 ** 9), ro.episode_ids().T], 1)
 
 
 def all_queries(t_len: int, n: int):
@@ -215,48 +220,42 @@ def test_policy_gradient_reaches_encoder_and_attention_but_not_retention():
 # ---------------------------------------------------------------------------------------
 # What retention is trained on
 # ---------------------------------------------------------------------------------------
-def test_look_back_holds_every_earlier_step_of_the_episode_across_rollouts():
-    """For every step of the third rollout, the entries the critic may look back at are exactly the earlier
-    steps of its episode (raw inputs and clocks), although the episodes (delay 11) span rollouts of 4 steps
-    and the 2 slots keep only a few of them."""
+def test_candidates_are_the_earlier_steps_of_the_episode_and_the_carried_entries_held():
+    """For every step of the third rollout, the entries the critic judges are exactly the earlier steps of its
+    episode within the rollout (raw inputs and clocks, kept or evicted) and the carried entries its slots still
+    hold, although the episodes (delay 11) span rollouts of 4 steps and the 2 slots keep only a few steps."""
     args = small_args(memory_slots=2, num_envs=2)
     envs, agent, mem = make_memory(args, {"delay": 11, "difficulty": 1})
-    obs, steps = None, []
+    obs = None
     for _ in range(3):
-        ro, carry, back, _, obs = run_rollout(envs, mem, 4, obs=obs)
-        steps.append(ro)
-    look = trace_ppo.look_back_pool(carry, back, ro)
-    history = {k: torch.cat([r.raw()[k] for r in steps]) for k in ("obs", "pact", "prew", "tau")}  # (12, N, ...)
+        ro, carry, pool, _, obs = run_rollout(envs, mem, 4, obs=obs)
     t_idx, i_idx = all_queries(4, 2)
-    own = trace_ppo.retention_votes(agent, look, ro, t_idx * 2 + i_idx, torch.zeros(8), 2).seen
+    seen = trace_ppo.retention_votes(agent, pool, ro, t_idx * 2 + i_idx, torch.zeros(8)).seen
     for b in range(len(t_idx)):
-        t, i = 8 + int(t_idx[b]), int(i_idx[b])
-        start = t - int(history["tau"][t, i])
-        expected = {int(history["tau"][u, i]): u for u in range(start, t)}
-        got = sorted(int(x) for x in look["tau"][i][own[b]])
-        assert got == sorted(expected)
-        for j in torch.nonzero(own[b]).squeeze(1).tolist():
-            u = expected[int(look["tau"][i, j])]
-            for k in ("obs", "pact", "prew"):
-                assert torch.equal(look[k][i, j], history[k][u, i])
+        t, i = int(t_idx[b]), int(i_idx[b])
+        first = t - min(t, int(ro.tau[t, i]))  # the episode's first step in this rollout
+        held = [int(x) for x in ro.src[t, i] if 0 <= x < 2]
+        assert sorted(torch.nonzero(seen[b]).squeeze(1).tolist()) == sorted(held + [2 + u for u in range(first, t)])
+        for u in range(first, t):
+            for k in ("obs", "pact", "prew", "tau"):
+                assert torch.equal(pool[k][i, 2 + u], ro.raw()[k][u, i])
 
 
-def test_look_back_window_keeps_older_entries_still_in_memory():
-    """With a look-back shorter than the episode, the kept entries older than it stay visible (once each)."""
-    args = small_args(memory_slots=2, num_envs=2, teacher_window=3, retention="fifo")
+def test_fifo_candidates_are_the_two_steps_held_and_the_rollouts_own():
+    """FIFO with 2 slots, episodes of 30 steps, third rollout of 4 steps: a step's candidates are the two last
+    steps (held in memory, carried or not) and the rollout's own earlier steps, each once."""
+    args = small_args(memory_slots=2, num_envs=2, retention="fifo")
     envs, agent, mem = make_memory(args, {"delay": 30})
     obs = None
     for _ in range(3):
-        ro, carry, back, _, obs = run_rollout(envs, mem, 4, obs=obs)
-    look = trace_ppo.look_back_pool(carry, back, ro)
+        ro, carry, pool, _, obs = run_rollout(envs, mem, 4, obs=obs)
     t_idx, i_idx = all_queries(4, 2)
-    own = trace_ppo.retention_votes(agent, look, ro, t_idx * 2 + i_idx, torch.zeros(8), 2).seen
+    seen = trace_ppo.retention_votes(agent, pool, ro, t_idx * 2 + i_idx, torch.zeros(8)).seen
     for b in range(len(t_idx)):
-        taus = look["tau"][int(i_idx[b])][own[b]].tolist()
+        taus = pool["tau"][int(i_idx[b])][seen[b]].tolist()
         t = int(ro.tau[t_idx[b], i_idx[b]])
-        in_slots = set(range(max(0, t - 2), t))  # FIFO: the last two steps
-        window = set(range(8 - 3, 8)) | set(range(8, t))  # 3 steps before the rollout, then the rollout's own
-        assert sorted(taus) == sorted(in_slots | window)
+        assert len(taus) == len(set(taus))
+        assert set(taus) == set(range(max(0, t - 2), t)) | set(range(8, t))
 
 
 @pytest.mark.parametrize("persistent", [0, 2])
@@ -267,12 +266,11 @@ def test_the_entries_each_step_read_are_among_its_candidates(persistent):
     envs, agent, mem = make_memory(args, {"delay": 3, "difficulty": 1})
     obs = None
     for _ in range(3):
-        ro, carry, back, _, obs = run_rollout(envs, mem, 5, obs=obs)
-    look = trace_ppo.look_back_pool(carry, back, ro)
+        ro, carry, pool, _, obs = run_rollout(envs, mem, 5, obs=obs)
     t_idx, i_idx = all_queries(5, 2)
-    votes = trace_ppo.retention_votes(agent, look, ro, t_idx * 2 + i_idx, torch.zeros(10), 2)
-    s, ep_ids = ro.src.shape[2], ro.episode_ids()
-    checked = 0
+    votes = trace_ppo.retention_votes(agent, pool, ro, t_idx * 2 + i_idx, torch.zeros(10))
+    s, ep_ids, pool_ep = ro.src.shape[2], ro.episode_ids(), pool_episodes(ro, carry)
+    checked = carried = 0
     for b in range(10):
         t, i = int(t_idx[b]), int(i_idx[b])
         for slot, src in enumerate(ro.src[t, i].tolist()):
@@ -280,65 +278,44 @@ def test_the_entries_each_step_read_are_among_its_candidates(persistent):
                 continue
             clock = int(carry["tau"][i, src]) if src < s else int(ro.tau[src - s, i])
             ago = round(math.expm1(ro.tag[t, i, slot, 2].item())) if slot >= 2 else 0
-            found = [j for j in range(look["tau"].shape[1]) if votes.seen[b, j] and int(look["tau"][i, j]) == clock
-                     and (int(look["ep"][i, j]) == int(ep_ids[t, i]) - ago or (slot < 2 and j < s))]
+            found = [j for j in range(pool["tau"].shape[1]) if votes.seen[b, j] and int(pool["tau"][i, j]) == clock
+                     and (int(pool_ep[i, j]) == int(ep_ids[t, i]) - ago or j == src < s)]
             assert len(found) == 1
             assert torch.allclose(votes.tag[b, found[0]], ro.tag[t, i, slot], atol=1e-6)  # the tag it carried then
-            checked += 1
-    assert checked > 10
+            checked, carried = checked + 1, carried + (src < s)
+    assert checked > 10 and carried > 0
 
 
 def test_with_persistent_slots_earlier_episodes_are_candidates_tagged_as_they_would_be_held():
-    """RecallAcrossEpisodes (blocks of 3 episodes of 2 steps): a decision in the block's third episode may look
-    back at the block's cue, two episodes earlier, tagged [1, symlog(return of its episode), log(1 + 2)] --
-    whether or not a persistent slot kept it. Without persistent slots, only its own episode."""
+    """RecallAcrossEpisodes (blocks of 3 episodes of 2 steps): with persistent slots a step may judge every
+    earlier step of the rollout, a block's cue two episodes back tagged [1, symlog(return of its episode),
+    log(1 + 2)] -- whether or not a persistent slot kept it. Without persistent slots, only its own episode."""
     for persistent in (0, 2):
         args = small_args(memory_slots=2, num_envs=2, persistent_slots=persistent)
         envs, agent, mem = make_memory(args, {"block": 3, "length": 2}, env_id="RecallAcrossEpisodes-v0")
         obs = None
         for _ in range(3):
-            ro, carry, back, _, obs = run_rollout(envs, mem, 8, obs=obs)
-        look = trace_ppo.look_back_pool(carry, back, ro)
+            ro, carry, pool, _, obs = run_rollout(envs, mem, 8, obs=obs)
         t_idx, i_idx = all_queries(8, 2)
-        votes = trace_ppo.retention_votes(agent, look, ro, t_idx * 2 + i_idx, torch.zeros(16), 2)
-        cue = look["obs"][..., 1] == 1.0   # the block's first observation
+        votes = trace_ppo.retention_votes(agent, pool, ro, t_idx * 2 + i_idx, torch.zeros(16))
+        cue, pool_ep = pool["obs"][..., 1] == 1.0, pool_episodes(ro, carry)  # the block's first observation
+        checked = 0
         for b in range(16):
             t, i = int(t_idx[b]), int(i_idx[b])
             ep_q = int(ro.episode_ids()[t, i])
-            cands = torch.nonzero(votes.seen[b] & cue[i]).squeeze(1).tolist()
+            cands = [j for j in torch.nonzero(votes.seen[b] & cue[i]).squeeze(1).tolist() if j >= 2 + persistent]
             if persistent == 0:
-                assert all(int(look["ep"][i, j]) == ep_q for j in cands)
+                assert all(int(pool_ep[i, j]) == ep_q for j in cands)
                 continue
             for j in cands:
-                lag = ep_q - int(look["ep"][i, j])
+                lag = ep_q - int(pool_ep[i, j])
                 assert lag >= 0 and votes.tag[b, j, 2] == pytest.approx(np.log1p(lag))
                 if lag:
                     assert votes.tag[b, j, 0] == 1 and abs(votes.tag[b, j, 1]) == pytest.approx(np.log(2.0))
-            if int(ro.tau[t, i]) > 0 or ep_q > 0:
-                assert cands, "the block's cue is always within the look-back of the block's later episodes"
-
-
-def test_persistent_look_back_stops_after_its_episode_count(monkeypatch):
-    """With persistent slots the look-back holds the running episode and the last PERSISTENT_LOOK_BACK episodes
-    before it (within the window); without them only the running episode."""
-    monkeypatch.setattr(trace_ppo, "PERSISTENT_LOOK_BACK", 2)
-    for persistent in (2, 0):
-        args = small_args(memory_slots=2, num_envs=2, persistent_slots=persistent)
-        envs, agent, mem = make_memory(args, {"delay": 3}, seed=1)
-        obs, rollouts = None, []
-        for _ in range(4):
-            ro, carry, back, _, obs = run_rollout(envs, mem, 5, obs=obs)
-            rollouts.append(ro)
-        steps, valid, _ = back  # taken at the start of the 4th rollout: 15 steps of history
-        history = torch.cat([r.tau for r in rollouts[:3]])  # (15, N)
-        for i in range(2):
-            taus = history[:, i].tolist()
-            starts = [k for k, tau in enumerate(taus) if tau == 0]
-            running = int(rollouts[3].tau[0, i]) > 0          # the running episode began in the history
-            first = starts[-(1 + 2 * (persistent > 0)) if running else -2] if persistent else \
-                (starts[-1] if running else len(taus))
-            got = steps["tau"][i][valid[i]].tolist() if steps is not None else []
-            assert got == taus[first:]
+            for u in range(t):  # every earlier step of the rollout, the block's cues included, is a candidate
+                assert votes.seen[b, 4 + u]
+                checked += int(cue[i, 4 + u])
+        assert persistent == 0 or checked > 0
 
 
 def train_entry_critic(retention: Retention, steps: int, seed: int = 0):
@@ -398,13 +375,13 @@ def test_steps_that_no_entry_explains_do_not_vote():
 
 def test_retention_loss_reaches_the_scorer_through_an_evicted_entry():
     """Real rollouts of MemoryTask (cue at step 0, delay 12) with FIFO and 2 slots: at every decision the cue
-    was dropped from memory 10 steps earlier, yet it is in the critic's look-back, and training the retention
+    was dropped from memory 10 steps earlier, yet it is among the critic's candidates, and training the retention
     module on those decisions (their real rewards) makes the scorer rank the cue entry first."""
     args = small_args(memory_slots=2, num_envs=8, retention="fifo")
     envs, agent, mem = make_memory(args, {"delay": 12, "difficulty": 1})
     obs, batches = None, []
     for r in range(6):
-        ro, carry, back, _, obs = run_rollout(envs, mem, 12, obs=obs)
+        ro, carry, pool, _, obs = run_rollout(envs, mem, 12, obs=obs)
         t_idx, i_idx = torch.nonzero(ro.dones > 0, as_tuple=True)
         if r == 0 or not len(t_idx):
             continue
@@ -412,10 +389,9 @@ def test_retention_loss_reaches_the_scorer_through_an_evicted_entry():
         held_tau = torch.where(held < 2, carry["tau"][i_idx[:, None], held.clamp(0, 1)],
                                ro.tau[(held - 2).clamp(min=0), i_idx[:, None]])
         assert (held >= 0).all() and (held_tau > 0).all()  # the decision's slots no longer hold step 0
-        votes = trace_ppo.retention_votes(agent, trace_ppo.look_back_pool(carry, back, ro), ro, t_idx * 8 + i_idx,
-                                          ro.rewards[t_idx, i_idx], 2)
+        votes = trace_ppo.retention_votes(agent, pool, ro, t_idx * 8 + i_idx, ro.rewards[t_idx, i_idx])
         cue = votes.seen & (votes.clock[votes.env] == 0)
-        assert cue.sum(1).eq(1).all()  # ... but it is in the look-back
+        assert cue.sum(1).eq(1).all()  # ... but it is a candidate
         batches.append((votes, cue))
     opt = torch.optim.Adam(agent.retention.parameters(), lr=3e-3)
     for step in range(800):
@@ -594,8 +570,6 @@ def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch):
         trace_ppo.main(Args(memory_slots=0, run_name="bad"))
     with pytest.raises(run_contract.UserError, match="delay"):
         trace_ppo.main(Args(env_kwargs=("delay=0",), run_name="bad"))
-    with pytest.raises(run_contract.UserError, match="teacher-window"):
-        trace_ppo.main(Args(teacher_window=0, run_name="bad"))
     with pytest.raises(run_contract.UserError, match="explore-visits needs discrete actions"):
         trace_ppo.main(Args(env_id="Pendulum-v1", explore_visits=10.0, run_name="bad"))
     with pytest.raises(run_contract.UserError, match="explore-visits must be >= 0"):
