@@ -752,10 +752,11 @@ def cue_step(info: dict, i: int) -> int:
 
 @torch.no_grad()
 def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str,
-             video_dir: str = "") -> tuple[dict, Optional[np.ndarray]]:
+             video_dir: str = "") -> tuple[dict, Optional[tuple[np.ndarray, int]]]:
     """Greedy evaluation of ``--eval-episodes`` on fresh envs, memory carried as in training, and the attention map
-    (decision step x source step) of env 0's first episode. At each episode's last decision: is the cue in a slot
-    (``cue_in_memory``), and how much does its most attentive head read it (``cue_attention``)."""
+    (decision step x source step, at most 512 x 512 bins) of env 0's first episode with its length. At each
+    episode's last decision: is the cue in a slot (``cue_in_memory``), and how much does its most attentive head
+    read it (``cue_attention``)."""
     episodes, device = args.eval_episodes, next(agent.parameters()).device
     n_envs = max(1, min(episodes, 8))
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
@@ -775,10 +776,11 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str,
         obs, reward, term, trunc, info = envs.step(action.cpu().numpy())
         mem.step(e, obs_t, 0, clip_action(action, envs.single_action_space), reward)
         done = np.flatnonzero(term | trunc)
-        if picture is None and 0 in done:
-            picture = np.zeros((len(rows), len(rows)), np.float32)
+        if picture is None and 0 in done:  # at most 512 x 512 bins of steps: drawing costs memory, not the agent
+            n_steps, bins = len(rows), min(len(rows), 512)
+            picture = (np.zeros((bins, bins), np.float32), n_steps)
             for t, (taus, weights) in enumerate(rows):
-                np.add.at(picture[t], taus, weights)
+                np.add.at(picture[0][t * bins // n_steps], taus * bins // n_steps, weights)
         for i in done:
             if done_count[i] < quota[i]:
                 ep_r, _, success = finished_episode(info, i)
@@ -798,7 +800,7 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str,
                 cue_in_memory=mean(cue_in), cue_attention=mean(cue_attn)), picture
 
 
-def save_attention_png(mat: np.ndarray, path: str) -> None:
+def save_attention_png(mat: np.ndarray, steps: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -808,7 +810,7 @@ def save_attention_png(mat: np.ndarray, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 5))
     # A power norm keeps small weights visible next to the single-entry reads of the first steps.
     im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
-                   norm=PowerNorm(0.4, vmin=0.0, vmax=max(float(mat.max()), 1e-8)))
+                   extent=(0, steps, 0, steps), norm=PowerNorm(0.4, vmin=0.0, vmax=max(float(mat.max()), 1e-8)))
     ax.set_xlabel("source step (episode time of the entry read)")
     ax.set_ylabel("decision step")
     ax.set_title("episodic attention weight (mean over heads)")
@@ -1031,7 +1033,7 @@ def finish(run: Run, agent: Agent, env_kwargs: dict, kind: str, record: dict) ->
         result, picture = evaluate(agent, run.args, env_kwargs, kind, video)
         record.update(result)
         if picture is not None:
-            save_attention_png(picture, os.path.join(run.dir, "attention.png"))
+            save_attention_png(*picture, os.path.join(run.dir, "attention.png"))
             if result["cue_in_memory"] is not None:
                 print(f"success {result['success_rate']:.2f} | cue kept at {result['cue_in_memory']:.0%} of decisions, "
                       f"attention on it {result['cue_attention']:.2f} | attention map: "

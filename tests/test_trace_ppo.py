@@ -519,6 +519,17 @@ def test_evaluation_measures_cue_kept_and_cue_read(delay, slots, retention, cue_
         assert 0.0 < result["cue_attention"] < 1.0
 
 
+def test_attention_map_is_binned_for_long_episodes():
+    """The evaluation's attention map of a 600-step episode is 512 x 512 bins that keep every weight (each
+    decision's weights sum to 1 over the slots, the first step reads nothing): drawing it costs no more memory
+    at any episode length."""
+    args = small_args(eval_episodes=1)
+    _, agent, _ = make_memory(args, dict(delay=600))
+    _, (picture, steps) = trace_ppo.evaluate(agent, args, dict(delay=600), "vector")
+    assert picture.shape == (512, 512) and steps == 600
+    assert picture.sum() == pytest.approx(599, rel=1e-4)
+
+
 def test_main_image_env(tmp_path, monkeypatch):
     result, tb, _ = run_main(tmp_path, monkeypatch, env_id="helper_envs:ImageMemoryTask-v0", env_kwargs=("delay=5",))
     assert max(v for _, v in tb["debug/replay_max_error"]) < 1e-5
