@@ -90,6 +90,7 @@ memory      | MemoryTask-v0           | delay=1024 difficulty=1 cue_time=random 
 memory      | PassiveTMaze-v0         | length=100           | 202000    | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
 memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
 memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
+memory      | MultiCueTask-v0         | delay=256 cues=3     | 512000    | 200      | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
 memory      | RecallAcrossEpisodes-v0 |                      | 200000    | 200      | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo trace-persist
 ablation    | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | trace-learned trace-no-floor
 ablation    | PassiveTMaze-v0         | length=500           | 1002000   | 200      | trace-learned trace-no-floor

@@ -418,6 +418,34 @@ def test_tmaze_rejects_invalid_actions():
         env.step(4)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_multi_cue_task_invariants(seed):
+    """Each cue at its own step of the first half, marked and numbered; the last `cues` steps ask for them in
+    order; only the queries are rewarded (+1 for the queried bit, else -1); success = every query right. An
+    agent that reads the cues answers all (even seeds) or all but the last (odd seeds)."""
+    env = gym.make("MultiCueTask-v0", delay=20, cues=3).unwrapped
+    obs, info = env.reset(seed=seed)
+    bits, cue_steps, rewards = {}, [], []
+    for t in range(20):
+        assert obs.shape == (9,) and obs[2] == obs[3:6].sum() <= 1 and obs[6:].sum() == (t >= 17)
+        if obs[2]:
+            j = int(obs[3:6].argmax())
+            assert t < 10 and j not in bits
+            bits[j] = int(obs[0])
+            cue_steps.append(t)
+        action = 0
+        if t >= 17:
+            j = int(obs[6:].argmax())
+            assert j == t - 17 and obs[:2].sum() == 0
+            action = bits[j] if (seed % 2 == 0 or j < 2) else 1 - bits[j]
+        obs, reward, term, trunc, info = env.step(action)
+        rewards.append(reward)
+        assert info["cue_step"] == min(cue_steps, default=info["cue_step"]) and not trunc and term == (t == 19)
+    assert len(bits) == 3 and info["cue_step"] == cue_steps[0]
+    assert rewards[:17] == [0.0] * 17 and rewards[17:] == ([1.0] * 3 if seed % 2 == 0 else [1.0, 1.0, -1.0])
+    assert info["is_success"] == (seed % 2 == 0)
+
+
 # ---------------------------------------------------------------------------------------
 # Parameter validation
 # ---------------------------------------------------------------------------------------
@@ -432,6 +460,8 @@ INVALID = [
     ("PassiveTMaze-v0", "length", False), ("PassiveTMaze-v0", "length", "5"),
     ("PassiveTMaze-v0", "penalty", 0.5), ("PassiveTMaze-v0", "penalty", True),
     ("PassiveTMaze-v0", "penalty", "x"), ("PassiveTMaze-v0", "penalty", float("nan")),
+    ("MultiCueTask-v0", "cues", 0), ("MultiCueTask-v0", "cues", 1.0), ("MultiCueTask-v0", "delay", 5),
+    ("MultiCueTask-v0", "delay", True),
 ]
 
 
