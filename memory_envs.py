@@ -883,60 +883,49 @@ class RecordFinalEpisodeStatistics(gym.vector.VectorWrapper):
 # MultiCueTask-v0
 # ---------------------------------------------------------------------------------------
 class MultiCueTaskEnv(gym.Env):
-    """Several things to keep at once: ``cues`` bits shown at distinct random steps of the first half of a
-    ``delay``-step episode, each asked for once at the end.
-
-    Observation ``Box(0, 1, (3 + 2 * cues,), float32)``: ``[d1, d2, 0, 0...]`` with random distractor bits
-    ``d1, d2`` at an ordinary step; ``[bit_j, d2, 1, one-hot j, 0...]`` at cue j's step; ``[0, 0, 0, 0...,
-    one-hot j]`` at the j-th of the last ``cues`` steps, the query for cue j. Actions ``Discrete(2)``: a query
-    step rewards +1 if the action equals the queried bit, -1 otherwise; every other reward is 0, so a
-    memoryless agent scores 0 and succeeds (every query right) with chance ``2 ** -cues``. The last step is
-    a termination; its info holds ``is_success``. Every info holds ``cue_step``, the step of the first cue
-    (logging only).
-    """
+    """Several things to keep: ``cues`` bits at distinct random steps of the first half of a ``delay``-step
+    episode, each asked for once at the end. Observation ``Box(0, 1, (3 + 2 * cues,))``: two random distractor
+    bits, then [1, one-hot j] at cue j's step (its bit in channel 0), and at the j-th of the last ``cues`` steps
+    only one-hot j in the query channels. A query rewards +1 for the queried bit, else -1 (chance of answering
+    all: ``2 ** -cues``); the last step terminates with ``is_success``. ``cue_step``: the first cue's step."""
 
     def __init__(self, delay: int = 64, cues: int = 2, render_mode: str | None = None):
         self.delay, self.cues = _check_int("delay", delay, 4), _check_int("cues", cues, 1)
         if self.delay < 2 * self.cues + 2:
             raise ValueError(f"delay must be at least 2 * cues + 2 = {2 * self.cues + 2}, got {delay!r}")
         self.render_mode = _check_choice("render_mode", render_mode, (None,))
-        self.episode_length = self.delay
+        self.episode_length, self.action_space = self.delay, spaces.Discrete(2)
         self.observation_space = spaces.Box(0.0, 1.0, (3 + 2 * self.cues,), np.float32)
-        self.action_space = spaces.Discrete(2)
         self._t = self._right = 0
         self._bits, self._cue_at = np.zeros(self.cues, np.int64), {}
 
     def _observe(self) -> np.ndarray:
-        obs = np.zeros(3 + 2 * self.cues, np.float32)
+        obs, query = np.zeros(3 + 2 * self.cues, np.float32), self._t - (self.delay - self.cues)
         obs[:2] = self.np_random.integers(0, 2, 2)
         if self._t in self._cue_at:
             j = self._cue_at[self._t]
             obs[0], obs[2], obs[3 + j] = self._bits[j], 1.0, 1.0
-        query = self._t - (self.delay - self.cues)
         if query >= 0:
-            obs[:2] = 0.0
-            obs[3 + self.cues + query] = 1.0
+            obs[:2], obs[3 + self.cues + query] = 0.0, 1.0
         return obs
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self._t = self._right = 0
         self._bits = self.np_random.integers(0, 2, self.cues)
-        steps = self.np_random.choice(self.delay // 2, self.cues, replace=False)
-        self._cue_at = {int(t): j for j, t in enumerate(steps)}
+        self._cue_at = {int(t): j for j, t in enumerate(self.np_random.choice(self.delay // 2, self.cues, False))}
         return self._observe(), {"cue_step": min(self._cue_at)}
 
     def step(self, action):
-        query, reward = self._t - (self.delay - self.cues), 0.0
+        query, reward, info = self._t - (self.delay - self.cues), 0.0, {"cue_step": min(self._cue_at)}
         if query >= 0:
             right = int(action) == int(self._bits[query])
             reward, self._right = (1.0 if right else -1.0), self._right + right
         self._t += 1
-        info = {"cue_step": min(self._cue_at)}
-        if self._t >= self.delay:
-            info["is_success"] = self._right == self.cues
-            return np.zeros(3 + 2 * self.cues, np.float32), reward, True, False, info
-        return self._observe(), reward, False, False, info
+        if self._t < self.delay:
+            return self._observe(), reward, False, False, info
+        info["is_success"] = self._right == self.cues
+        return np.zeros(3 + 2 * self.cues, np.float32), reward, True, False, info
 
 
 # ---------------------------------------------------------------------------------------
