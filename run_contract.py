@@ -499,6 +499,15 @@ class Run:
             stopped.exit_code = 128 + self.stop_signal
             raise stopped
 
+    def load_network(self, agent: Any) -> None:
+        """Load the saved network into ``agent``; one of another network is a one-line error."""
+        try:
+            agent.load_state_dict(self.state["agent"])
+        except RuntimeError as err:
+            missing = str(err).strip().splitlines()[-1].strip()
+            flag = f"--evaluate {self.args.evaluate}" if self.args.evaluate else f"--resume {self.args.resume}"
+            raise UserError(f"{flag}: its network does not match this version of {self.script}.py ({missing})") from None
+
     def save_model(self, **parts: Any) -> None:
         import torch
         from dataclasses import asdict

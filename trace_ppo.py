@@ -239,15 +239,16 @@ def symlog(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
 
 
-class VisitCounter:
+class VisitCounter(nn.Module):
     """Pseudo-counts of observations by SimHash (Tang et al. 2017): an observation is hashed to the signs of
     ``bits`` fixed random projections of its raw values and N counts the visits of its bucket."""
 
     def __init__(self, obs_dim: int, seed: int, device, bits: int = 16, m: float = 0.0):
+        super().__init__()
         self.m = m  # of the exploration floor
         self.proj = torch.randn((bits, obs_dim), generator=torch.Generator().manual_seed(seed)).to(device)
         self.powers = 2 ** torch.arange(bits, device=device)
-        self.counts = torch.zeros(2 ** bits, device=device)
+        self.register_buffer("counts", torch.zeros(2 ** bits, device=device))
 
     def visit(self, obs: torch.Tensor) -> torch.Tensor:
         """Count one visit of each row of ``obs``; returns each row's count, this visit included."""
@@ -259,12 +260,6 @@ class VisitCounter:
         """The exploration floor: an observation's first m visits act uniformly, later ones with chance m / N."""
         return (self.m / self.visit(obs)).clamp(max=1.0)
 
-    def state_dict(self) -> torch.Tensor:
-        return self.counts
-
-    def load_state_dict(self, counts: torch.Tensor) -> None:
-        self.counts.copy_(counts)
-
 
 TAG_DIM = 3  # persistent slots: [1, symlog(return of the entry's episode), log(1 + episodes ago)]
 
@@ -272,7 +267,6 @@ TAG_DIM = 3  # persistent slots: [1, symlog(return of the entry's episode), log(
 class Votes(NamedTuple):
     """What retention is taught from: B voting steps, and the pool entries each could have held."""
     entries: torch.Tensor   # (N, P, F) features of every env's pool entries (untagged)
-    clock: torch.Tensor     # (N, P) their clocks
     seen: torch.Tensor      # (B, P) the entries of env[b] that step b could have held (its candidates)
     tag: torch.Tensor       # (B, P, 3) the persistent tag each candidate would carry at step b (0: its episode)
     env: torch.Tensor       # (B,) the step's env
@@ -285,8 +279,8 @@ class Votes(NamedTuple):
         pos = torch.full((len(self.entries),), -1, dtype=torch.long, device=envs.device)
         pos[envs] = torch.arange(len(envs), device=envs.device)
         b = torch.nonzero(pos[self.env] >= 0).squeeze(1)
-        return Votes(self.entries[envs], self.clock[envs], self.seen[b], self.tag[b], pos[self.env[b]], self.e_step[b],
-                     self.action[b], self.y[b])
+        return Votes(self.entries[envs], self.seen[b], self.tag[b], pos[self.env[b]], self.e_step[b], self.action[b],
+                     self.y[b])
 
 
 class Retention(nn.Module):
@@ -371,8 +365,7 @@ class Agent(nn.Module):
         self.retention = Retention(d, n_content, self.n_act)
 
     def policy_parameters(self) -> list[nn.Parameter]:
-        ret = {id(p) for p in self.retention.parameters()}
-        return [p for p in self.parameters() if id(p) not in ret]
+        return [p for name, p in self.named_parameters() if not name.startswith("retention.")]
 
     def normalize_obs(self, x: torch.Tensor) -> torch.Tensor:
         if self.obs_rms is None:
@@ -382,14 +375,6 @@ class Agent(nn.Module):
             self._norm = (rms.mean.float() * self.scale, (rms.var + 1e-8).rsqrt().float() / self.scale)
         return ((x.float() - self._norm[0]) * self._norm[1]).clamp(-10, 10)
 
-    def content(self, obs: torch.Tensor) -> torch.Tensor:
-        """An observation's raw content, as retention sees it: the normalised observation (images: 4x4
-        average-pooled)."""
-        x = self.normalize_obs(obs)
-        if self.image:
-            return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2) if self.channels_last else x, 4).flatten(1)
-        return x.flatten(1)
-
     def embed(self, obs, prev_act, prev_rew, tau) -> torch.Tensor:
         """Entry embedding e = Embed(obs, previous action, previous reward, clock)."""
         x = self.normalize_obs(obs)
@@ -398,9 +383,12 @@ class Agent(nn.Module):
         return self.embed_net(torch.cat([x.flatten(1), prev_act, prev_rew.unsqueeze(-1), time_encoding(tau)], -1))
 
     def retention_features(self, e: torch.Tensor, raw: dict, tag: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Entries as retention sees them (``Retention.features``), from their embeddings and raw inputs."""
-        content = self.content(raw["obs"].flatten(0, raw["tau"].dim() - 1))
-        content = content.view(*raw["tau"].shape, content.shape[-1])
+        """Entries as retention sees them (``Retention.features``), from their embeddings and raw inputs: the content
+        is the normalised observation (images: 4x4 average-pooled)."""
+        x = self.normalize_obs(raw["obs"].flatten(0, raw["tau"].dim() - 1))
+        if self.image:
+            x = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2) if self.channels_last else x, 4)
+        content = x.flatten(1).view(*raw["tau"].shape, -1)
         return Retention.features(e, content, raw["tau"], raw["pact"], raw["prew"], tag)
 
     def attend(self, e: torch.Tensor, slots: torch.Tensor, tags: Optional[torch.Tensor], held: torch.Tensor):
@@ -454,8 +442,7 @@ class Memory:
 
     def __init__(self, agent: Agent, n: int, args: Args, obs_space: spaces.Box, device, generator=None):
         self.agent, self.n, self.generator, self.policy = agent, n, generator, args.retention
-        self.m, self.k = args.memory_slots, args.persistent_slots
-        self.s = self.m + self.k
+        self.m, self.k, self.s = args.memory_slots, args.persistent_slots, args.memory_slots + args.persistent_slots
         s, zeros, long = self.s, partial(torch.zeros, device=device), torch.long
         obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
         self.src = torch.full((n, s), -1, dtype=long, device=device)
@@ -468,8 +455,7 @@ class Memory:
 
     def tags(self) -> torch.Tensor:
         """[persistent, symlog(return of its episode), log(1 + episodes ago)] per slot; 0 for episodic slots."""
-        persistent = torch.zeros_like(self.score)
-        persistent[:, self.m:] = 1.0
+        persistent = (torch.arange(self.s, device=self.score.device) >= self.m).float().expand_as(self.score)
         tag = torch.stack([persistent, symlog(self.outcome), torch.log1p(self.episodes_ago)], -1)
         return tag * (self.src >= 0).unsqueeze(-1)
 
@@ -504,23 +490,19 @@ class Memory:
         self.writes += 1
         return torch.where(full, self.clock - victim_tau, -1)
 
+    @torch.no_grad()
     def step(self, e: torch.Tensor, obs: torch.Tensor, pool_index: int, action: torch.Tensor, reward) -> torch.Tensor:
-        """Write this step's entry, then take in its action and reward; returns ``write``'s ages."""
-        with torch.no_grad():
-            ages = self.write(e, obs, pool_index)
-        self.advance(action, reward)
+        """Write the step's entry, then take in the next one's inputs: the action taken (clipped for Box), symlog of
+        its reward, the clock. Returns ``write``'s ages."""
+        ages = self.write(e, obs, pool_index)
+        self.prev_act = self.agent.action_input(action)
+        self.prev_rew = symlog(torch.as_tensor(reward, dtype=torch.float32, device=self.prev_rew.device))
+        self.clock, self.ep_return = self.clock + 1, self.ep_return + reward
         return ages
 
     @torch.no_grad()
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.act(obs)[0][2]
-
-    def advance(self, action: torch.Tensor, reward: np.ndarray) -> None:
-        """Inputs of the next entry: the action taken (clipped for Box), symlog of its reward, the clock."""
-        self.prev_act = self.agent.action_input(action)
-        self.prev_rew = symlog(torch.as_tensor(reward, dtype=torch.float32, device=self.prev_rew.device))
-        self.clock = self.clock + 1
-        self.ep_return += reward
 
     @torch.no_grad()
     def end_episodes(self, rows: np.ndarray) -> None:
@@ -622,37 +604,23 @@ class RewardScaler:
     """Divide rewards by the running std of the discounted return (as gymnasium's NormalizeReward)."""
 
     def __init__(self, num_envs: int, gamma: float):
-        self.gamma = gamma
-        self.returns = np.zeros(num_envs)
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+        self.gamma, self.returns, self.rms = gamma, np.zeros(num_envs), RunningMeanStd()
 
     def scale(self) -> float:
-        return math.sqrt(self.var + 1e-8)
+        return math.sqrt(self.rms.var.item() + 1e-8)
 
     def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
         self.returns = self.returns * self.gamma + rewards
-        n, batch_mean, batch_var = len(self.returns), self.returns.mean(), self.returns.var()
-        delta, total = batch_mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.var = (self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total
-        self.count = total
+        self.rms.update(torch.as_tensor(self.returns))
         self.returns[dones] = 0.0
         return np.clip(rewards / self.scale(), -10, 10)
-
-    def state_dict(self) -> dict:
-        return dict(mean=self.mean, var=self.var, count=self.count)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
                 last_value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """GAE over a (T, N) rollout. ``dones[t]``: the episode ended with action t (terminated or truncated; a truncated
     one already carries gamma V(final) in ``rewards[t]``)."""
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(last_value)
-    next_value = last_value
+    advantages, last_gae, next_value = torch.zeros_like(rewards), torch.zeros_like(last_value), last_value
     for t in reversed(range(rewards.shape[0])):
         not_done = 1.0 - dones[t]
         delta = rewards[t] + gamma * next_value * not_done - values[t]
@@ -711,7 +679,7 @@ def retention_votes(agent: Agent, pool: dict, ro: Rollout, voters: torch.Tensor,
     if ro.tagged:
         tag[:, :s] = tag.new_zeros(len(held), s + 1, TAG_DIM).scatter_(
             1, held.unsqueeze(-1).expand(-1, -1, TAG_DIM), ro.tag[t_idx, i_idx])[:, :s]
-    return Votes(agent.retention_features(e, pool), pool["tau"], own | before, tag, i_idx, e[i_idx, s + t_idx],
+    return Votes(agent.retention_features(e, pool), own | before, tag, i_idx, e[i_idx, s + t_idx],
                  agent.action_input(ro.actions[t_idx, i_idx]), y)
 
 
@@ -764,8 +732,7 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str,
     mem = Memory(agent, n_envs, args, envs.single_observation_space, device,
                  torch.Generator(device=device).manual_seed(args.seed + 100_000))
     obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
-    returns, successes, done_count, cue_in, cue_attn, rows, picture = [], [], [0] * n_envs, [], [], [], None
-    m = mem.m
+    returns, successes, done_count, cue_in, cue_attn, rows, picture, m = [], [], [0] * n_envs, [], [], [], None, mem.m
     while any(d < q for d, q in zip(done_count, quota)):
         obs_t = torch.as_tensor(obs, device=device)
         (action, _, _), w, e = mem.act(obs_t, greedy=True)
@@ -781,19 +748,14 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str,
             picture = (np.zeros((bins, bins), np.float32), n_steps)
             for t, (taus, weights) in enumerate(rows):
                 np.add.at(picture[0][t * bins // n_steps], taus * bins // n_steps, weights)
-        for i in done:
-            if done_count[i] < quota[i]:
-                ep_r, _, success = finished_episode(info, i)
-                returns.append(ep_r)
-                if success is not None:
-                    successes.append(float(success))
-                cue = cue_step(info, i)
-                if cue >= 0:
-                    cue_in.append(float((read_tau[i] == cue).any()))
-                    cue_attn.append(float((w[i, :, :m] * (read_tau[i] == cue)).sum(-1).max()))
-                done_count[i] += 1
-        if len(done):
-            mem.end_episodes(done)
+        for i in [i for i in done if done_count[i] < quota[i]]:
+            ep_r, _, success = finished_episode(info, i)
+            returns, successes = returns + [ep_r], successes + ([] if success is None else [float(success)])
+            cue, done_count[i] = cue_step(info, i), done_count[i] + 1
+            if cue >= 0:
+                cue_in.append(float((read_tau[i] == cue).any()))
+                cue_attn.append(float((w[i, :, :m] * (read_tau[i] == cue)).sum(-1).max()))
+        mem.end_episodes(done)
     envs.close()
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
     return dict(mean_return=float(np.mean(returns)), std_return=float(np.std(returns)), success_rate=mean(successes),
@@ -802,18 +764,15 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str,
 
 def save_attention_png(mat: np.ndarray, steps: int, path: str) -> None:
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import PowerNorm
-
     fig, ax = plt.subplots(figsize=(6, 5))
     # A power norm keeps small weights visible next to the single-entry reads of the first steps.
     im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
                    extent=(0, steps, 0, steps), norm=PowerNorm(0.4, vmin=0.0, vmax=max(float(mat.max()), 1e-8)))
-    ax.set_xlabel("source step (episode time of the entry read)")
-    ax.set_ylabel("decision step")
-    ax.set_title("episodic attention weight (mean over heads)")
+    ax.set(xlabel="source step (episode time of the entry read)", ylabel="decision step",
+           title="episodic attention weight (mean over heads)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -882,14 +841,10 @@ def main(args: Args) -> None:
     counter = VisitCounter(n_obs, args.seed, device, m=args.explore_visits) if args.explore_visits > 0 else None
     reward_scaler = RewardScaler(N, args.gamma) if args.normalize_reward else None
     # what a checkpoint holds besides the agent (None: off in this run)
-    parts = dict(optimizer=optimizer, ret_optimizer=ret_optimizer, visit_counts=counter, reward_rms=reward_scaler)
+    parts = dict(optimizer=optimizer, ret_optimizer=ret_optimizer, visit_counts=counter,
+                 reward_rms=reward_scaler.rms if reward_scaler else None)
     if run.state is not None:
-        try:
-            agent.load_state_dict(run.state["agent"])
-        except RuntimeError as err:
-            missing = str(err).strip().splitlines()[-1].strip()
-            flag = f"--evaluate {args.evaluate}" if args.evaluate else f"--resume {args.resume}"
-            raise UserError(f"{flag}: its network does not match this version of trace_ppo.py ({missing})") from None
+        run.load_network(agent)
     if args.evaluate:
         return finish(run, agent, env_kwargs, kind, dict(global_step=run.state.get("global_step", 0)))
     if run.state is not None:

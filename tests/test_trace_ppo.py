@@ -58,9 +58,7 @@ def run_rollout(envs, mem: Memory, steps: int, seed: int = 0, obs=None, on_step=
         nxt, reward, term, trunc, info = envs.step(action.numpy())
         ro.rewards[step] = torch.as_tensor(reward, dtype=torch.float32)
         ro.dones[step] = torch.as_tensor(term | trunc, dtype=torch.float32)
-        with torch.no_grad():
-            mem.write(e, obs, s + step)
-        mem.advance(action, reward)
+        mem.step(e, obs, s + step, action, reward)
         ro.ret[step] = torch.as_tensor(np.where(term | trunc, mem.ep_return, 0.0), dtype=torch.float32)
         done = np.flatnonzero(term | trunc)
         if on_step is not None:
@@ -112,8 +110,7 @@ def test_learned_evicts_lowest_score_including_new_entry():
     e, obs = torch.zeros(2, args.hidden_size), torch.zeros(2, 3)
     with torch.no_grad():
         for j in range(3):
-            assert mem.write(e, obs, 10 + j).tolist() == [-1, -1]
-            mem.advance(torch.zeros(2, dtype=torch.long), np.zeros(2))
+            assert mem.step(e, obs, 10 + j, torch.zeros(2, dtype=torch.long), np.zeros(2)).tolist() == [-1, -1]
         ages = mem.write(e, obs, 13)
     # env 0: scores [0.5, -1, 3] + new 0.0 -> the entry of clock 1 is dropped (age 2), the new one takes its slot.
     assert mem.src[0].tolist() == [10, 13, 12] and ages[0] == 2
@@ -334,7 +331,7 @@ def train_entry_critic(retention: Retention, steps: int, seed: int = 0):
         env = torch.arange(b) % n
         action = torch.randint(0, 2, (b,), generator=gen)
         y = torch.where(action == (content[env, 0, 0] > 0).long(), 1.0, -1.0)
-        votes = Votes(x, torch.arange(p).repeat(n, 1), torch.ones(b, p, dtype=torch.bool), torch.zeros(b, p, 3), env,
+        votes = Votes(x, torch.ones(b, p, dtype=torch.bool), torch.zeros(b, p, 3), env,
                       torch.tanh(torch.randn(b, d, generator=gen)), torch.nn.functional.one_hot(action, 2).float(), y)
         critic_loss, ret_loss, gain = retention.loss(votes)
         opt.zero_grad()
@@ -366,7 +363,7 @@ def test_steps_that_no_entry_explains_do_not_vote():
     n, p, b = 4, 12, 64
     x = Retention.features(torch.randn(n, p, 16, generator=gen), torch.randn(n, p, 3, generator=gen),
                            torch.arange(p).repeat(n, 1), torch.zeros(n, p, 2), torch.zeros(n, p))
-    votes = Votes(x, torch.arange(p).repeat(n, 1), torch.ones(b, p, dtype=torch.bool), torch.zeros(b, p, 3),
+    votes = Votes(x, torch.ones(b, p, dtype=torch.bool), torch.zeros(b, p, 3),
                   torch.arange(b) % n, torch.randn(b, 16, generator=gen),
                   torch.nn.functional.one_hot(torch.randint(0, 2, (b,)), 2).float(), 0.05 * torch.randn(b, generator=gen))
     _, _, gain = retention.loss(votes)
@@ -390,7 +387,7 @@ def test_retention_loss_reaches_the_scorer_through_an_evicted_entry():
                                ro.tau[(held - 2).clamp(min=0), i_idx[:, None]])
         assert (held >= 0).all() and (held_tau > 0).all()  # the decision's slots no longer hold step 0
         votes = trace_ppo.retention_votes(agent, pool, ro, t_idx * 8 + i_idx, ro.rewards[t_idx, i_idx])
-        cue = votes.seen & (votes.clock[votes.env] == 0)
+        cue = votes.seen & (pool["tau"][votes.env] == 0)
         assert cue.sum(1).eq(1).all()  # ... but it is a candidate
         batches.append((votes, cue))
     opt = torch.optim.Adam(agent.retention.parameters(), lr=3e-3)
@@ -556,7 +553,7 @@ def test_main_exploration_floor_replays_exactly_and_logs(tmp_path, monkeypatch):
     assert max(v for _, v in tb["debug/replay_max_error"]) < 1e-5
     floor_mean = [v for _, v in tb["intrinsic/explore_floor_mean"]]
     assert floor_mean[0] > floor_mean[-1] > 0  # observations become familiar
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["visit_counts"].sum() == 256
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["visit_counts"]["counts"].sum() == 256
     assert result["success_rate"] is not None
 
 
@@ -593,13 +590,13 @@ def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 4 and ckpt["global_step"] == 256
     ckpt["iteration"], ckpt["global_step"] = 2, 128  # as if killed after the second update
-    ckpt["visit_counts"] = ckpt["visit_counts"] * 0.5  # the 128 visits counted by then
+    ckpt["visit_counts"]["counts"] *= 0.5  # the 128 visits counted by then
     torch.save(ckpt, run_dir / "checkpoint.pt")
     trace_ppo.main(Args(resume="t"))
     assert json.loads((run_dir / "eval.json").read_text())["global_step"] == 256
     after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     # Two more updates add 128 visits to the restored 128 (a fresh counter would hold only 128).
-    assert after["iteration"] == 4 and after["visit_counts"].sum().item() == 256
+    assert after["iteration"] == 4 and after["visit_counts"]["counts"].sum().item() == 256
 
 
 def test_resume_of_a_checkpoint_from_another_network_is_a_one_line_error(tmp_path, monkeypatch):
