@@ -601,19 +601,30 @@ class Rollout:
 
 
 class RewardScaler:
-    """Divide rewards by the running std of the discounted return (as gymnasium's NormalizeReward)."""
+    """Divide rewards by the running std of the discounted return (as gymnasium's NormalizeReward), in numpy: it runs
+    every step."""
 
     def __init__(self, num_envs: int, gamma: float):
-        self.gamma, self.returns, self.rms = gamma, np.zeros(num_envs), RunningMeanStd()
+        self.gamma, self.returns, self.mean, self.var, self.count = gamma, np.zeros(num_envs), 0.0, 1.0, 1e-4
 
     def scale(self) -> float:
-        return math.sqrt(self.rms.var.item() + 1e-8)
+        return math.sqrt(self.var + 1e-8)
 
     def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
         self.returns = self.returns * self.gamma + rewards
-        self.rms.update(torch.as_tensor(self.returns))
+        n, batch_mean, batch_var = len(self.returns), self.returns.mean(), self.returns.var()
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
         self.returns[dones] = 0.0
         return np.clip(rewards / self.scale(), -10, 10)
+
+    def state_dict(self) -> dict:
+        return dict(mean=self.mean, var=self.var, count=self.count)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
@@ -841,8 +852,7 @@ def main(args: Args) -> None:
     counter = VisitCounter(n_obs, args.seed, device, m=args.explore_visits) if args.explore_visits > 0 else None
     reward_scaler = RewardScaler(N, args.gamma) if args.normalize_reward else None
     # what a checkpoint holds besides the agent (None: off in this run)
-    parts = dict(optimizer=optimizer, ret_optimizer=ret_optimizer, visit_counts=counter,
-                 reward_rms=reward_scaler.rms if reward_scaler else None)
+    parts = dict(optimizer=optimizer, ret_optimizer=ret_optimizer, visit_counts=counter, reward_rms=reward_scaler)
     if run.state is not None:
         run.load_network(agent)
     if args.evaluate:
