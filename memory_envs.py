@@ -6,16 +6,16 @@ Memory tasks:
     or, with ``cue_time="random"``, at a random (marked) step of the episode's first half.
   - ``PassiveTMaze-v0``: the passive T-Maze of Ni et al. 2023, "When Do Transformers Shine in RL?".
   - ``RecallAcrossEpisodes-v0``: a bit shown once per block of episodes (memory across ``reset()``).
+  - ``MultiCueTask-v0``: several bits shown at random steps of the first half, each asked for at the end.
 
-Exploration grid worlds (AdaMemento's first experiments): ``CliffWalkingFail-v0``, ``DarkChamber-v0``,
-``FourRooms-v0``.
+Exploration grid worlds (AdaMemento's first experiments): ``CliffWalkingFail-v0``, ``DarkChamber-v0``, ``FourRooms-v0``.
 
 Batched versions (numpy vector envs whose results equal a SyncVectorEnv of the single envs) of the three
 memory tasks: ``gym.make_vec(id, num_envs)``; ``RecordFinalEpisodeStatistics`` adds their episode statistics.
 
-Wrappers: ``FlattenObservation`` turns Box/Discrete/MultiDiscrete/MultiBinary/Tuple/Dict observations
-into a float32 vector for the MLP agents; ``MontezumaRooms`` reports the rooms entered in Montezuma's
-Revenge. The run infrastructure the scripts share is in ``run_contract.py``.
+Wrappers: ``FlattenObservation`` turns Box/Discrete/MultiDiscrete/MultiBinary/Tuple/Dict observations into a float32
+vector for the MLP agents; ``MontezumaRooms`` reports the rooms entered in Montezuma's Revenge. The run infrastructure
+the scripts share is in ``run_contract.py``.
 """
 
 from __future__ import annotations
@@ -31,13 +31,11 @@ from gymnasium.vector.utils import batch_space
 
 
 # ---------------------------------------------------------------------------------------
-# Parameter validation
+# Parameter validation and shared helpers
 # ---------------------------------------------------------------------------------------
 def _check_int(name: str, value: Any, minimum: int) -> int:
     # bool is a subclass of int; `delay=True` is a typo, not a delay of 1.
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
@@ -48,12 +46,6 @@ def _check_choice(name: str, value: Any, choices: tuple) -> Any:
     return value
 
 
-def _judge_answer(action: Any, target: int, info: dict) -> float:
-    """The recall tasks' final reward: +1 if the answer equals the target, -1 otherwise."""
-    info["is_success"] = int(action) == target
-    return 1.0 if info["is_success"] else -1.0
-
-
 def _cells_to_rgb(cells: np.ndarray, scale: int = 16) -> np.ndarray:
     """Render a small 2-D array of intensities in [0, 1] as an RGB image (for --capture-video)."""
     img = (np.clip(cells, 0.0, 1.0) * 255).astype(np.uint8)
@@ -62,15 +54,33 @@ def _cells_to_rgb(cells: np.ndarray, scale: int = 16) -> np.ndarray:
 
 
 class _CellRowEnv(gym.Env):
-    """Base of the recall tasks whose observation is one row of 3 cells in [0, 1]: renders it."""
+    """Base of the recall tasks: the observation is one row of 3 cells in [0, 1] (rendered as such), an episode is
+    ``episode_length`` actions and only the last is rewarded, +1 if it equals ``_target``, -1 otherwise.
+    Subclasses define ``_observe`` (the observation after a step) and ``_info``."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
-    _obs: np.ndarray
+
+    def _setup(self, episode_length: int, render_mode: Any) -> None:
+        self.episode_length = episode_length
+        self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
+        self.observation_space = spaces.Box(0.0, 1.0, (3,), np.float32)
+        self.action_space = spaces.Discrete(2)
+        self._target = self._t = 0
+        self._obs = np.zeros(3, np.float32)
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"action must be 0 or 1, got {action!r}")
+        self._t += 1
+        obs, info = self._observe(), self._info()
+        terminated, reward = self._t >= self.episode_length, 0.0
+        if terminated:
+            info["is_success"] = int(action) == self._target
+            reward = 1.0 if info["is_success"] else -1.0
+        return obs, reward, terminated, False, info
 
     def render(self):
-        if self.render_mode == "rgb_array":
-            return _cells_to_rgb(self._obs[None, :])
-        return None
+        return _cells_to_rgb(self._obs[None, :]) if self.render_mode == "rgb_array" else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,37 +89,29 @@ class _CellRowEnv(gym.Env):
 class MemoryTaskEnv(_CellRowEnv):
     """Delayed recall: remember the bit shown once, report it at the end of the episode.
 
-    Observation ``Box(0, 1, (3,), float32)``: ``[cue bit, distractor, 1]`` at the cue step,
-    ``[d1, d2, 0]`` at every other step. ``difficulty=0``: distractors are 0. ``difficulty=1``:
-    distractors are random bits, so the cue's first channel looks like any other observation's.
+    Observation ``Box(0, 1, (3,), float32)``: ``[cue bit, distractor, 1]`` at the cue step, ``[d1, d2, 0]`` at every
+    other step. ``difficulty=0``: distractors are 0. ``difficulty=1``: distractors are random bits, so the cue's first
+    channel looks like any other observation's.
 
-    ``cue_time="start"`` (default): the cue is the observation at reset (step 0) and its third
-    channel is 0 like every other's, so only *when* it was seen identifies it. ``cue_time="random"``:
-    the cue step is drawn uniformly from the first half of the episode (``0 .. delay//2 - 1``; 0 for
-    ``delay < 4``) and marked by a 1 in the third channel, so only *what* it holds identifies it.
+    ``cue_time="start"`` (default): the cue is the observation at reset (step 0) and its third channel is 0 like every
+    other's, so only *when* it was seen identifies it. ``cue_time="random"``: the cue step is drawn uniformly from the
+    first half of the episode (``0 .. delay//2 - 1``; 0 for ``delay < 4``) and marked by a 1 in the third channel, so
+    only *what* it holds identifies it.
 
-    Actions ``Discrete(2)``. An episode is exactly ``delay`` actions. Only the last action is
-    rewarded: +1 if it equals the cue bit, -1 otherwise (a random guess scores 0). Every other
-    reward is 0. The last step is a termination (not a truncation) and its info holds
-    ``is_success``. Every info holds ``cue_step``, the step index of the cue, which agents may use
-    for logging only.
+    Actions ``Discrete(2)``. An episode is exactly ``delay`` actions. Only the last action is rewarded: +1 if it equals
+    the cue bit, -1 otherwise (a random guess scores 0). Every other reward is 0. The last step is a termination (not a
+    truncation) and its info holds ``is_success``. Every info holds ``cue_step``, the step index of the cue, which
+    agents may use for logging only.
 
     Unlike the original, the task is seeded through ``reset(seed=...)``.
     """
 
-    def __init__(self, delay: int = 8, difficulty: int = 0, cue_time: str = "start",
-                 render_mode: str | None = None):
+    def __init__(self, delay: int = 8, difficulty: int = 0, cue_time: str = "start", render_mode: str | None = None):
         self.delay = _check_int("delay", delay, 1)
         self.difficulty = _check_choice("difficulty", difficulty, (0, 1))
         self.cue_time = _check_choice("cue_time", cue_time, ("start", "random"))
-        self.episode_length = self.delay  # steps per episode (a transformer's full context)
-        self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
-        self.observation_space = spaces.Box(0.0, 1.0, (3,), np.float32)
-        self.action_space = spaces.Discrete(2)
-        self._target = 0
-        self._t = 0
+        self._setup(self.delay, render_mode)  # episode_length: a transformer's full context
         self._cue_step = 0
-        self._obs = np.zeros(3, np.float32)
 
     def _distractors(self, n: int) -> np.ndarray:
         if self.difficulty == 0:
@@ -118,8 +120,7 @@ class MemoryTaskEnv(_CellRowEnv):
 
     def _observe(self) -> np.ndarray:
         if self._t == self._cue_step:
-            self._obs = np.array([self._target, self._distractors(1)[0], float(self.cue_time == "random")],
-                                 np.float32)
+            self._obs = np.array([self._target, self._distractors(1)[0], float(self.cue_time == "random")], np.float32)
         else:
             d = self._distractors(2)
             self._obs = np.array([d[0], d[1], 0.0], np.float32)
@@ -130,18 +131,10 @@ class MemoryTaskEnv(_CellRowEnv):
         self._target = int(self.np_random.integers(0, 2))
         self._cue_step = int(self.np_random.integers(0, max(1, self.delay // 2))) if self.cue_time == "random" else 0
         self._t = 0
-        return self._observe(), {"cue_step": self._cue_step}
+        return self._observe(), self._info()
 
-    def step(self, action):
-        if not self.action_space.contains(action):
-            raise ValueError(f"action must be 0 or 1, got {action!r}")
-        self._t += 1
-        obs = self._observe()
-        info: dict[str, Any] = {"cue_step": self._cue_step}
-        reward, terminated = 0.0, False
-        if self._t >= self.delay:
-            reward, terminated = _judge_answer(action, self._target, info), True
-        return obs, reward, terminated, False, info
+    def _info(self) -> dict[str, Any]:
+        return {"cue_step": self._cue_step}
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,10 +143,9 @@ class MemoryTaskEnv(_CellRowEnv):
 class PassiveTMazeEnv(gym.Env):
     """Passive T-Maze (Ni et al. 2023, "When Do Transformers Shine in RL?").
 
-    A corridor of cells ``x = 0 .. length`` ends in a T-junction at ``x = length`` whose two
-    arms are ``y = +1`` and ``y = -1``. The goal arm ``goal_y`` is drawn at reset. An episode
-    lasts exactly ``length + 1`` steps: ``length`` steps to walk the corridor and one to enter
-    an arm, so there is no slack.
+    A corridor of cells ``x = 0 .. length`` ends in a T-junction at ``x = length`` whose two arms are ``y = +1`` and
+    ``y = -1``. The goal arm ``goal_y`` is drawn at reset. An episode lasts exactly ``length + 1`` steps: ``length``
+    steps to walk the corridor and one to enter an arm, so there is no slack.
 
     Observation ``Box(-1, 1, (2,), float32)``, exactly as in the paper's code:
       - ``[0, goal_y]`` at the start cell ``x = 0`` on the first step only (the cue);
@@ -163,21 +155,18 @@ class PassiveTMazeEnv(gym.Env):
     Actions ``Discrete(4)``: 0 = right (+x), 1 = up (+y), 2 = left (-x), 3 = down (-y); a
     move into a wall leaves the agent in place.
 
-    Reward: on the last step, +1 if the agent stands in the goal arm, else 0. On every other
-    step, ``penalty`` (default ``-1/length``) if the agent lags behind the always-forward
-    schedule (``x < t`` after ``t`` steps). The optimum return is 1.0 (success 1.0); a
-    memoryless agent can do no better than success 0.5. The last step is a termination and
-    its info holds ``is_success``; every info holds ``cue_step`` = 0.
+    Reward: on the last step, +1 if the agent stands in the goal arm, else 0. On every other step, ``penalty`` (default
+    ``-1/length``) if the agent lags behind the always-forward schedule (``x < t`` after ``t`` steps). The optimum
+    return is 1.0 (success 1.0); a memoryless agent can do no better than success 0.5. The last step is a termination
+    and its info holds ``is_success``; every info holds ``cue_step`` = 0.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 8}
     _MOVES = ((1, 0), (0, 1), (-1, 0), (0, -1))
 
-    def __init__(self, length: int = 10, penalty: float | None = None,
-                 render_mode: str | None = None):
+    def __init__(self, length: int = 10, penalty: float | None = None, render_mode: str | None = None):
         self.length = _check_int("length", length, 1)
-        if penalty is None:
-            penalty = -1.0 / self.length
+        penalty = -1.0 / self.length if penalty is None else penalty
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty <= 0:
             raise ValueError(f"penalty must be a number <= 0, got {penalty!r}")
         self.penalty = float(penalty)
@@ -188,9 +177,7 @@ class PassiveTMazeEnv(gym.Env):
         self._x = self._y = self._goal_y = self._t = 0
 
     def _free(self, x: int, y: int) -> bool:
-        if y == 0:
-            return 0 <= x <= self.length
-        return x == self.length and y in (-1, 1)
+        return 0 <= x <= self.length if y == 0 else x == self.length and y in (-1, 1)
 
     def _obs(self) -> np.ndarray:
         if self._x == 0:
@@ -215,17 +202,14 @@ class PassiveTMazeEnv(gym.Env):
         info: dict[str, Any] = {"cue_step": 0}
         terminated = self._t >= self.episode_length
         if terminated:
-            success = self._y == self._goal_y
-            reward = 1.0 if success else 0.0
-            info["is_success"] = success
+            info["is_success"] = self._y == self._goal_y
+            reward = 1.0 if info["is_success"] else 0.0
         else:
             reward = self.penalty if self._x < self._t else 0.0
         return self._obs(), reward, terminated, False, info
 
     def render(self):
-        if self.render_mode != "rgb_array":
-            return None
-        return _tmaze_picture(self.length, self._goal_y, self._x, self._y)
+        return _tmaze_picture(self.length, self._goal_y, self._x, self._y) if self.render_mode == "rgb_array" else None
 
 
 def _tmaze_picture(length: int, goal_y: int, x: int, y: int) -> np.ndarray:
@@ -255,9 +239,8 @@ def _supported(space: spaces.Space, path: str = "observation") -> None:
         for key, sub in space.spaces.items():
             _supported(sub, f"{path}[{key!r}]")
         return
-    raise ValueError(
-        f"unsupported observation space {space} at {path}: supported are Box, Discrete, "
-        "MultiDiscrete, MultiBinary and Tuple/Dict of those")
+    raise ValueError(f"unsupported observation space {space} at {path}: supported are Box, Discrete, "
+                     "MultiDiscrete, MultiBinary and Tuple/Dict of those")
 
 
 def _is_text(space: spaces.Space) -> bool:
@@ -269,11 +252,10 @@ def _is_text(space: spaces.Space) -> bool:
 class FlattenObservation(gym.ObservationWrapper):
     """Flatten any supported observation into one float32 vector.
 
-    ``Discrete`` becomes a one-hot vector, ``MultiDiscrete`` a concatenation of one-hots,
-    ``MultiBinary`` and ``Box`` are flattened, ``Tuple``/``Dict`` are concatenated in order.
-    The text entries of a ``Dict`` (e.g. MiniGrid's ``mission``) are dropped, with a one-line
-    notice: the agents take numbers. Other unsupported spaces (``Text`` alone, ``Graph``,
-    ``Sequence``, ...) raise ``ValueError`` naming the space and where it sits.
+    ``Discrete`` becomes a one-hot vector, ``MultiDiscrete`` a concatenation of one-hots, ``MultiBinary`` and ``Box``
+    are flattened, ``Tuple``/``Dict`` are concatenated in order. The text entries of a ``Dict`` (e.g. MiniGrid's
+    ``mission``) are dropped, with a one-line notice: the agents take numbers. Other unsupported spaces (``Text`` alone,
+    ``Graph``, ``Sequence``, ...) raise ``ValueError`` naming the space and where it sits.
     """
 
     def __init__(self, env: gym.Env):
@@ -288,8 +270,7 @@ class FlattenObservation(gym.ObservationWrapper):
         _supported(space)
         self.kept = space
         flat = spaces.flatten_space(space)
-        self.observation_space = spaces.Box(flat.low.astype(np.float32),
-                                            flat.high.astype(np.float32), dtype=np.float32)
+        self.observation_space = spaces.Box(flat.low.astype(np.float32), flat.high.astype(np.float32), dtype=np.float32)
 
     def observation(self, observation):
         if self.dropped:
@@ -301,13 +282,13 @@ class FlattenObservation(gym.ObservationWrapper):
 # Grid worlds for AdaMemento's first experiments: CliffWalkingFail-v0, DarkChamber-v0, FourRooms-v0
 # ---------------------------------------------------------------------------------------
 class _GridWorld(gym.Env):
-    """Shared mechanics of the three grid worlds (subclasses define layout and observation).
+    """Shared mechanics of the three grid worlds (subclasses define the layout; the observation is a one-hot of the
+    agent's cell unless a subclass overrides ``_obs``).
 
-    Actions ``Discrete(4)``: 0 = up (row - 1), 1 = right (col + 1), 2 = down (row + 1),
-    3 = left (col - 1), as gymnasium's CliffWalking. A move into a wall or off the grid leaves
-    the agent in place. The time limit is a *truncation* (``truncated=True``), so learners
-    bootstrap the cut-off return. The last step's info holds ``is_success`` (True only when
-    the goal was reached).
+    Actions ``Discrete(4)``: 0 = up (row - 1), 1 = right (col + 1), 2 = down (row + 1), 3 = left (col - 1), as
+    gymnasium's CliffWalking. A move into a wall or off the grid leaves the agent in place. The time limit is a
+    *truncation* (``truncated=True``), so learners bootstrap the cut-off return. The last step's info holds
+    ``is_success`` (True only when the goal was reached).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 8}
@@ -318,11 +299,15 @@ class _GridWorld(gym.Env):
         self.max_steps = _check_int("max_steps", max_steps, 1)
         self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
         self.walls, self.start, self.goal = walls, start, goal
+        self.observation_space = spaces.Box(0.0, 1.0, (walls.size,), np.float32)  # DarkChamber's is an image
         self.action_space = spaces.Discrete(4)
         self._pos, self._t = start, 0
 
     def _obs(self) -> np.ndarray:
-        raise NotImplementedError
+        """One-hot of the agent's cell, index ``row * cols + col``."""
+        obs = np.zeros(self.walls.size, np.float32)
+        obs[self._pos[0] * self.walls.shape[1] + self._pos[1]] = 1.0
+        return obs
 
     def _hazard(self, pos: tuple[int, int]) -> bool:
         return False
@@ -343,15 +328,11 @@ class _GridWorld(gym.Env):
         r, c = self._pos[0] + dr, self._pos[1] + dc
         if 0 <= r < self.walls.shape[0] and 0 <= c < self.walls.shape[1] and not self.walls[r, c]:
             self._pos = (r, c)
-        info: dict[str, Any] = {}
-        reward, terminated = 0.0, False
-        if self._pos == self.goal:
-            reward, terminated = 1.0, True
-        elif self._hazard(self._pos):
-            reward, terminated = -1.0, True
+        success = self._pos == self.goal
+        reward = 1.0 if success else -1.0 if self._hazard(self._pos) else 0.0
+        terminated = reward != 0.0
         truncated = not terminated and self._t >= self.max_steps
-        if terminated or truncated:
-            info["is_success"] = self._pos == self.goal
+        info = {"is_success": success} if terminated or truncated else {}
         return self._obs(), reward, terminated, truncated, info
 
     def _picture(self) -> np.ndarray:
@@ -361,46 +342,35 @@ class _GridWorld(gym.Env):
         return grid
 
     def render(self):
-        if self.render_mode == "rgb_array":
-            return _cells_to_rgb(self._picture())
-        return None
+        return _cells_to_rgb(self._picture()) if self.render_mode == "rgb_array" else None
 
 
 class CliffWalkingFailEnv(_GridWorld):
     """Cliff Walking where falling off is a failure that ends the episode.
 
-    Gymnasium's ``CliffWalking-v1`` sends the agent back to the start when it steps on the
-    cliff; here the episode *terminates* with reward -1 and ``is_success=False``, so failed
-    trajectories exist to learn from (AdaMemento's memory reflection).
+    Gymnasium's ``CliffWalking-v1`` sends the agent back to the start when it steps on the cliff; here the episode
+    *terminates* with reward -1 and ``is_success=False``, so failed trajectories exist to learn from (AdaMemento's
+    memory reflection).
 
-    Grid ``rows x cols`` (default 4 x 12). Start at the bottom-left cell ``(rows-1, 0)``, goal
-    at the bottom-right cell ``(rows-1, cols-1)``, the cliff is every cell in between on the
-    bottom row.
+    Grid ``rows x cols`` (default 4 x 12). Start at the bottom-left cell ``(rows-1, 0)``, goal at the bottom-right cell
+    ``(rows-1, cols-1)``, the cliff is every cell in between on the bottom row.
 
-    Observation ``Box(0, 1, (rows*cols,), float32)``: one-hot of the agent's cell, index
-    ``row * cols + col``. Actions ``Discrete(4)`` (0 up, 1 right, 2 down, 3 left; moves off
-    the grid leave the agent in place).
+    Observation ``Box(0, 1, (rows*cols,), float32)``: one-hot of the agent's cell, index ``row * cols + col``. Actions
+    ``Discrete(4)`` (0 up, 1 right, 2 down, 3 left; moves off the grid leave the agent in place).
 
-    Reward: +1 and termination on reaching the goal (``is_success=True``); -1 and
-    termination on stepping onto the cliff (``is_success=False``); 0 otherwise. After
-    ``max_steps`` (default 100) actions the episode is truncated (``is_success=False``).
+    Reward: +1 and termination on reaching the goal (``is_success=True``); -1 and termination on stepping onto the cliff
+    (``is_success=False``); 0 otherwise. After ``max_steps`` (default 100) actions the episode is truncated
+    (``is_success=False``).
     """
 
-    def __init__(self, rows: int = 4, cols: int = 12, max_steps: int = 100,
-                 render_mode: str | None = None):
+    def __init__(self, rows: int = 4, cols: int = 12, max_steps: int = 100, render_mode: str | None = None):
         self.rows = _check_int("rows", rows, 2)
         self.cols = _check_int("cols", cols, 3)
-        self._setup(np.zeros((self.rows, self.cols), bool), (self.rows - 1, 0),
-                    (self.rows - 1, self.cols - 1), max_steps, render_mode)
-        self.observation_space = spaces.Box(0.0, 1.0, (self.rows * self.cols,), np.float32)
+        self._setup(np.zeros((self.rows, self.cols), bool), (self.rows - 1, 0), (self.rows - 1, self.cols - 1),
+                    max_steps, render_mode)
 
     def _hazard(self, pos: tuple[int, int]) -> bool:
         return pos[0] == self.rows - 1 and 0 < pos[1] < self.cols - 1
-
-    def _obs(self) -> np.ndarray:
-        obs = np.zeros(self.rows * self.cols, np.float32)
-        obs[self._pos[0] * self.cols + self._pos[1]] = 1.0
-        return obs
 
     def _picture(self) -> np.ndarray:
         grid = super()._picture()
@@ -411,24 +381,20 @@ class CliffWalkingFailEnv(_GridWorld):
 class DarkChamberEnv(_GridWorld):
     """A dark ``size x size`` room seen as an image in which the cells barely differ.
 
-    The goal is the centre cell ``(size//2, size//2)``, which looks like every other cell. The
-    agent starts on a uniformly drawn cell of the room's outer ring (drawn with the env's
-    seeded RNG), so the way to the goal depends on where the agent is: a policy that cannot
-    tell the faint observations apart cannot reach it reliably. (A goal in a corner could be
-    reached by a blind policy that just mixes "right" and "down": the walls funnel it there.)
+    The goal is the centre cell ``(size//2, size//2)``, which looks like every other cell. The agent starts on a
+    uniformly drawn cell of the room's outer ring (drawn with the env's seeded RNG), so the way to the goal depends on
+    where the agent is: a policy that cannot tell the faint observations apart cannot reach it reliably. (A goal in a
+    corner could be reached by a blind policy that just mixes "right" and "down": the walls funnel it there.)
 
-    Observation ``Box(0, 255, (size*cell_pixels, size*cell_pixels, 1), uint8)``: every pixel
-    is ``background`` (default 24) except the ``cell_pixels x cell_pixels`` block of the
-    agent's cell, which is ``background + contrast`` (default 24 + 6 = 30, i.e. 2.4% of the
-    intensity range). Observations therefore differ only by a faint intensity change at one
-    cell -- the setting for AdaMemento's fine-grained (latent) state distinction.
+    Observation ``Box(0, 255, (size*cell_pixels, size*cell_pixels, 1), uint8)``: every pixel is ``background`` (default
+    24) except the ``cell_pixels x cell_pixels`` block of the agent's cell, which is ``background + contrast`` (default
+    24 + 6 = 30, i.e. 2.4% of the intensity range). Observations therefore differ only by a faint intensity change at
+    one cell -- the setting for AdaMemento's fine-grained (latent) state distinction.
 
-    Actions ``Discrete(4)`` (0 up, 1 right, 2 down, 3 left; moves into the outer wall leave
-    the agent in place). Reward +1 and termination on reaching the goal
-    (``is_success=True``), 0 otherwise; after ``max_steps`` (default ``2 * size``, at least
-    ``size`` more than the longest shortest path) actions the episode is truncated
-    (``is_success=False``). A uniformly random policy succeeds in about 9% of episodes at the
-    default size 8.
+    Actions ``Discrete(4)`` (0 up, 1 right, 2 down, 3 left; moves into the outer wall leave the agent in place). Reward
+    +1 and termination on reaching the goal (``is_success=True``), 0 otherwise; after ``max_steps`` (default
+    ``2 * size``, at least ``size`` more than the longest shortest path) actions the episode is truncated
+    (``is_success=False``). A uniformly random policy succeeds in about 9% of episodes at the default size 8.
     """
 
     def __init__(self, size: int = 8, cell_pixels: int = 2, background: int = 24, contrast: int = 6,
@@ -460,16 +426,15 @@ class DarkChamberEnv(_GridWorld):
 class FourRoomsEnv(_GridWorld):
     """Sutton, Precup & Singh's (1999) four-rooms grid world with a sparse goal.
 
-    The classic 13 x 13 layout (outer walls included; 104 free cells in four rooms joined by
-    four one-cell doorways). The agent starts in the top-left corner cell ``(1, 1)``; the goal
-    is the far bottom-right corner cell ``(11, 11)`` (shortest path: 20 steps).
+    The classic 13 x 13 layout (outer walls included; 104 free cells in four rooms joined by four one-cell doorways).
+    The agent starts in the top-left corner cell ``(1, 1)``; the goal is the far bottom-right corner cell ``(11, 11)``
+    (shortest path: 20 steps).
 
-    Observation ``Box(0, 1, (169,), float32)``: one-hot of the agent's cell, index
-    ``row * 13 + col``. Actions ``Discrete(4)`` (0 up, 1 right, 2 down, 3 left;
-    deterministic, moves into walls leave the agent in place).
+    Observation ``Box(0, 1, (169,), float32)``: one-hot of the agent's cell, index ``row * 13 + col``. Actions
+    ``Discrete(4)`` (0 up, 1 right, 2 down, 3 left; deterministic, moves into walls leave the agent in place).
 
-    Reward +1 and termination on reaching the goal (``is_success=True``), 0 otherwise; after
-    ``max_steps`` (default 100) actions the episode is truncated (``is_success=False``).
+    Reward +1 and termination on reaching the goal (``is_success=True``), 0 otherwise; after ``max_steps`` (default 100)
+    actions the episode is truncated (``is_success=False``).
     """
 
     LAYOUT = ("wwwwwwwwwwwww",
@@ -489,12 +454,6 @@ class FourRoomsEnv(_GridWorld):
     def __init__(self, max_steps: int = 100, render_mode: str | None = None):
         walls = np.array([[ch == "w" for ch in row] for row in self.LAYOUT])
         self._setup(walls, (1, 1), (11, 11), max_steps, render_mode)
-        self.observation_space = spaces.Box(0.0, 1.0, (walls.size,), np.float32)
-
-    def _obs(self) -> np.ndarray:
-        obs = np.zeros(self.walls.size, np.float32)
-        obs[self._pos[0] * self.walls.shape[1] + self._pos[1]] = 1.0
-        return obs
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,35 +462,26 @@ class FourRoomsEnv(_GridWorld):
 class RecallAcrossEpisodesEnv(_CellRowEnv):
     """Recall across episode resets: a target bit fixed for a block of episodes, shown only once.
 
-    Episodes come in blocks of ``block`` consecutive episodes that share one random target bit. The
-    bit is shown only at the first step of the block's first episode; every episode of the block is
-    rewarded for reporting it. Only an agent whose memory survives ``reset()`` can answer in the
-    later episodes of a block.
+    Episodes come in blocks of ``block`` consecutive episodes that share one random target bit. The bit is shown only at
+    the first step of the block's first episode; every episode of the block is rewarded for reporting it. Only an agent
+    whose memory survives ``reset()`` can answer in the later episodes of a block.
 
-    Observation ``Box(0, 1, (3,), float32)``: ``[target, 1, 0]`` at the first step of the block's
-    first episode, ``[0, 0, 0]`` everywhere else. Actions ``Discrete(2)``; an episode is exactly
-    ``length`` actions and only the last is rewarded, +1 if it equals the target bit, -1 otherwise.
-    The last step is a termination and its info holds ``is_success``; every info holds
-    ``block_episode`` (index of the episode within its block) and, in the block's first episode
-    only, ``cue_step`` = 0 (for logging only).
+    Observation ``Box(0, 1, (3,), float32)``: ``[target, 1, 0]`` at the first step of the block's first episode,
+    ``[0, 0, 0]`` everywhere else. Actions ``Discrete(2)``; an episode is exactly ``length`` actions and only the last
+    is rewarded, +1 if it equals the target bit, -1 otherwise. The last step is a termination and its info holds
+    ``is_success``; every info holds ``block_episode`` (index of the episode within its block) and, in the block's first
+    episode only, ``cue_step`` = 0 (for logging only).
 
-    An agent without cross-episode memory can answer only the first episode of each block, so its
-    best success rate is ``(1 + (block - 1) / 2) / block`` (0.625 for ``block=4``), i.e. chance on
-    the episodes that do not show the cue. ``reset(seed=...)`` reseeds and starts a new block;
-    ``reset()`` without a seed moves on to the next episode.
+    An agent without cross-episode memory can answer only the first episode of each block, so its best success rate is
+    ``(1 + (block - 1) / 2) / block`` (0.625 for ``block=4``), i.e. chance on the episodes that do not show the cue.
+    ``reset(seed=...)`` reseeds and starts a new block; ``reset()`` without a seed moves on to the next episode.
     """
 
     def __init__(self, block: int = 4, length: int = 4, render_mode: str | None = None):
         self.block = _check_int("block", block, 1)
         self.length = _check_int("length", length, 1)
-        self.episode_length = self.length
-        self.render_mode = _check_choice("render_mode", render_mode, (None, "rgb_array"))
-        self.observation_space = spaces.Box(0.0, 1.0, (3,), np.float32)
-        self.action_space = spaces.Discrete(2)
-        self._target = 0
+        self._setup(self.length, render_mode)
         self._episode = -1  # index of the current episode since the last seeded reset
-        self._t = 0
-        self._obs = np.zeros(3, np.float32)
 
     def _info(self) -> dict[str, Any]:
         k = self._episode % self.block
@@ -548,16 +498,9 @@ class RecallAcrossEpisodesEnv(_CellRowEnv):
         self._t = 0
         return self._obs.copy(), self._info()
 
-    def step(self, action):
-        if not self.action_space.contains(action):
-            raise ValueError(f"action must be 0 or 1, got {action!r}")
-        self._t += 1
+    def _observe(self) -> np.ndarray:
         self._obs = np.zeros(3, np.float32)
-        info = self._info()
-        reward, terminated = 0.0, False
-        if self._t >= self.length:
-            reward, terminated = _judge_answer(action, self._target, info), True
-        return self._obs.copy(), reward, terminated, False, info
+        return self._obs.copy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -611,8 +554,8 @@ class _BatchedEnv(gym.vector.VectorEnv):
 
     single_cls: type[gym.Env]
 
-    def __init__(self, num_envs: int = 1, max_episode_steps: int | None = None,
-                 autoreset_mode: Any = SAME_STEP, **kwargs):
+    def __init__(self, num_envs: int = 1, max_episode_steps: int | None = None, autoreset_mode: Any = SAME_STEP,
+                 **kwargs):
         self.template = self.single_cls(**kwargs)  # the single env's validation, parameters and spaces
         if max_episode_steps is not None:
             gym.wrappers.TimeLimit(self.template, max_episode_steps)  # TimeLimit's own checks
@@ -704,9 +647,7 @@ class _BatchedEnv(gym.vector.VectorEnv):
         return info
 
     def render(self):
-        if self.render_mode != "rgb_array":
-            return None
-        return tuple(self._frame(i) for i in range(self.num_envs))
+        return tuple(self._frame(i) for i in range(self.num_envs)) if self.render_mode == "rgb_array" else None
 
     def _frame(self, i: int) -> np.ndarray:
         return _cells_to_rgb(self._obs[i][None, :])
@@ -788,8 +729,7 @@ class BatchedPassiveTMaze(_BatchedEnv):
     def _start(self, idx, seeded):
         for i in idx:
             self._goal[i] = int(self._gens[i].choice([-1, 1]))
-        self._x[idx] = 0
-        self._y[idx] = 0
+        self._x[idx] = self._y[idx] = 0
         self._observe()
 
     def _observe(self):
