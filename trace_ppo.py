@@ -118,8 +118,7 @@ class Args(RunArgs):
     num_heads: int = 4
     """attention heads of the memory read"""
     explore_visits: Optional[float] = None
-    """m of the exploration floor: act uniformly with probability min(1, m / visits of the observation)
-    (0 = off; discrete actions)"""
+    """m of the exploration floor: act uniformly with chance min(1, m / visits of the observation) (0: off; discrete)"""
 
 
 PRESETS = {
@@ -136,8 +135,7 @@ VOTER_FRACTION = 8  # the rollout's 1/8 steps with the largest |TD error| teach 
 
 
 # ---- Environments
-def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = False,
-             video_dir: str = ""):
+def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = False, video_dir: str = ""):
     def thunk():
         extra = dict(frameskip=1, repeat_action_probability=0.25) if kind == "atari" else {}
         env = make_base_env(env_id, env_kwargs, "rgb_array" if capture_video else None, **extra)
@@ -150,20 +148,17 @@ def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = Fal
             env = gym.wrappers.FrameStackObservation(env, 4)
         elif not isinstance(env.observation_space, spaces.Box) or len(env.observation_space.shape) == 2:
             env = FlattenObservation(env)
-        if kind == "continuous":
-            env = gym.wrappers.ClipAction(env)
-        return env
+        return gym.wrappers.ClipAction(env) if kind == "continuous" else env
 
     return thunk
 
 
 def make_vector_env(args: Args, env_kwargs: dict, kind: str, num_envs: int, video_dir: str = ""):
-    if kind == "vector" and not (args.capture_video and video_dir):
-        batched = make_batched_env(args.env_id, env_kwargs, num_envs)  # the memory tasks as numpy arrays, same results
-        if batched is not None:
-            return batched
-    fns = [make_env(args.env_id, env_kwargs, kind, args.capture_video and i == 0 and bool(video_dir),
-                    video_dir) for i in range(num_envs)]
+    video = args.capture_video and bool(video_dir)
+    batched = make_batched_env(args.env_id, env_kwargs, num_envs) if kind == "vector" and not video else None
+    if batched is not None:  # the memory tasks as numpy arrays, same results
+        return batched
+    fns = [make_env(args.env_id, env_kwargs, kind, video and i == 0, video_dir) for i in range(num_envs)]
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
@@ -175,8 +170,14 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+def merge_moments(mean, var, count, batch_mean, batch_var, n):
+    """Mean, variance and count of the union of two samples (the parallel algorithm); numpy or torch."""
+    delta, total = batch_mean - mean, count + n
+    return mean + delta * n / total, (var * count + batch_var * n + delta ** 2 * count * n / total) / total, total
+
+
 class RunningMeanStd(nn.Module):
-    """Running mean/variance (parallel algorithm); buffers, so they are saved with the model."""
+    """Running mean/variance; buffers, so they are saved with the model."""
 
     def __init__(self, shape=()):
         super().__init__()
@@ -187,17 +188,12 @@ class RunningMeanStd(nn.Module):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = x.double().reshape(-1, *self.mean.shape)
-        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
-        delta, total = batch_mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        m2 = self.var * self.count + batch_var * n + delta.pow(2) * self.count * n / total
-        self.var.copy_(m2 / total)
-        self.count.copy_(total)
+        moments = merge_moments(self.mean, self.var, self.count, x.mean(0), x.var(0, unbiased=False), len(x))
+        self.mean, self.var, self.count = moments  # buffers still
 
 
 def image_encoder(shape: tuple[int, ...]) -> tuple[nn.Module, int, bool]:
-    """Nature CNN for images of at least 36x36 pixels, a 3x3 conv stack for smaller ones; returns the encoder, its
-    output size and whether input is channels-last (HWC)."""
+    """Nature CNN for images of at least 36x36 pixels, else a 3x3 conv stack; returns it, its width and whether HWC."""
     channels_last = shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
     c, h, w = (shape[2], shape[0], shape[1]) if channels_last else shape
     if min(h, w) >= 36:
@@ -216,22 +212,21 @@ def image_encoder(shape: tuple[int, ...]) -> tuple[nn.Module, int, bool]:
 TIME_FREQS = (0.5, 1.0, 2.0, 4.0)      # per unit of log(1 + tau): scale-free, any episode length
 TIME_PERIODS = (1.0, 10.0, 100.0, 1000.0)  # absolute phase, for counting steps
 TIME_DIM = 1 + 2 * len(TIME_FREQS) + 2 * len(TIME_PERIODS)
-_TIME_TABLES: dict[str, torch.Tensor] = {}
+_TIME_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def time_encoding(tau: torch.Tensor) -> torch.Tensor:
     """Features of the clock tau: log(1 + tau) and its sinusoids (fine early, still in range at 10^5) plus sinusoids
     of tau (periods up to 1000). A table grown by doubling: one gather instead of a dozen elementwise ops."""
-    key = str(tau.device)
-    table = _TIME_TABLES.get(key)
+    table = _TIME_TABLES.get(tau.device, ())
     need = int(tau.max()) + 1 if tau.numel() else 1
-    if table is None or len(table) < need:
-        size = max(need, 2 * (0 if table is None else len(table)), 1024)
+    if len(table) < need:
+        size = max(need, 2 * len(table), 1024)
         t = torch.arange(size, dtype=torch.float32, device=tau.device).unsqueeze(-1)
         u, f, p = torch.log1p(t), t.new_tensor(TIME_FREQS), t.new_tensor(TIME_PERIODS)
         table = torch.cat([u / 8.0, torch.sin(u * f), torch.cos(u * f),
                            torch.sin(2 * math.pi * t / p), torch.cos(2 * math.pi * t / p)], -1)
-        _TIME_TABLES[key] = table
+        _TIME_TABLES[tau.device] = table
     return table[tau.long()]
 
 
@@ -240,14 +235,12 @@ def symlog(x: torch.Tensor) -> torch.Tensor:
 
 
 class VisitCounter(nn.Module):
-    """Pseudo-counts of observations by SimHash (Tang et al. 2017): an observation is hashed to the signs of
-    ``bits`` fixed random projections of its raw values and N counts the visits of its bucket."""
+    """SimHash pseudo-counts (Tang et al. 2017): the visits of each bucket of ``bits`` signs of random projections."""
 
     def __init__(self, obs_dim: int, seed: int, device, bits: int = 16, m: float = 0.0):
         super().__init__()
-        self.m = m  # of the exploration floor
+        self.m, self.powers = m, 2 ** torch.arange(bits, device=device)  # m: of the exploration floor
         self.proj = torch.randn((bits, obs_dim), generator=torch.Generator().manual_seed(seed)).to(device)
-        self.powers = 2 ** torch.arange(bits, device=device)
         self.register_buffer("counts", torch.zeros(2 ** bits, device=device))
 
     def visit(self, obs: torch.Tensor) -> torch.Tensor:
@@ -255,10 +248,6 @@ class VisitCounter(nn.Module):
         code = ((obs.float().flatten(1) @ self.proj.T >= 0).long() * self.powers).sum(1)
         self.counts.index_add_(0, code, torch.ones_like(code, dtype=self.counts.dtype))
         return self.counts[code]
-
-    def floor(self, obs: torch.Tensor) -> torch.Tensor:
-        """The exploration floor: an observation's first m visits act uniformly, later ones with chance m / N."""
-        return (self.m / self.visit(obs)).clamp(max=1.0)
 
 
 TAG_DIM = 3  # persistent slots: [1, symlog(return of the entry's episode), log(1 + episodes ago)]
@@ -284,14 +273,12 @@ class Votes(NamedTuple):
 
 
 class Retention(nn.Module):
-    """The retention scorer r(entry) and its teacher, the entry critic c(step, action, entry) (see the
-    module docstring). Both read detached entry features and are trained by their own optimizer."""
+    """The retention scorer r(entry) and its teacher, the entry critic c(step, action, entry): module docstring."""
 
     def __init__(self, d: int, n_content: int, n_act: int, hidden: int = 32):
         super().__init__()
         self.n_env_part = n_content + 1 + TIME_DIM + TAG_DIM
-        n_in = self.n_env_part + n_act + d
-        self.scorer = nn.Sequential(layer_init(nn.Linear(n_in, hidden)), nn.Tanh(),
+        self.scorer = nn.Sequential(layer_init(nn.Linear(self.n_env_part + n_act + d, hidden)), nn.Tanh(),
                                     layer_init(nn.Linear(hidden, 1), std=0.01))
         # First layer split into a step part and an entry part: a (step, entry) pair costs one add. The output is
         # bilinear in the action, [1, a] . V h, so "reward when the action matches the entry's bit" is linear.
@@ -321,13 +308,11 @@ class Retention(nn.Module):
         pred = (out * torch.cat([torch.ones_like(v.action[:, :1]), v.action], 1).unsqueeze(1)).sum(-1)
         err, seen = (pred - v.y[:, None]) ** 2, v.seen
         mean_err = (err * seen).sum(1) / seen.sum(1).clamp(min=1)
-        critic_loss = mean_err.mean()
         with torch.no_grad():
-            u = (-err / (USEFULNESS_TEMPERATURE * mean_err[:, None] + 1e-8)).masked_fill(~seen, -1e30)
-            target = torch.softmax(u, 1)
-            gain = (mean_err - (target * err).sum(1)) * seen.any(1)
-        ce = -(target * torch.log_softmax(r.masked_fill(~seen, -1e30), 1) * seen).sum(1)
-        return critic_loss, (gain * ce).mean(), gain
+            u = torch.softmax((-err / (USEFULNESS_TEMPERATURE * mean_err[:, None] + 1e-8)).masked_fill(~seen, -1e30), 1)
+            gain = (mean_err - (u * err).sum(1)) * seen.any(1)
+        ce = -(u * torch.log_softmax(r.masked_fill(~seen, -1e30), 1) * seen).sum(1)
+        return mean_err.mean(), (gain * ce).mean(), gain
 
 
 class Agent(nn.Module):
@@ -339,30 +324,25 @@ class Agent(nn.Module):
         self.continuous = isinstance(action_space, spaces.Box)
         self.image = isinstance(obs_space, spaces.Box) and len(obs_space.shape) == 3
         self.scale = 255.0 if obs_space.dtype == np.uint8 else 1.0
-        self.n_act = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
+        self.n_act = n_act = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
         self.obs_rms = RunningMeanStd(obs_space.shape) if args.normalize else None
         self._norm_count = None
-        if self.image:
-            self.cnn, n_feat, self.channels_last = image_encoder(obs_space.shape)
-        else:
-            self.cnn, n_feat = None, int(np.prod(obs_space.shape))
+        self.cnn, n_feat, self.channels_last = (image_encoder(obs_space.shape) if self.image else
+                                                (None, int(np.prod(obs_space.shape)), False))
         # One network encodes both what is written and what queries.
-        self.embed_net = nn.Sequential(layer_init(nn.Linear(n_feat + self.n_act + 1 + TIME_DIM, d)), nn.Tanh(),
+        self.embed_net = nn.Sequential(layer_init(nn.Linear(n_feat + n_act + 1 + TIME_DIM, d)), nn.Tanh(),
                                        layer_init(nn.Linear(d, d)), nn.Tanh())
         self.tag_proj = layer_init(nn.Linear(TAG_DIM, d, bias=False), std=1.0)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (layer_init(nn.Linear(d, d), std=1.0) for _ in range(4))
         # LayerNorm on the read (as after a Transformer's attention block): its scale cannot grow and
         # saturate the heads' tanh, which would cut the gradient to the attention.
         self.read_norm = nn.LayerNorm(d)
-
-        def head(n_in: int, out: int, std: float) -> nn.Sequential:
-            return nn.Sequential(layer_init(nn.Linear(n_in, 64)), nn.Tanh(), layer_init(nn.Linear(64, out), std=std))
-
-        self.actor, self.critic = head(2 * d, self.n_act, 0.01), head(2 * d, 1, 1.0)
+        self.actor = nn.Sequential(layer_init(nn.Linear(2 * d, 64)), nn.Tanh(), layer_init(nn.Linear(64, n_act), 0.01))
+        self.critic = nn.Sequential(layer_init(nn.Linear(2 * d, 64)), nn.Tanh(), layer_init(nn.Linear(64, 1), 1.0))
         if self.continuous:
-            self.actor_logstd = nn.Parameter(torch.zeros(1, self.n_act))
+            self.actor_logstd = nn.Parameter(torch.zeros(1, n_act))
         n_content = (obs_space.shape[-1 if self.channels_last else 0] * 16) if self.image else n_feat
-        self.retention = Retention(d, n_content, self.n_act)
+        self.retention = Retention(d, n_content, n_act)
 
     def policy_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("retention.")]
@@ -383,8 +363,7 @@ class Agent(nn.Module):
         return self.embed_net(torch.cat([x.flatten(1), prev_act, prev_rew.unsqueeze(-1), time_encoding(tau)], -1))
 
     def retention_features(self, e: torch.Tensor, raw: dict, tag: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Entries as retention sees them (``Retention.features``), from their embeddings and raw inputs: the content
-        is the normalised observation (images: 4x4 average-pooled)."""
+        """``Retention.features`` of entries; their content is the normalised observation (images: 4x4 avg-pooled)."""
         x = self.normalize_obs(raw["obs"].flatten(0, raw["tau"].dim() - 1))
         if self.image:
             x = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2) if self.channels_last else x, 4)
@@ -411,10 +390,8 @@ class Agent(nn.Module):
         log-probability is always the softmax's: the policy PPO trains."""
         z = torch.cat([e, read], -1)
         out, value, acting = self.actor(z), self.critic(z).squeeze(-1), action is None
-        if self.continuous:
-            dist = Normal(out, self.actor_logstd.expand_as(out).exp(), validate_args=False)
-        else:
-            dist = Categorical(logits=out, validate_args=False)
+        dist = (Normal(out, self.actor_logstd.expand_as(out).exp(), validate_args=False) if self.continuous
+                else Categorical(logits=out, validate_args=False))
         if acting and greedy:
             action = out if self.continuous else out.argmax(1)
         elif acting and (floor is None or self.continuous):
@@ -429,9 +406,7 @@ class Agent(nn.Module):
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
         """An action as an input: one-hot for discrete, the (clipped) vector for Box."""
-        if self.continuous:
-            return action.float().reshape(action.shape[0], -1)
-        return F.one_hot(action.long(), self.n_act).float()
+        return action.float().flatten(1) if self.continuous else F.one_hot(action.long(), self.n_act).float()
 
 
 # ---- Memory: slots and their sources
@@ -473,12 +448,9 @@ class Memory:
         score = self.agent.retention.score(self.agent.retention_features(e, new))
         held = self.src[:, :m] >= 0
         full = held.all(1)
-        if self.policy == "learned":
-            victim = torch.cat([self.score[:, :m], score.unsqueeze(1)], 1).argmin(1)
-        elif self.policy == "fifo":
-            victim = self.order[:, :m].argmin(1)
-        else:
-            victim = torch.randint(0, m, (self.n,), generator=self.generator, device=e.device)
+        victim = (torch.cat([self.score[:, :m], score.unsqueeze(1)], 1).argmin(1) if self.policy == "learned" else
+                  self.order[:, :m].argmin(1) if self.policy == "fifo" else
+                  torch.randint(0, m, (self.n,), generator=self.generator, device=e.device))
         slot = torch.where(full, victim, (~held).float().argmax(1))
         victim_tau = torch.cat([self.entry["tau"][:, :m], self.clock.unsqueeze(1)], 1).gather(1, victim[:, None])[:, 0]
         rows = torch.nonzero(slot < m).squeeze(1)
@@ -492,8 +464,7 @@ class Memory:
 
     @torch.no_grad()
     def step(self, e: torch.Tensor, obs: torch.Tensor, pool_index: int, action: torch.Tensor, reward) -> torch.Tensor:
-        """Write the step's entry, then take in the next one's inputs: the action taken (clipped for Box), symlog of
-        its reward, the clock. Returns ``write``'s ages."""
+        """Write the entry, take in the next inputs (action clipped for Box, symlog reward, clock); returns the ages."""
         ages = self.write(e, obs, pool_index)
         self.prev_act = self.agent.action_input(action)
         self.prev_rew = symlog(torch.as_tensor(reward, dtype=torch.float32, device=self.prev_rew.device))
@@ -510,9 +481,8 @@ class Memory:
         or at random), tagged with the episode's return; then the episodic slots are cleared."""
         for i in rows.tolist() if self.k else []:
             held = torch.nonzero(self.src[i] >= 0).squeeze(1)
-            one = {k: v[i, held] for k, v in self.entry.items()}
             key = {"learned": lambda: self.agent.retention.score(self.agent.retention_features(
-                       self.emb[i, held], one, self.tags()[i, held])),
+                       self.emb[i, held], {k: v[i, held] for k, v in self.entry.items()}, self.tags()[i, held])),
                    "fifo": lambda: self.order[i, held].float(),
                    "random": lambda: torch.rand(len(held), generator=self.generator, device=held.device)}[self.policy]()
             keep = held[key.argsort(descending=True, stable=True)][: self.k]
@@ -526,26 +496,20 @@ class Memory:
             self.episodes_ago[i, self.m:] += 1.0
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.src.device)
         self.src[rows_t, : self.m] = -1
-        self.prev_act[rows_t], self.prev_rew[rows_t], self.clock[rows_t] = 0.0, 0.0, 0
-        self.ep_return[rows] = 0.0
+        self.prev_act[rows_t], self.prev_rew[rows_t], self.clock[rows_t], self.ep_return[rows] = 0.0, 0.0, 0, 0.0
 
     @torch.no_grad()
     def begin_rollout(self) -> dict:
-        """Re-encode the held entries with the current parameters (the update will too): pool entries 0..S-1.
-        Returns their raw inputs (the carry-in)."""
-        n, s = self.n, self.s
-        flat = {k: v.flatten(0, 1) for k, v in self.entry.items()}
-        e = self.agent.embed(flat["obs"], flat["pact"], flat["prew"], flat["tau"])
-        score = self.agent.retention.score(self.agent.retention_features(e, flat, self.tags().flatten(0, 1)))
-        self.emb, self.score = e.view(n, s, -1), score.view(n, s)
-        self.src = torch.where(self.src >= 0, torch.arange(s, device=self.src.device).expand(n, s), -1)
+        """Re-encode the held entries (pool entries 0..S-1) as the update will; returns their inputs (the carry-in)."""
+        self.emb = pool_embed(self.agent, self.entry)
+        self.score = self.agent.retention.score(self.agent.retention_features(self.emb, self.entry, self.tags()))
+        self.src = torch.where(self.src >= 0, torch.arange(self.s, device=self.src.device).expand(self.n, -1), -1)
         return {k: v.clone() for k, v in self.entry.items()}
 
 
 # ---- The rollout buffer, returns
 class Rollout:
-    """(T, N) tensors of one rollout: the inputs of every entry, what PPO needs, and at every step which
-    source each slot held (``src``) with the slots' persistent tags (the update replays the reads)."""
+    """(T, N) tensors of a rollout: the entries' inputs, what PPO needs, each step's slot sources and tags (replay)."""
 
     def __init__(self, t: int, n: int, mem: Memory, obs_space: spaces.Box, act_space: spaces.Space, device):
         s, self.tagged, zeros = mem.s, mem.k > 0, partial(torch.zeros, device=device)
@@ -569,8 +533,8 @@ class Rollout:
         """Record the step's inputs, read and act; returns the action and the embedding ``Memory.step`` stores."""
         self.record_inputs(step, obs, mem)
         floor = None
-        if counter is not None:
-            floor = self.floor[step] = counter.floor(obs)
+        if counter is not None:  # the exploration floor: an observation's first m visits act uniformly, later m / N
+            floor = self.floor[step] = (counter.m / counter.visit(obs)).clamp(max=1.0)
         (action, logprob, value), w, e = mem.act(obs, floor=floor)
         self.attn[step], self.values[step], self.actions[step], self.logprobs[step] = w.mean(1), value, action, logprob
         return action, e
@@ -601,8 +565,7 @@ class Rollout:
 
 
 class RewardScaler:
-    """Divide rewards by the running std of the discounted return (as gymnasium's NormalizeReward), in numpy: it runs
-    every step."""
+    """Divide rewards by the running std of the discounted return (as NormalizeReward), in numpy: it runs every step."""
 
     def __init__(self, num_envs: int, gamma: float):
         self.gamma, self.returns, self.mean, self.var, self.count = gamma, np.zeros(num_envs), 0.0, 1.0, 1e-4
@@ -611,12 +574,8 @@ class RewardScaler:
         return math.sqrt(self.var + 1e-8)
 
     def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
-        self.returns = self.returns * self.gamma + rewards
-        n, batch_mean, batch_var = len(self.returns), self.returns.mean(), self.returns.var()
-        delta, total = batch_mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.var = (self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total
-        self.count = total
+        r = self.returns = self.returns * self.gamma + rewards
+        self.mean, self.var, self.count = merge_moments(self.mean, self.var, self.count, r.mean(), r.var(), len(r))
         self.returns[dones] = 0.0
         return np.clip(rewards / self.scale(), -10, 10)
 
@@ -627,16 +586,13 @@ class RewardScaler:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
-                last_value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
-    """GAE over a (T, N) rollout. ``dones[t]``: the episode ended with action t (terminated or truncated; a truncated
-    one already carries gamma V(final) in ``rewards[t]``)."""
+def compute_gae(rewards, values, dones, last_value, gamma: float, lam: float) -> torch.Tensor:
+    """GAE over (T, N). ``dones[t]``: an episode ended with action t (truncated: ``rewards[t]`` has gamma V(final))."""
     advantages, last_gae, next_value = torch.zeros_like(rewards), torch.zeros_like(last_value), last_value
     for t in reversed(range(rewards.shape[0])):
         not_done = 1.0 - dones[t]
         delta = rewards[t] + gamma * next_value * not_done - values[t]
-        last_gae = delta + gamma * lam * not_done * last_gae
-        advantages[t] = last_gae
+        advantages[t] = last_gae = delta + gamma * lam * not_done * last_gae
         next_value = values[t]
     return advantages
 
@@ -652,20 +608,15 @@ def td_targets(rewards, values, dones, last_value, gamma: float) -> tuple[torch.
 # ---- Update: replaying the reads, teaching retention
 def pool_embed(agent: Agent, pool: dict) -> torch.Tensor:
     """Embeddings (N, P, D) of every pool entry with the current parameters."""
-    n, p = pool["tau"].shape
-    return agent.embed(*(pool[k].flatten(0, 1) for k in ("obs", "pact", "prew", "tau"))).view(n, p, -1)
+    return agent.embed(*(pool[k].flatten(0, 1) for k in ("obs", "pact", "prew", "tau"))).view(*pool["tau"].shape, -1)
 
 
 def replay(agent: Agent, pool_e: torch.Tensor, ro: Rollout, t_idx: torch.Tensor, i_idx: torch.Tensor):
-    """Replay the reads of steps (t_idx, i_idx) from the recorded slot sources into the pool and tags, with acting's
-    ``attend``. Returns their embeddings (B, D), reads (B, D) and weights (B, H, S)."""
-    src = ro.src[t_idx, i_idx]
-    n, p, d = pool_e.shape
-    flat = pool_e.reshape(n * p, d)
+    """Replay the reads of steps (t_idx, i_idx) from their recorded sources with acting's ``attend``: e, read, w."""
+    src, p, flat = ro.src[t_idx, i_idx], pool_e.shape[1], pool_e.flatten(0, 1)
     e = flat.index_select(0, i_idx * p + src.shape[1] + t_idx)
-    slots = flat.index_select(0, (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)).view(*src.shape, d)
-    read, w = agent.attend(e, slots, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0)
-    return e, read, w
+    slots = flat.index_select(0, (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)).view(*src.shape, -1)
+    return e, *agent.attend(e, slots, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0)
 
 
 @torch.no_grad()
@@ -695,8 +646,7 @@ def retention_votes(agent: Agent, pool: dict, ro: Rollout, voters: torch.Tensor,
 
 
 def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args: Args, stats: dict) -> torch.Tensor:
-    """``update_epochs`` passes over the votes in minibatches of whole envs (each needs its own pool only).
-    Returns the weights G of the last pass (diagnostics)."""
+    """``update_epochs`` passes in minibatches of whole envs (each needs only its pool); returns the last pass's G."""
     n, gains = len(votes.entries), []
     for epoch in range(args.update_epochs):
         for envs in torch.randperm(n, device=votes.env.device).chunk(min(n, args.num_minibatches)):
@@ -718,8 +668,7 @@ def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args
 # ---- Evaluation and diagnostics (off the algorithm's path)
 def clip_action(action: torch.Tensor, space: spaces.Space) -> torch.Tensor:
     if isinstance(space, spaces.Box):
-        return action.clamp(torch.as_tensor(space.low, device=action.device),
-                            torch.as_tensor(space.high, device=action.device))
+        return action.clamp(*(torch.as_tensor(bound, device=action.device) for bound in (space.low, space.high)))
     return action
 
 
@@ -732,10 +681,9 @@ def cue_step(info: dict, i: int) -> int:
 @torch.no_grad()
 def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str,
              video_dir: str = "") -> tuple[dict, Optional[tuple[np.ndarray, int]]]:
-    """Greedy evaluation of ``--eval-episodes`` on fresh envs, memory carried as in training, and the attention map
-    (decision step x source step, at most 512 x 512 bins) of env 0's first episode with its length. At each
-    episode's last decision: is the cue in a slot (``cue_in_memory``), and how much does its most attentive head
-    read it (``cue_attention``)."""
+    """Greedy evaluation of ``--eval-episodes`` on fresh envs (memory carried as in training) and the attention map
+    (decision x source step, at most 512 x 512 bins) of env 0's first episode with its length. At each episode's end:
+    is the cue in a slot (``cue_in_memory``), and how much does its most attentive head read it (``cue_attention``)."""
     episodes, device = args.eval_episodes, next(agent.parameters()).device
     n_envs = max(1, min(episodes, 8))
     quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
@@ -774,25 +722,21 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str,
 
 
 def save_attention_png(mat: np.ndarray, steps: int, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import PowerNorm
-    fig, ax = plt.subplots(figsize=(6, 5))
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no figure to close
+    fig = Figure(figsize=(6, 5), layout="tight")
+    ax = fig.subplots()
     # A power norm keeps small weights visible next to the single-entry reads of the first steps.
     im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
                    extent=(0, steps, 0, steps), norm=PowerNorm(0.4, vmin=0.0, vmax=max(float(mat.max()), 1e-8)))
     ax.set(xlabel="source step (episode time of the entry read)", ylabel="decision step",
            title="episodic attention weight (mean over heads)")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def memory_scalars(ro: Rollout, pool: dict, m: int) -> dict:
-    """memory/* scalars of a rollout: ages of dropped entries, whether the cue (where the env reports it) was
-    held at each episode's last decision, attention entropy and occupancy."""
+    """memory/*: ages of dropped entries, the cue (if reported) held at episode ends, attention entropy, occupancy."""
     out, dropped, (t, i) = {}, ro.age >= 0, torch.nonzero(ro.cue >= 0, as_tuple=True)
     if dropped.any():
         out["mean_age_evicted"] = float(ro.age[dropped].sum()) / int(dropped.sum())
@@ -808,8 +752,8 @@ def memory_scalars(ro: Rollout, pool: dict, m: int) -> dict:
 
 
 # ---- Training
-def configure(args: Args) -> tuple[Run, dict, str]:
-    """The run, the env's keyword arguments and its kind; fills the ``None`` flags from the kind's preset."""
+def configure(args: Args) -> tuple[Run, Args, dict, str]:
+    """The run, its arguments, the env's keyword arguments and its kind; the ``None`` flags get the kind's preset."""
     if args.env_kwargs is None:  # the main job: a randomly timed cue, 64 steps against 16 slots
         args.env_kwargs = ("delay=64", "difficulty=1", "cue_time=random") if args.env_id == "MemoryTask-v0" else ()
     run = Run(args, Args)
@@ -820,9 +764,7 @@ def configure(args: Args) -> tuple[Run, dict, str]:
     kind = "continuous" if isinstance(probe.action_space, spaces.Box) else "vector"
     kind = "atari" if is_atari(args.env_id) else kind
     probe.close()
-    for key, value in PRESETS[kind].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    vars(args).update({key: value for key, value in PRESETS[kind].items() if getattr(args, key) is None})
     if args.explore_visits > 0 and kind == "continuous":
         raise UserError(f"--explore-visits needs discrete actions; {args.env_id} has Box actions")
     check_flags(args, at_least_one=("memory_slots", "hidden_size", "num_heads"),
@@ -830,14 +772,12 @@ def configure(args: Args) -> tuple[Run, dict, str]:
     if (args.num_envs * args.num_steps) % args.num_minibatches:
         raise UserError(f"--num-minibatches {args.num_minibatches} must divide "
                         f"num_envs*num_steps={args.num_envs * args.num_steps}")
-    return run, env_kwargs, kind
+    return run, args, env_kwargs, kind
 
 
 def main(args: Args) -> None:
-    run, env_kwargs, kind = configure(args)
-    args = run.args
-    T, N, M = args.num_steps, args.num_envs, args.memory_slots
-    S, batch_size = M + args.persistent_slots, N * T
+    run, args, env_kwargs, kind = configure(args)
+    T, N, batch_size = args.num_steps, args.num_envs, args.num_steps * args.num_envs
     minibatch_size, num_iterations = batch_size // args.num_minibatches, run.iterations(batch_size)
     device = run.start()
 
@@ -867,9 +807,8 @@ def main(args: Args) -> None:
 
     mem = Memory(agent, N, args, obs_space, device)
     ro = Rollout(T, N, mem, obs_space, act_space, device)
-    progress = Progress(args.total_timesteps)
     next_obs = torch.as_tensor(envs.reset(seed=args.seed + run.start_iteration - 1)[0], device=device)
-    start_step, last_ckpt = global_step, time.time()
+    progress, start_step, last_ckpt = Progress(args.total_timesteps), global_step, time.time()
     for iteration in range(run.start_iteration, num_iterations + 1):
         if args.anneal_lr:
             for opt in (optimizer, ret_optimizer):
@@ -883,7 +822,7 @@ def main(args: Args) -> None:
             if not np.isfinite(reward).all():  # it would enter the memory before any loss could catch it
                 raise run.diverged("non-finite reward", global_step)
             done = term | trunc
-            ro.age[step] = mem.step(e, ro.obs[step], S + step, clip_action(action, act_space), reward)
+            ro.age[step] = mem.step(e, ro.obs[step], mem.s + step, clip_action(action, act_space), reward)
             reward = np.sign(reward) if kind == "atari" else reward
             reward = reward_scaler(reward, done) if reward_scaler is not None else reward
             reward = torch.as_tensor(reward, dtype=torch.float32, device=device)
@@ -909,8 +848,8 @@ def main(args: Args) -> None:
         advantages = compute_gae(ro.rewards, ro.values, ro.dones, last_value, args.gamma, args.gae_lambda)
         b_returns, b_adv, b_values = (advantages + ro.values).reshape(-1), advantages.reshape(-1), ro.values.reshape(-1)
         b_y, b_td_error = td_targets(ro.rewards, ro.values, ro.dones, last_value, args.gamma)
-        b_actions = ro.actions.reshape((-1,) + act_space.shape)
-        b_actions, b_logprobs = b_actions if agent.continuous else b_actions.long(), ro.logprobs.reshape(-1)
+        b_actions, b_logprobs = ro.actions.flatten(0, 1), ro.logprobs.reshape(-1)
+        b_actions = b_actions if agent.continuous else b_actions.long()
         pool = ro.pool(carry)
         stats, vote_stats = defaultdict(list), {}  # losses/*, memory/vote_*
         if args.retention == "learned":
@@ -918,8 +857,7 @@ def main(args: Args) -> None:
             voters = b_td_error.abs().topk(max(1, batch_size // VOTER_FRACTION)).indices
             # The critic explains TD targets in the env's own reward units, which stay put while the reward scale moves.
             y = b_y[voters] * (reward_scaler.scale() if reward_scaler is not None else 1.0)
-            votes = retention_votes(agent, pool, ro, voters, y)
-            gain = train_retention(agent, ret_optimizer, votes, args, stats)
+            gain = train_retention(agent, ret_optimizer, retention_votes(agent, pool, ro, voters, y), args, stats)
             vote_stats = dict(vote_gain_mean=gain.mean().item(), vote_gain_max=gain.max().item())
             if not np.isfinite(stats["retention_loss"] + stats["entry_critic_loss"]).all():
                 raise run.diverged("non-finite retention loss", global_step)
@@ -928,16 +866,14 @@ def main(args: Args) -> None:
             np.random.shuffle(b_inds)
             for start in range(0, batch_size, minibatch_size):
                 mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
-                t_idx, i_idx = mb // N, mb % N
-                e, read, _ = replay(agent, pool_embed(agent, pool), ro, t_idx, i_idx)
+                e, read, _ = replay(agent, pool_embed(agent, pool), ro, mb // N, mb % N)
                 _, newlogprob, entropy, newvalue = agent.heads(e, read, b_actions[mb])
                 logratio = newlogprob - b_logprobs[mb]
                 if epoch == 0 and start == 0:  # before any gradient step the update reproduces the rollout exactly
                     replay_error = max(logratio.abs().max().item(), (newvalue - b_values[mb]).abs().max().item())
                 ratio = logratio.exp()
                 with torch.no_grad():
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
+                    old_approx_kl, approx_kl = (-logratio).mean(), ((ratio - 1) - logratio).mean()
                     clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
                 mb_adv = b_adv[mb]
                 if args.norm_adv:
@@ -971,7 +907,7 @@ def main(args: Args) -> None:
         scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps,
                    "losses/explained_variance": explained_var, "debug/replay_max_error": replay_error,
                    **{f"losses/{k}": float(np.mean(v)) for k, v in stats.items() if v},
-                   **{f"memory/{k}": v for k, v in dict(memory_scalars(ro, pool, M), **vote_stats).items()}}
+                   **{f"memory/{k}": v for k, v in dict(memory_scalars(ro, pool, mem.m), **vote_stats).items()}}
         if counter is not None:
             scalars["intrinsic/explore_floor_mean"] = ro.floor.mean().item()
         for key, value in scalars.items():
