@@ -105,23 +105,29 @@ class Args(RunArgs):
     0 = whole rollout"""
     memory_preset: bool = False
     """vector envs: trace_ppo's choices for memory tasks (8 envs x 128 steps, normalisation, no entropy bonus,
-    no per-minibatch advantage normalisation)"""
+    no per-minibatch advantage normalisation, its exploration floor)"""
+    explore_visits: Optional[float] = None
+    """m of trace_ppo's exploration floor: act uniformly with chance min(1, m / visits of the observation) (0: off;
+    discrete actions)"""
 
 
 # The recurrent baseline's presets, so that the two differ only in their memory.
 PRESETS = {
     "vector": dict(learning_rate=1e-3, num_envs=4, num_steps=128, num_minibatches=4,
-                   update_epochs=4, clip_coef=0.2, ent_coef=0.01, normalize=False, chunk_len=0, norm_adv=True),
+                   update_epochs=4, clip_coef=0.2, ent_coef=0.01, normalize=False, chunk_len=0, norm_adv=True,
+                   explore_visits=0.0),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4,
-                  update_epochs=4, clip_coef=0.1, ent_coef=0.01, normalize=False, chunk_len=0, norm_adv=True),
+                  update_epochs=4, clip_coef=0.1, ent_coef=0.01, normalize=False, chunk_len=0, norm_adv=True,
+                  explore_visits=0.0),
     # One env cannot be split into 32 minibatches by environment, so the continuous preset
     # cuts its 2048-step rollout into 32 chunks of 64 (the same minibatch size as ppo_baseline).
     "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32,
-                       update_epochs=10, clip_coef=0.2, ent_coef=0.0, normalize=True, chunk_len=64, norm_adv=True),
+                       update_epochs=10, clip_coef=0.2, ent_coef=0.0, normalize=True, chunk_len=64, norm_adv=True,
+                       explore_visits=0.0),
 }
 # --memory-preset: trace_ppo's vector preset where it applies (as recurrent_ppo_baseline's).
 MEMORY_PRESET = dict(learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, ent_coef=0.0,
-                     normalize=True, norm_adv=False)
+                     normalize=True, norm_adv=False, explore_visits=20.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,6 +242,24 @@ def symlog(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
 
 
+class VisitCounter(nn.Module):
+    """trace_ppo's exploration floor: SimHash pseudo-counts (Tang et al. 2017) of the raw observations, and the chance
+    min(1, m / N) of acting uniformly on an observation seen N times, so a rare input (a T-maze junction) is tried
+    although the softmax has ruled its actions out."""
+
+    def __init__(self, obs_dim: int, seed: int, device, bits: int = 16, m: float = 0.0):
+        super().__init__()
+        self.m, self.powers = m, 2 ** torch.arange(bits, device=device)
+        self.proj = torch.randn((bits, obs_dim), generator=torch.Generator().manual_seed(seed)).to(device)
+        self.register_buffer("counts", torch.zeros(2 ** bits, device=device))
+
+    def floor(self, obs: torch.Tensor) -> torch.Tensor:
+        """Count one visit of each row of ``obs``; returns each row's floor, this visit included."""
+        code = ((obs.float().flatten(1) @ self.proj.T >= 0).long() * self.powers).sum(1)
+        self.counts.index_add_(0, code, torch.ones_like(code, dtype=self.counts.dtype))
+        return (self.m / self.counts[code]).clamp(max=1.0)
+
+
 def window_mask(tau: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
     """(B, Q, K) which keys each query sees. The Q queries are the last Q of the K keys, so query q is
     key q + K - Q; it sees the keys a steps back for 0 <= a <= min(tau, W - 1), tau (B, Q) its clock."""
@@ -340,8 +364,10 @@ class Agent(nn.Module):
         n_q = e.shape[1] - (self.window - 1)
         return self.read(e[:, -n_q:], self.keys_values(e), inputs["tau"][:, -n_q:])
 
-    def heads(self, z: torch.Tensor, action: Optional[torch.Tensor] = None, greedy: bool = False):
-        """(action, log-prob, entropy, value) of the outputs z (B, d); samples an action if none is given."""
+    def heads(self, z: torch.Tensor, action: Optional[torch.Tensor] = None, greedy: bool = False,
+              floor: Optional[torch.Tensor] = None):
+        """(action, log-prob, entropy, value) of the outputs z (B, d); samples an action if none is given, with a
+        ``floor`` per row from (1 - floor) softmax + floor uniform. The log-prob is the softmax's, which PPO trains."""
         out, value = self.actor(z), self.critic(z)
         if self.continuous:
             dist = Normal(out, self.actor_logstd.expand_as(out).exp())
@@ -349,8 +375,11 @@ class Agent(nn.Module):
                 action = out if greedy else dist.sample()
             return action, dist.log_prob(action).sum(1), dist.entropy().sum(1), value
         dist = Categorical(logits=out)
-        if action is None:
+        if action is None and (greedy or floor is None):
             action = out.argmax(1) if greedy else dist.sample()
+        elif action is None:  # inverse-CDF sampling, as trace_ppo
+            probs = (1.0 - floor).unsqueeze(-1) * dist.probs + floor.unsqueeze(-1) / out.shape[-1]
+            action = (probs.cumsum(-1) < torch.rand_like(floor).unsqueeze(-1)).sum(-1).clamp(max=out.shape[-1] - 1)
         return action, dist.log_prob(action), dist.entropy(), value
 
 
@@ -389,11 +418,11 @@ class Window:
             self.inputs[k] = torch.cat([self.inputs[k], v.unsqueeze(1).to(self.inputs[k].dtype)], 1)[:, 1:]
         self.kv = torch.cat([self.kv, kv.unsqueeze(1)], 1)[:, 1:]
 
-    def act(self, obs: torch.Tensor, greedy: bool = False):
+    def act(self, obs: torch.Tensor, greedy: bool = False, floor: Optional[torch.Tensor] = None):
         """Read, act and remember the step for all envs: (action, log-prob, value, the entry's inputs)."""
         entry = self.entry(obs)
         z, kv = self.read(entry)
-        action, logprob, _, value = self.agent.heads(z, greedy=greedy)
+        action, logprob, _, value = self.agent.heads(z, greedy=greedy, floor=floor)
         self.push(entry, kv)
         return action, logprob, value.flatten(), entry
 
@@ -535,7 +564,10 @@ def main(args: Args) -> None:
     for key, value in dict(PRESETS[kind], **(MEMORY_PRESET if args.memory_preset else {})).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    check_flags(args, at_least_one=("window", "hidden_size", "num_layers", "num_heads"))
+    if args.explore_visits > 0 and kind == "continuous":
+        raise UserError(f"--explore-visits needs discrete actions; {args.env_id} has Box actions")
+    check_flags(args, at_least_one=("window", "hidden_size", "num_layers", "num_heads"),
+                non_negative=("explore_visits",))
     if args.hidden_size % args.num_heads:
         raise UserError(f"--hidden-size {args.hidden_size} must be divisible by --num-heads {args.num_heads}")
     if args.chunk_len < 0 or (args.chunk_len and args.num_steps % args.chunk_len):
@@ -554,6 +586,8 @@ def main(args: Args) -> None:
                   args.num_layers, args.num_heads, args.window).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
+    n_obs = int(np.prod(envs.single_observation_space.shape))
+    counter = VisitCounter(n_obs, args.seed, device, m=args.explore_visits) if args.explore_visits > 0 else None
 
     if run.state is not None:
         agent.load_state_dict(run.state["agent"])
@@ -563,6 +597,8 @@ def main(args: Args) -> None:
         optimizer.load_state_dict(run.state["optimizer"])
         if reward_scaler is not None:
             reward_scaler.rms.load_state_dict(run.state["reward_rms"])
+        if counter is not None:
+            counter.load_state_dict(run.state["visit_counts"])
         run.restore_rng()
         print(f"resuming {run.dir} at step {run.global_step} (windows start empty)", flush=True)
     writer, global_step = run.writer, run.global_step
@@ -572,7 +608,8 @@ def main(args: Args) -> None:
     inputs = {k: torch.zeros((args.num_steps,) + v.shape[:1] + v.shape[2:], dtype=v.dtype, device=device)
               for k, v in window.inputs.items()}
     actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape, device=device)
-    logprobs, rewards, dones, values = (torch.zeros((args.num_steps, args.num_envs), device=device) for _ in range(4))
+    logprobs, rewards, dones, values, floors = (torch.zeros((args.num_steps, args.num_envs), device=device)
+                                                for _ in range(5))
 
     # Resumed runs restart their envs with a different seed so they do not replay old episodes;
     # every env then begins an episode at clock 0, so the empty window is exact.
@@ -588,7 +625,10 @@ def main(args: Args) -> None:
         for step in range(args.num_steps):
             global_step += args.num_envs
             with torch.no_grad():
-                action, logprob, value, entry = window.act(agent.normalize_obs(next_obs, update=True))
+                floor = None
+                if counter is not None:  # trace_ppo's exploration floor, counted on the raw observation
+                    floor = floors[step] = counter.floor(next_obs)
+                action, logprob, value, entry = window.act(agent.normalize_obs(next_obs, update=True), floor=floor)
             for k, v in entry.items():
                 inputs[k][step] = v
             values[step], actions[step], logprobs[step] = value, action, logprob
@@ -691,10 +731,13 @@ def main(args: Args) -> None:
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("debug/replay_max_error", replay_error, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
+        if counter is not None:
+            writer.add_scalar("intrinsic/explore_floor_mean", floors.mean().item(), global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if run.due(last_ckpt, iteration == num_iterations):
             run.save(iteration, global_step, agent=agent.state_dict(), optimizer=optimizer.state_dict(),
-                     reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None)
+                     reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
+                     visit_counts=counter.state_dict() if counter is not None else None)
             last_ckpt = time.time()
     envs.close()
 

@@ -19,6 +19,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium import spaces
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -259,3 +260,28 @@ def test_memory_preset_takes_trace_ppos_choices(tmp_path, monkeypatch):
                     cuda=False))
     saved = torch.load(tmp_path / "runs" / "m" / "checkpoint.pt", weights_only=False)["args"]
     assert all(saved[k] == v for k, v in tp.MEMORY_PRESET.items())
+
+
+def test_exploration_floor_samples_the_mixture_and_returns_the_softmax_log_prob():
+    agent = tp.Agent(spaces.Box(-1.0, 1.0, (2,), np.float32), spaces.Discrete(4), False, 16, 1, 2, 4)
+    z = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    action, logprob, _, _ = agent.heads(z, floor=torch.ones(4000))  # floor 1: uniform, whatever the softmax
+    share = torch.bincount(action, minlength=4).float() / 4000
+    assert ((share > 0.2) & (share < 0.3)).all(), share
+    assert torch.allclose(logprob, torch.log_softmax(agent.actor(z), -1).gather(1, action[:, None])[:, 0])
+
+
+def test_memory_preset_exploration_floor_decays_replays_exactly_and_is_checkpointed(tmp_path, monkeypatch):
+    """PassiveTMaze's junction is tried because of the floor; acting through it keeps the replay exact."""
+    monkeypatch.chdir(tmp_path)
+    tp.main(tp.Args(env_id="PassiveTMaze-v0", env_kwargs=("length=6",), memory_preset=True, total_timesteps=4096,
+                    window=0, eval_episodes=0, run_name="f", cuda=False))
+    scalars = read_tb_scalars(tmp_path / "runs" / "f")
+    floor = [v for _, v in scalars["intrinsic/explore_floor_mean"]]
+    assert floor[0] > floor[-1] > 0  # observations become familiar
+    assert max(v for _, v in scalars["debug/replay_max_error"]) < 1e-5
+    ckpt = torch.load(tmp_path / "runs" / "f" / "checkpoint.pt", weights_only=False)
+    assert ckpt["visit_counts"]["counts"].sum() == 4096  # every step counted
+    with pytest.raises(tp.UserError, match="--explore-visits needs discrete actions"):
+        tp.main(tp.Args(env_id="Pendulum-v1", explore_visits=20.0, total_timesteps=512, run_name="p", cuda=False))
