@@ -754,10 +754,10 @@ def memory_scalars(ro: Rollout, pool: dict, m: int) -> dict:
 # ---- Training
 def configure(args: Args) -> tuple[Run, Args, dict, str]:
     """The run, its arguments, the env's keyword arguments and its kind; the ``None`` flags get the kind's preset."""
+    run = Run(args, Args)
+    args = run.args  # a resumed or evaluated run's own (saved) arguments
     if args.env_kwargs is None:  # the main job: a randomly timed cue, 64 steps against 16 slots
         args.env_kwargs = ("delay=64", "difficulty=1", "cue_time=random") if args.env_id == "MemoryTask-v0" else ()
-    run = Run(args, Args)
-    args = run.args
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
     check_spaces(probe, (spaces.Discrete, spaces.Box))

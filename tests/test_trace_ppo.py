@@ -585,14 +585,16 @@ def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
-def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
+def test_resume_continues_from_checkpoint(tmp_path, monkeypatch, capsys):
     _, _, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=5",), eval_episodes=2)
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 4 and ckpt["global_step"] == 256
     ckpt["iteration"], ckpt["global_step"] = 2, 128  # as if killed after the second update
     ckpt["visit_counts"]["counts"] *= 0.5  # the 128 visits counted by then
     torch.save(ckpt, run_dir / "checkpoint.pt")
+    capsys.readouterr()
     trace_ppo.main(Args(resume="t"))
+    assert "ignored" not in capsys.readouterr().out  # no flag was given, so none is reported as ignored
     assert json.loads((run_dir / "eval.json").read_text())["global_step"] == 256
     after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     # Two more updates add 128 visits to the restored 128 (a fresh counter would hold only 128).
