@@ -100,7 +100,10 @@ class Args(RunArgs):
     """feed the cell the previous action and symlog of the previous reward besides the observation"""
     memory_preset: bool = False
     """vector envs: trace_ppo's choices for memory tasks (8 envs x 128 steps, normalisation, no entropy bonus,
-    no per-minibatch advantage normalisation, previous action and reward as inputs)"""
+    no per-minibatch advantage normalisation, previous action and reward as inputs, exploration floor m = 20)"""
+    explore_visits: Optional[float] = None
+    """m of trace_ppo's exploration floor: act uniformly with chance min(1, m / visits of the observation)
+    (0: off; discrete)"""
     bptt_len: Optional[int] = None
     """truncated BPTT: sequence length in steps (must divide num_steps); 0 = whole rollout"""
 
@@ -111,19 +114,21 @@ class Args(RunArgs):
 PRESETS = {
     "vector": dict(learning_rate=1e-3, num_envs=4, num_steps=128, num_minibatches=4,
                    update_epochs=4, clip_coef=0.2, ent_coef=0.01, normalize=False, bptt_len=0, norm_adv=True,
-                   prev_action_reward=False),
+                   prev_action_reward=False, explore_visits=0.0),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4,
                   update_epochs=4, clip_coef=0.1, ent_coef=0.01, normalize=False, bptt_len=0, norm_adv=True,
-                  prev_action_reward=False),
+                  prev_action_reward=False, explore_visits=0.0),
     # One env cannot be split into 32 minibatches by environment, so the continuous preset
     # cuts its 2048-step rollout into 32 chunks of 64 (the same minibatch size as ppo_baseline).
     "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32,
                        update_epochs=10, clip_coef=0.2, ent_coef=0.0, normalize=True, bptt_len=64, norm_adv=True,
-                       prev_action_reward=False),
+                       prev_action_reward=False, explore_visits=0.0),
 }
 # --memory-preset: trace_ppo's vector preset where it applies, so the two differ only in their memory.
+# Its exploration floor: without it the policy learns "always right" in PassiveTMaze's corridor and never tries
+# up/down at the junction, so it scores 0 there for a reason that has nothing to do with memory.
 MEMORY_PRESET = dict(learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, ent_coef=0.0,
-                     normalize=True, norm_adv=False, prev_action_reward=True)
+                     normalize=True, norm_adv=False, prev_action_reward=True, explore_visits=20.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,6 +230,24 @@ LSTMState = tuple[torch.Tensor, torch.Tensor]
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
+
+
+class VisitCounter(nn.Module):
+    """SimHash pseudo-counts (Tang et al. 2017): the visits of each bucket of ``bits`` signs of random projections.
+    trace_ppo's, for its exploration floor: an observation seen N times is acted on uniformly with chance
+    min(1, m / N), so a rare input (a T-maze junction) is tried although the softmax has ruled its actions out."""
+
+    def __init__(self, obs_dim: int, seed: int, device, bits: int = 16, m: float = 0.0):
+        super().__init__()
+        self.m, self.powers = m, 2 ** torch.arange(bits, device=device)  # m: of the exploration floor
+        self.proj = torch.randn((bits, obs_dim), generator=torch.Generator().manual_seed(seed)).to(device)
+        self.register_buffer("counts", torch.zeros(2 ** bits, device=device))
+
+    def visit(self, obs: torch.Tensor) -> torch.Tensor:
+        """Count one visit of each row of ``obs``; returns each row's count, this visit included."""
+        code = ((obs.float().flatten(1) @ self.proj.T >= 0).long() * self.powers).sum(1)
+        self.counts.index_add_(0, code, torch.ones_like(code, dtype=self.counts.dtype))
+        return self.counts[code]
 
 
 class Agent(nn.Module):
@@ -349,7 +372,10 @@ class Agent(nn.Module):
         hidden, _ = self.get_states(x, prev, lstm_state, starts)
         return self.critic(hidden)
 
-    def get_action_and_value(self, x, prev, lstm_state, starts, action=None, greedy: bool = False):
+    def get_action_and_value(self, x, prev, lstm_state, starts, action=None, greedy: bool = False,
+                             floor: Optional[torch.Tensor] = None):
+        """With a ``floor`` per row (discrete actions) the action is sampled from (1 - floor) softmax + floor uniform;
+        the log-probability is always the softmax's: the policy PPO trains."""
         hidden, lstm_state = self.get_states(x, prev, lstm_state, starts)
         out = self.actor(hidden)
         if self.continuous:
@@ -360,7 +386,10 @@ class Agent(nn.Module):
         # Categorical(logits=out) spelled out, op for op (so the same numbers): at this network size building
         # and checking a distribution object every step costs more than the network.
         logits = out - out.logsumexp(1, keepdim=True)
-        if action is None:
+        if action is None and floor is not None and not greedy:  # inverse-CDF sampling, as trace_ppo
+            probs = (1.0 - floor).unsqueeze(1) * logits.softmax(1) + floor.unsqueeze(1) / out.shape[1]
+            action = (probs.cumsum(1) < torch.rand_like(floor).unsqueeze(1)).sum(1).clamp(max=out.shape[1] - 1)
+        elif action is None:
             action = out.argmax(1) if greedy else torch.multinomial(logits.softmax(1), 1, True).view(-1)
         logprob = logits.gather(1, action.long().unsqueeze(1)).squeeze(1)
         entropy = -(logits.clamp(min=torch.finfo(logits.dtype).min) * logits.softmax(1)).sum(1)
@@ -459,6 +488,8 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, device: torc
 def main(args: Args) -> None:
     run = Run(args, Args)
     args = run.args
+    if run.state is not None and "explore_visits" not in run.state["args"]:
+        args.explore_visits = 0.0  # saved before the exploration floor existed: continued without it
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
     check_spaces(probe, (spaces.Discrete, spaces.Box))
@@ -469,7 +500,9 @@ def main(args: Args) -> None:
     for key, value in dict(PRESETS[kind], **(MEMORY_PRESET if args.memory_preset else {})).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    check_flags(args, at_least_one=("hidden_size",))
+    if args.explore_visits > 0 and kind == "continuous":
+        raise UserError(f"--explore-visits needs discrete actions; {args.env_id} has Box actions")
+    check_flags(args, at_least_one=("hidden_size",), non_negative=("explore_visits",))
     if args.bptt_len < 0 or (args.bptt_len and args.num_steps % args.bptt_len):
         raise UserError(f"--bptt-len must be 0 or a divisor of --num-steps {args.num_steps}, got {args.bptt_len}")
     seq_len = args.bptt_len or args.num_steps
@@ -489,6 +522,8 @@ def main(args: Args) -> None:
     # foreach: the same arithmetic as the default per-parameter loop (bit for bit on CPU) in fewer Python calls.
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
     reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
+    n_obs = int(np.prod(envs.single_observation_space.shape))
+    counter = VisitCounter(n_obs, args.seed, device, m=args.explore_visits) if args.explore_visits > 0 else None
 
     if run.state is not None:
         agent.load_state_dict(run.state["agent"])
@@ -498,6 +533,8 @@ def main(args: Args) -> None:
         optimizer.load_state_dict(run.state["optimizer"])
         if reward_scaler is not None:
             reward_scaler.rms.load_state_dict(run.state["reward_rms"])
+        if counter is not None:
+            counter.load_state_dict(run.state["visit_counts"])
         run.restore_rng()
         print(f"resuming {run.dir} at step {run.global_step}", flush=True)
     writer, global_step = run.writer, run.global_step
@@ -508,8 +545,8 @@ def main(args: Args) -> None:
                       dtype=obs_dtype, device=device)
     actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape, device=device)
     prevs = torch.zeros((args.num_steps, args.num_envs, agent.n_prev), device=device)
-    logprobs, rewards, dones, starts, values = (torch.zeros((args.num_steps, args.num_envs), device=device)
-                                                for _ in range(5))
+    logprobs, rewards, dones, starts, values, floors = (torch.zeros((args.num_steps, args.num_envs), device=device)
+                                                        for _ in range(6))
     # LSTM state at the start of every chunk (the whole rollout is one chunk without --bptt-len).
     chunk_h, chunk_c = (torch.zeros((num_chunks, agent.rnn.num_layers, args.num_envs, args.hidden_size),
                                     device=device) for _ in range(2))
@@ -532,11 +569,14 @@ def main(args: Args) -> None:
             if step % seq_len == 0:
                 chunk_h[step // seq_len], chunk_c[step // seq_len] = lstm_state
             global_step += args.num_envs
+            floor = None
+            if counter is not None:  # the exploration floor, from the raw observation: min(1, m / its visits)
+                floor = floors[step] = (counter.m / counter.visit(next_obs)).clamp(max=1.0)
             next_obs = agent.normalize_obs(next_obs, update=True)
             obs[step], starts[step], prevs[step] = next_obs, next_start, next_prev
             with torch.no_grad():
                 action, logprob, _, value, lstm_state = agent.get_action_and_value(next_obs, next_prev, lstm_state,
-                                                                                   next_start)
+                                                                                   next_start, floor=floor)
             values[step], actions[step], logprobs[step] = value.flatten(), action, logprob
             next_obs_np, reward, term, trunc, info = envs.step(action.cpu().numpy())
             done = term | trunc
@@ -607,6 +647,8 @@ def main(args: Args) -> None:
                                     -mb_adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
                 newvalue = newvalue.view(-1)
                 mb_values, mb_returns = take(s_values), take(s_returns)
+                if epoch == 0 and start == 0:  # before any gradient step the update reproduces the rollout
+                    replay_error = max(logratio.abs().max().item(), (newvalue - mb_values).abs().max().item())
                 if args.clip_vloss:
                     v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
                     v_loss = 0.5 * torch.max((newvalue - mb_returns) ** 2, (v_clipped - mb_returns) ** 2).mean()
@@ -634,11 +676,15 @@ def main(args: Args) -> None:
         for k, v in stats.items():
             writer.add_scalar(f"losses/{k}", float(np.mean(v)), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("debug/replay_max_error", replay_error, global_step)
+        if counter is not None:
+            writer.add_scalar("intrinsic/explore_floor_mean", floors.mean().item(), global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if run.due(last_ckpt, iteration == num_iterations):
             run.save(iteration, global_step, agent=agent.state_dict(), optimizer=optimizer.state_dict(),
-                     reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None)
+                     reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
+                     visit_counts=counter.state_dict() if counter is not None else None)
             last_ckpt = time.time()
     envs.close()
 

@@ -257,3 +257,58 @@ def test_memory_preset_takes_trace_ppos_choices_and_only_for_vector_envs(tmp_pat
     assert saved["cell"] == "gru" and saved["clip_coef"] == rp.PRESETS["vector"]["clip_coef"]
     with pytest.raises(rp.UserError, match="--memory-preset"):
         rp.main(rp.Args(env_id="Pendulum-v1", memory_preset=True, total_timesteps=64, run_name="bad", cuda=False))
+
+
+def test_memory_preset_exploration_floor_replays_exactly_logs_and_resumes(tmp_path, monkeypatch):
+    """--memory-preset turns on trace_ppo's exploration floor (m = 20): the update still replays the rollout's
+    softmax log-probabilities, the floor falls as observations become familiar, the checkpoint's counter holds
+    every step's visit and --resume continues it."""
+    monkeypatch.chdir(tmp_path)
+    rp.main(rp.Args(env_id="PassiveTMaze-v0", env_kwargs=("length=5",), memory_preset=True, total_timesteps=4 * 2 * 32,
+                    num_envs=2, num_steps=32, num_minibatches=2, update_epochs=2, hidden_size=16, eval_episodes=2,
+                    run_name="floor", cuda=False))
+    run_dir = tmp_path / "runs" / "floor"
+    scalars = read_tb_scalars(run_dir)
+    assert max(v for _, v in scalars["debug/replay_max_error"]) < 1e-5
+    floor_mean = [v for _, v in scalars["intrinsic/explore_floor_mean"]]
+    assert len(floor_mean) == 4 and floor_mean[0] > floor_mean[-1] > 0, floor_mean
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["args"]["explore_visits"] == 20.0 and ckpt["visit_counts"]["counts"].sum().item() == 256
+
+    ckpt["iteration"], ckpt["global_step"] = 2, 128  # as if killed after the second update
+    ckpt["visit_counts"]["counts"] *= 0.5  # the 128 visits counted by then
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    rp.main(rp.Args(resume="floor"))
+    after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    # Two more updates add 128 visits to the restored 128 (a fresh counter would hold only 128).
+    assert after["iteration"] == 4 and after["visit_counts"]["counts"].sum().item() == 256
+
+
+def test_exploration_floor_of_one_acts_uniformly_with_the_softmax_log_prob():
+    agent = rp.Agent(gym.spaces.Box(0.0, 1.0, (3,), np.float32), gym.spaces.Discrete(4), normalize_obs=False,
+                     hidden_size=8)
+    with torch.no_grad():
+        agent.actor.bias.copy_(torch.tensor([8.0, -8.0, -8.0, -8.0]))  # the softmax all but always picks 0
+    n = 4000
+    x, prev, state, starts = torch.rand(1, 3).expand(n, 3), torch.zeros(n, 0), agent.initial_state(n), torch.ones(n)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        action, logprob, *_ = agent.get_action_and_value(x, prev, state, starts, floor=torch.ones(n))
+        greedy, *_ = agent.get_action_and_value(x, prev, state, starts, greedy=True, floor=torch.ones(n))
+        no_floor, *_ = agent.get_action_and_value(x, prev, state, starts)
+        log_softmax = torch.log_softmax(agent.actor(agent.get_states(x, prev, state, starts)[0]), 1)
+    share = torch.bincount(action, minlength=4) / n
+    assert ((share > 0.2) & (share < 0.3)).all(), share
+    torch.testing.assert_close(logprob, log_softmax.gather(1, action.unsqueeze(1)).squeeze(1), atol=1e-5, rtol=0)
+    assert (greedy == 0).all() and (no_floor == 0).float().mean() > 0.99  # greedy ignores the floor
+
+
+def test_exploration_floor_needs_discrete_actions_and_a_non_negative_m(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args, message in ((dict(env_id="Pendulum-v1", explore_visits=10.0), "--explore-visits needs discrete actions; "
+                                                                           "Pendulum-v1 has Box actions"),
+                          (dict(explore_visits=-1.0), "--explore-visits must be >= 0")):
+        with pytest.raises(rp.UserError, match=message) as err:
+            rp.main(rp.Args(total_timesteps=64, run_name="bad", cuda=False, **args))
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "runs").exists()
