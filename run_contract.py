@@ -230,6 +230,17 @@ def check_spaces(env: gym.Env, action_types: tuple[type, ...]) -> None:
         raise UserError(str(exc)) from None
 
 
+def env_kind(env_id: str, env_kwargs: dict[str, Any],
+             action_types: tuple[type, ...] = (spaces.Discrete, spaces.Box)) -> str:
+    """The env's kind, which picks a script's preset: "atari", "continuous" (Box actions) or "vector". A probe env
+    checks the spaces first (``check_spaces``)."""
+    probe = make_base_env(env_id, env_kwargs, **(dict(frameskip=1) if is_atari(env_id) else {}))
+    check_spaces(probe, action_types)
+    continuous = isinstance(probe.action_space, spaces.Box)
+    probe.close()
+    return "atari" if is_atari(env_id) else "continuous" if continuous else "vector"
+
+
 def default_run_name(env_id: str, exp_name: str, seed: int) -> str:
     env = re.sub(r"[^A-Za-z0-9_.-]+", "_", env_id)
     return f"{env}__{exp_name}__{seed}__{int(time.time())}"
@@ -266,6 +277,21 @@ def finished_episode(info: dict, i: int) -> tuple[float, int, bool | None]:
     mask = fin.get("_is_success")
     success = bool(fin["is_success"][i]) if mask is not None and mask[i] else None
     return float(fin["episode"]["r"][i]), int(fin["episode"]["l"][i]), success
+
+
+def cue_step(info: dict, i: int) -> int:
+    """The step of the cue of env ``i``'s finished episode, where the env reports it (-1: it does not; for logging)."""
+    fin = info["final_info"]
+    return int(fin["cue_step"][i]) if "cue_step" in fin and fin.get("_cue_step", np.ones(i + 1, bool))[i] else -1
+
+
+def clip_action(action: Any, space: spaces.Space) -> Any:
+    """A torch action as the env applies it: clipped to a Box's bounds (as ``ClipAction``), others unchanged."""
+    if isinstance(space, spaces.Box):
+        import torch
+
+        return action.clamp(*(torch.as_tensor(bound, device=action.device) for bound in (space.low, space.high)))
+    return action
 
 
 def episode_extras(info: dict, i: int) -> dict[str, float]:
@@ -334,8 +360,9 @@ class Stopped(UserError):
 
 
 def check_flags(args: Any, at_least_one: tuple = (), positive: tuple = (), non_negative: tuple = (),
-                unit: tuple = ()) -> None:
-    """One line naming the first flag out of range (PPO's own ranges are checked for every script)."""
+                unit: tuple = (), batch: Optional[int] = None) -> None:
+    """One line naming the first flag out of range (PPO's own ranges are checked for every script), or
+    ``--num-minibatches`` that does not divide the ``batch`` of a rollout."""
     at_least_one += ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "threads")
     positive += ("clip_coef", "max_grad_norm", "target_kl")
     non_negative += ("seed", "learning_rate", "eval_episodes", "checkpoint_interval", "ent_coef", "vf_coef")
@@ -347,6 +374,8 @@ def check_flags(args: Any, at_least_one: tuple = (), positive: tuple = (), non_n
             value = getattr(args, name, None)
             if value is not None and not (isinstance(value, (int, float)) and np.isfinite(value) and ok(value)):
                 raise UserError(f"--{name.replace('_', '-')} must {what}, got {value}")
+    if batch is not None and batch % args.num_minibatches:
+        raise UserError(f"--num-minibatches {args.num_minibatches} must divide num_envs*num_steps={batch}")
 
 
 def load_saved(path: str, args_cls: type, flag: str) -> tuple[dict, str]:
@@ -473,6 +502,16 @@ class Run:
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
 
+    def resume(self, parts: dict[str, Any], note: str = "") -> None:
+        """On ``--resume``: load every part the checkpoint holds (``None``: off in this run) and every RNG state."""
+        if self.state is None:
+            return
+        for key, part in parts.items():
+            if part is not None:
+                part.load_state_dict(self.state[key])
+        self.restore_rng()
+        print(f"resuming {self.dir} at step {self.global_step}{note}", flush=True)
+
     def wall_time(self) -> float:
         return self.elapsed_before + time.time() - self.start_time
 
@@ -481,13 +520,14 @@ class Run:
         return time.time() - last_checkpoint >= self.args.checkpoint_interval or last_iteration or bool(self.stop_signal)
 
     def save(self, iteration: int, global_step: int, **parts: Any) -> None:
-        """An atomic checkpoint of ``parts`` with the run's arguments, position and every RNG state; then, if
+        """An atomic checkpoint of ``parts`` (state dicts, or objects that have one) with the run's arguments, position and every RNG state; then, if
         Ctrl-C or SIGTERM came, stop with one line (exit code 130 or 143)."""
         import random
         from dataclasses import asdict
 
         import torch
 
+        parts = {key: part.state_dict() if hasattr(part, "state_dict") else part for key, part in parts.items()}
         save_atomic(dict(parts, script=self.script, iteration=iteration, global_step=global_step,
                          wall_time_s=self.wall_time(), args=asdict(self.args),
                          rng=dict(python=random.getstate(), numpy=np.random.get_state(),
@@ -500,7 +540,9 @@ class Run:
             raise stopped
 
     def load_network(self, agent: Any) -> None:
-        """Load the saved network into ``agent``; one of another network is a one-line error."""
+        """Load the saved network into ``agent`` (resumed or evaluated runs); one of another network is a one-line error."""
+        if self.state is None:
+            return
         try:
             agent.load_state_dict(self.state["agent"])
         except RuntimeError as err:
@@ -509,6 +551,9 @@ class Run:
             raise UserError(f"{flag}: its network does not match this version of {self.script}.py ({missing})") from None
 
     def save_model(self, **parts: Any) -> None:
+        """runs/<run>/model.pt with ``parts`` (with --save-model; otherwise nothing)."""
+        if not self.args.save_model:
+            return
         import torch
         from dataclasses import asdict
 
@@ -536,7 +581,9 @@ class Run:
             total_timesteps=args.total_timesteps, eval_episodes=args.eval_episodes, **record, peak_rss_mb=peak_rss_mb,
             run_name=args.run_name, args=asdict(args)))
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"eval: return {fmt(record.get('mean_return'))} | success {fmt(record.get('success_rate'))} -> {path}",
+        cue = (f" | cue kept at {record['cue_in_memory']:.0%} of decisions, attention on it {record['cue_attention']:.2f}"
+               if record.get("cue_in_memory") is not None else "")  # the tasks that report their cue's step
+        print(f"eval: return {fmt(record.get('mean_return'))} | success {fmt(record.get('success_rate'))}{cue} -> {path}",
               flush=True)
         self.writer.close()
 
@@ -554,6 +601,18 @@ class Progress:
         self.returns = (self.returns + [float(ret)])[-self.window:]
         if success is not None:
             self.successes = (self.successes + [float(success)])[-self.window:]
+
+    def log(self, writer: Any, info: dict, done: np.ndarray, step: int) -> None:
+        """Log every episode that ended in this vector step (charts/episodic_*) and count it for the progress line."""
+        for i in np.flatnonzero(done):
+            ep_r, ep_l, success = finished_episode(info, i)
+            writer.add_scalar("charts/episodic_return", ep_r, step)
+            writer.add_scalar("charts/episodic_length", ep_l, step)
+            if success is not None:
+                writer.add_scalar("charts/episodic_success", float(success), step)
+            for key, value in episode_extras(info, i).items():  # e.g. the rooms of MontezumaRevengeRooms
+                writer.add_scalar(f"charts/episodic_{key}", value, step)
+            self.episode(ep_r, success)
 
     def maybe_print(self, step: int, sps: float, force: bool = False) -> None:
         now = time.time()

@@ -3,38 +3,35 @@
 One file, CleanRL style. Design, ablations and every measurement: docs/trace_ppo.md.
 
 Read, act, write
-  Each step the agent READS its memory, acts, then WRITES one entry: the embedding of the step's
-  observation, previous action and reward and its own clock (steps since its episode began). The read
-  is multi-head attention from the current step over the occupied slots; actor and critic see
-  [step, read]. There is no recurrent state: what the agent remembers sits in its slots. M episodic
-  slots are cleared when an episode starts (K persistent slots survive resets). When the M slots are
-  full, the new entry and the stored ones compete and the lowest retention score r(entry) is dropped,
-  so acting costs O(M) per step however long the episode (--retention fifo / random: the controls).
+  Each step the agent READS its memory, acts, then WRITES one entry: the embedding of the step's observation,
+  previous action and reward and its own clock (steps since its episode began). The read is multi-head attention
+  from the current step over the occupied slots; actor and critic see [step, read]. There is no recurrent state:
+  what the agent remembers sits in its slots. M episodic slots are cleared when an episode starts (K persistent
+  slots survive resets). When the M slots are full, the new entry and the stored ones compete and the lowest
+  retention score r(entry) is dropped (--retention fifo / random: the controls), so acting costs O(M) per step.
 
 What retention is taught, and why it works
-  r sees an entry's content only, never its slot or write order. It is taught in hindsight: at each
-  update an ENTRY CRITIC judges every entry a step q could have held, the earlier steps of its episode
-  in the rollout (kept or evicted) and the entries memory carried in. c(step q, action, entry j)
-  predicts q's one-step TD target y_q = r_q + gamma V(s_q+1) from the ONE entry j, judging j by what
-  the env showed at its step (not by the agent's own action, or the later steps the agent copies a
-  cue into would share its credit). The entry that decides an outcome predicts it with a small error,
-  the others with about the same larger one. So q votes, by cross-entropy, for softmax(r) to follow
-      u_qj = softmax_j(-err_qj / (0.1 mean_j err_qj)),
-  weighted by how much its best entries beat the average one, G_q = mean_j err_qj - sum_j u_qj err_qj.
-  A step that no entry explains better than another (value noise, a task already solved) weighs
-  nothing, so it cannot teach "keep the earliest entries" nor erode a kept cue. Critic and scorer read
-  detached inputs and have their own optimizer: retention never shapes what the policy reads.
+  r sees an entry's content only, never its slot or write order. It is taught in hindsight: at each update an
+  ENTRY CRITIC judges every entry a step q could have held, the earlier steps of its episode in the rollout (kept
+  or evicted) and the entries memory carried in. c(step q, action, entry j) predicts q's one-step TD target
+  y_q = r_q + gamma V(s_q+1) from the ONE entry j, judging j by what the env showed at its step (not by the
+  agent's own action, or the later steps the agent copies a cue into would share its credit). The entry that
+  decides an outcome predicts it with a small error, the others with about the same larger one. So q votes, by
+  cross-entropy, for softmax(r) to follow      u_qj = softmax_j(-err_qj / (0.1 mean_j err_qj)),
+  weighted by how much its best entries beat the average one, G_q = mean_j err_qj - sum_j u_qj err_qj. A step
+  that no entry explains better than another (value noise, a task already solved) weighs nothing, so it cannot
+  teach "keep the earliest entries" nor erode a kept cue. Critic and scorer read detached inputs and have their
+  own optimizer: retention never shapes what the policy reads.
 
 The read, exactly replayed
-  The rollout records which source each slot holds at every step; the update re-encodes the sources
-  and replays every read with the same attention as acting, so PPO's gradient reaches attention and
-  encoder (the first epoch reproduces the rollout's log-probabilities exactly). The read has no loss
-  of its own: what to read is learned from PPO's loss alone.
+  The rollout records which source each slot holds at every step; the update re-encodes the sources and replays
+  every read with the same attention as acting, so PPO's gradient reaches attention and encoder (the first epoch
+  reproduces the rollout's log-probabilities exactly). What to read is learned from PPO's loss alone.
 
-PPO for one decision in a thousand steps (vector preset): observation and reward normalisation, no
-entropy bonus, no per-minibatch advantage normalisation, and a count-based exploration floor: an
-observation seen N times is acted on uniformly with probability min(1, m / N), so a rare input (a
-T-maze junction) is tried although the softmax has ruled its actions out.
+PPO for one decision in a thousand steps (vector preset): observation and reward normalisation, no entropy bonus, no
+per-minibatch advantage normalisation, and a count-based exploration floor: an observation seen N times is acted on
+uniformly with probability min(1, m / N), so a rare input (a T-maze junction) is tried although the softmax has
+ruled its actions out.
 """
 
 from __future__ import annotations
@@ -57,8 +54,8 @@ from gymnasium import spaces
 from torch.distributions import Categorical, Normal
 
 from memory_envs import FlattenObservation
-from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
-                          make_base_env, make_batched_env, parse_env_kwargs, run_cli)
+from run_contract import (Progress, Run, RunArgs, UserError, check_flags, clip_action, cue_step, env_kind,
+                          finished_episode, make_base_env, make_batched_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
@@ -126,9 +123,8 @@ PRESETS = {
                    ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=False, explore_visits=20.0),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, clip_coef=0.1,
                   ent_coef=0.01, normalize=False, normalize_reward=False, norm_adv=True, explore_visits=0.0),
-    "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10,
-                       clip_coef=0.2, ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=True,
-                       explore_visits=0.0),
+    "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10, clip_coef=0.2,
+                       ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=True, explore_visits=0.0),
 }
 USEFULNESS_TEMPERATURE = 0.1  # relative to the mean error: the votes go to the few entries that explain a step
 VOTER_FRACTION = 8  # the rollout's 1/8 steps with the largest |TD error| teach retention; the rest hardly vote
@@ -264,7 +260,6 @@ class Votes(NamedTuple):
     y: torch.Tensor         # (B,) its TD target
 
     def of_envs(self, envs: torch.Tensor) -> "Votes":
-        """The votes of the steps of ``envs`` only, with those envs' pools."""
         pos = torch.full((len(self.entries),), -1, dtype=torch.long, device=envs.device)
         pos[envs] = torch.arange(len(envs), device=envs.device)
         b = torch.nonzero(pos[self.env] >= 0).squeeze(1)
@@ -519,6 +514,7 @@ class Rollout:
             zeros((t, n)) for _ in range(7))  # ret: an episode's return, at its last step
         self.tau, self.src = zeros((t, n), dtype=torch.long), zeros((t, n, s), dtype=torch.long)
         self.tag = zeros((t, n, s, TAG_DIM))
+        self.inputs = dict(obs=self.obs, pact=self.pact, prew=self.prew, tau=self.tau)  # each step's entry, as written
         # diagnostics only: mean attention, age of the entry dropped (-1: none), the cue's step at episode ends (-1)
         self.attn, self.age, self.cue = zeros((t, n, s)), *(torch.full((t, n), -1, device=device) for _ in range(2))
 
@@ -545,12 +541,9 @@ class Rollout:
         self.ret[step] = torch.as_tensor(np.where(done, mem.ep_return, 0.0), dtype=torch.float32, device=reward.device)
         self.cue[step] = torch.tensor([cue_step(info, i) if d else -1 for i, d in enumerate(done)])
 
-    def raw(self) -> dict:
-        return dict(obs=self.obs, pact=self.pact, prew=self.prew, tau=self.tau)
-
     def pool(self, carry: dict) -> dict:
         """The rollout's pool per env, [S carried entries, T steps]: a slot's source indexes it."""
-        return {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in self.raw().items()}
+        return {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in self.inputs.items()}
 
     def episode_ids(self) -> torch.Tensor:
         """(T, N): which episode of its env each step belongs to (0 = the one running at the rollout's start)."""
@@ -586,23 +579,18 @@ class RewardScaler:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
-def compute_gae(rewards, values, dones, last_value, gamma: float, lam: float) -> torch.Tensor:
-    """GAE over (T, N). ``dones[t]``: an episode ended with action t (truncated: ``rewards[t]`` has gamma V(final))."""
-    advantages, last_gae, next_value = torch.zeros_like(rewards), torch.zeros_like(last_value), last_value
-    for t in reversed(range(rewards.shape[0])):
-        not_done = 1.0 - dones[t]
-        delta = rewards[t] + gamma * next_value * not_done - values[t]
-        advantages[t] = last_gae = delta + gamma * lam * not_done * last_gae
-        next_value = values[t]
+def td_targets(rewards, values, dones, last_value, gamma: float) -> torch.Tensor:
+    """One-step TD targets r_t + gamma V(s_t+1) over (T, N), cut where an episode ended with action t (truncated:
+    ``rewards[t]`` holds gamma V(final)). What retention explains: a reward stays on the action that earned it."""
+    return rewards + gamma * torch.cat([values[1:], last_value.unsqueeze(0)]) * (1.0 - dones)
+
+
+def compute_gae(td_errors, dones, gamma: float, lam: float) -> torch.Tensor:
+    """GAE over (T, N): the (gamma lambda)-discounted sum of the TD errors to the episode's end."""
+    advantages, last_gae = torch.zeros_like(td_errors), torch.zeros_like(td_errors[0])
+    for t in reversed(range(td_errors.shape[0])):
+        advantages[t] = last_gae = td_errors[t] + gamma * lam * (1.0 - dones[t]) * last_gae
     return advantages
-
-
-def td_targets(rewards, values, dones, last_value, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one-step TD target r_t + gamma V(s_t+1) (cut at episode ends) and TD error, flat over (T, N). One step,
-    not the lambda-return: a reward stays on the action that earned it, later ones enter only through V."""
-    next_values = torch.cat([values[1:], last_value.unsqueeze(0)])
-    y = rewards + gamma * next_values * (1.0 - dones)
-    return y.reshape(-1), (y - values).reshape(-1)
 
 
 # ---- Update: replaying the reads, teaching retention
@@ -666,59 +654,52 @@ def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args
 
 
 # ---- Evaluation and diagnostics (off the algorithm's path)
-def clip_action(action: torch.Tensor, space: spaces.Space) -> torch.Tensor:
-    if isinstance(space, spaces.Box):
-        return action.clamp(*(torch.as_tensor(bound, device=action.device) for bound in (space.low, space.high)))
-    return action
-
-
-def cue_step(info: dict, i: int) -> int:
-    """The step of the cue of env i's finished episode, where the env reports it (-1: it does not; logging only)."""
-    fin = info["final_info"]
-    return int(fin["cue_step"][i]) if "cue_step" in fin and fin.get("_cue_step", np.ones(i + 1, bool))[i] else -1
-
-
 @torch.no_grad()
-def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str,
-             video_dir: str = "") -> tuple[dict, Optional[tuple[np.ndarray, int]]]:
+def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, video_dir: str = "") -> tuple[dict, tuple]:
     """Greedy evaluation of ``--eval-episodes`` on fresh envs (memory carried as in training) and the attention map
-    (decision x source step, at most 512 x 512 bins) of env 0's first episode with its length. At each episode's end:
-    is the cue in a slot (``cue_in_memory``), and how much does its most attentive head read it (``cue_attention``)."""
-    episodes, device = args.eval_episodes, next(agent.parameters()).device
-    n_envs = max(1, min(episodes, 8))
-    quota = [episodes // n_envs + (i < episodes % n_envs) for i in range(n_envs)]
+    of env 0's first episode. At each episode's end: is the cue in a slot (``cue_in_memory``), and how much does its
+    most attentive head read it (``cue_attention``)."""
+    device, n_envs = next(agent.parameters()).device, max(1, min(args.eval_episodes, 8))
+    left = np.array([args.eval_episodes // n_envs + (i < args.eval_episodes % n_envs) for i in range(n_envs)])
     envs = make_vector_env(args, env_kwargs, kind, n_envs, video_dir)
     mem = Memory(agent, n_envs, args, envs.single_observation_space, device,
                  torch.Generator(device=device).manual_seed(args.seed + 100_000))
     obs, _ = envs.reset(seed=[args.seed + 100_000 + i for i in range(n_envs)])
-    returns, successes, done_count, cue_in, cue_attn, rows, picture, m = [], [], [0] * n_envs, [], [], [], None, mem.m
-    while any(d < q for d, q in zip(done_count, quota)):
+    log, reads, first_done, m = defaultdict(list), [], False, mem.m
+    while left.any():
         obs_t = torch.as_tensor(obs, device=device)
         (action, _, _), w, e = mem.act(obs_t, greedy=True)
         held = mem.src[:, :m] >= 0
         read_tau = torch.where(held, mem.entry["tau"][:, :m], -1)  # clocks of the entries read now
-        if picture is None:
-            rows.append((read_tau[0][held[0]].cpu().numpy(), w[0].mean(0)[:m][held[0]].cpu().numpy()))
+        if not first_done:
+            reads.append((read_tau[0][held[0]].cpu().numpy(), w[0].mean(0)[:m][held[0]].cpu().numpy()))
         obs, reward, term, trunc, info = envs.step(action.cpu().numpy())
         mem.step(e, obs_t, 0, clip_action(action, envs.single_action_space), reward)
         done = np.flatnonzero(term | trunc)
-        if picture is None and 0 in done:  # at most 512 x 512 bins of steps: drawing costs memory, not the agent
-            n_steps, bins = len(rows), min(len(rows), 512)
-            picture = (np.zeros((bins, bins), np.float32), n_steps)
-            for t, (taus, weights) in enumerate(rows):
-                np.add.at(picture[0][t * bins // n_steps], taus * bins // n_steps, weights)
-        for i in [i for i in done if done_count[i] < quota[i]]:
+        first_done = first_done or 0 in done
+        for i in done[left[done] > 0]:
             ep_r, _, success = finished_episode(info, i)
-            returns, successes = returns + [ep_r], successes + ([] if success is None else [float(success)])
-            cue, done_count[i] = cue_step(info, i), done_count[i] + 1
+            log["return"].append(ep_r)
+            log["success"] += [] if success is None else [float(success)]
+            cue, left[i] = cue_step(info, i), left[i] - 1
             if cue >= 0:
-                cue_in.append(float((read_tau[i] == cue).any()))
-                cue_attn.append(float((w[i, :, :m] * (read_tau[i] == cue)).sum(-1).max()))
+                log["cue_in"].append(float((read_tau[i] == cue).any()))
+                log["cue_attn"].append(float((w[i, :, :m] * (read_tau[i] == cue)).sum(-1).max()))
         mem.end_episodes(done)
     envs.close()
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
-    return dict(mean_return=float(np.mean(returns)), std_return=float(np.std(returns)), success_rate=mean(successes),
-                cue_in_memory=mean(cue_in), cue_attention=mean(cue_attn)), picture
+    return dict(mean_return=mean(log["return"]), std_return=float(np.std(log["return"])), success_rate=mean(
+        log["success"]), cue_in_memory=mean(log["cue_in"]), cue_attention=mean(log["cue_attn"])), attention_map(reads)
+
+
+def attention_map(reads: list) -> tuple[np.ndarray, int]:
+    """Decision step x source step of one episode's reads (clocks read, weights) in at most 512 x 512 bins: drawing
+    must not cost more memory than the agent. Returns the map and the episode's length."""
+    steps, bins = len(reads), min(len(reads), 512)
+    mat = np.zeros((bins, bins), np.float32)
+    for t, (taus, weights) in enumerate(reads):
+        np.add.at(mat[t * bins // steps], taus * bins // steps, weights)
+    return mat, steps
 
 
 def save_attention_png(mat: np.ndarray, steps: int, path: str) -> None:
@@ -759,19 +740,12 @@ def configure(args: Args) -> tuple[Run, Args, dict, str]:
     if args.env_kwargs is None:  # the main job: a randomly timed cue, 64 steps against 16 slots
         args.env_kwargs = ("delay=64", "difficulty=1", "cue_time=random") if args.env_id == "MemoryTask-v0" else ()
     env_kwargs = parse_env_kwargs(args.env_kwargs)
-    probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
-    check_spaces(probe, (spaces.Discrete, spaces.Box))
-    kind = "continuous" if isinstance(probe.action_space, spaces.Box) else "vector"
-    kind = "atari" if is_atari(args.env_id) else kind
-    probe.close()
+    kind = env_kind(args.env_id, env_kwargs)
     vars(args).update({key: value for key, value in PRESETS[kind].items() if getattr(args, key) is None})
     if args.explore_visits > 0 and kind == "continuous":
         raise UserError(f"--explore-visits needs discrete actions; {args.env_id} has Box actions")
     check_flags(args, at_least_one=("memory_slots", "hidden_size", "num_heads"),
-                non_negative=("persistent_slots", "explore_visits"))
-    if (args.num_envs * args.num_steps) % args.num_minibatches:
-        raise UserError(f"--num-minibatches {args.num_minibatches} must divide "
-                        f"num_envs*num_steps={args.num_envs * args.num_steps}")
+                non_negative=("persistent_slots", "explore_visits"), batch=args.num_envs * args.num_steps)
     return run, args, env_kwargs, kind
 
 
@@ -788,21 +762,15 @@ def main(args: Args) -> None:
     # fused: one kernel for all parameters (same update rule, faster on CPU with many small tensors)
     optimizer = optim.Adam(policy_params, lr=args.learning_rate, eps=1e-5, fused=True)
     ret_optimizer = optim.Adam(agent.retention.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    n_obs = int(np.prod(obs_space.shape))
-    counter = VisitCounter(n_obs, args.seed, device, m=args.explore_visits) if args.explore_visits > 0 else None
+    counter = (VisitCounter(int(np.prod(obs_space.shape)), args.seed, device, m=args.explore_visits)
+               if args.explore_visits > 0 else None)
     reward_scaler = RewardScaler(N, args.gamma) if args.normalize_reward else None
     # what a checkpoint holds besides the agent (None: off in this run)
     parts = dict(optimizer=optimizer, ret_optimizer=ret_optimizer, visit_counts=counter, reward_rms=reward_scaler)
-    if run.state is not None:
-        run.load_network(agent)
+    run.load_network(agent)
     if args.evaluate:
         return finish(run, agent, env_kwargs, kind, dict(global_step=run.state.get("global_step", 0)))
-    if run.state is not None:
-        for key, part in parts.items():
-            if part is not None:
-                part.load_state_dict(run.state[key])
-        run.restore_rng()
-        print(f"resuming {run.dir} at step {run.global_step} (memory contents start empty)", flush=True)
+    run.resume(parts, " (memory contents start empty)")
     writer, global_step = run.writer, run.global_step
 
     mem = Memory(agent, N, args, obs_space, device)
@@ -833,23 +801,17 @@ def main(args: Args) -> None:
                 final[cut] = np.stack(info["final_obs"][cut])
                 reward[cut] += args.gamma * mem.value(torch.as_tensor(final, device=device))[cut]
             ro.record_outcome(step, reward, done, mem, info)
-            for i in np.flatnonzero(done):
-                ep_r, ep_l, success = finished_episode(info, i)
-                writer.add_scalar("charts/episodic_return", ep_r, global_step)
-                writer.add_scalar("charts/episodic_length", ep_l, global_step)
-                if success is not None:
-                    writer.add_scalar("charts/episodic_success", float(success), global_step)
-                progress.episode(ep_r, success)
+            progress.log(writer, info, done, global_step)
             if done.any():
                 mem.end_episodes(np.flatnonzero(done))
             next_obs = torch.as_tensor(next_obs_np, device=device)
 
         last_value = mem.value(next_obs)
-        advantages = compute_gae(ro.rewards, ro.values, ro.dones, last_value, args.gamma, args.gae_lambda)
+        y = td_targets(ro.rewards, ro.values, ro.dones, last_value, args.gamma)
+        advantages = compute_gae(y - ro.values, ro.dones, args.gamma, args.gae_lambda)
         b_returns, b_adv, b_values = (advantages + ro.values).reshape(-1), advantages.reshape(-1), ro.values.reshape(-1)
-        b_y, b_td_error = td_targets(ro.rewards, ro.values, ro.dones, last_value, args.gamma)
-        b_actions, b_logprobs = ro.actions.flatten(0, 1), ro.logprobs.reshape(-1)
-        b_actions = b_actions if agent.continuous else b_actions.long()
+        b_y, b_td_error = y.reshape(-1), (y - ro.values).reshape(-1)
+        b_actions, b_logprobs = ro.actions.flatten(0, 1), ro.logprobs.reshape(-1)  # (Categorical takes float actions)
         pool = ro.pool(carry)
         stats, vote_stats = defaultdict(list), {}  # losses/*, memory/vote_*
         if args.retention == "learned":
@@ -880,11 +842,11 @@ def main(args: Args) -> None:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
                 clipped = torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
                 pg_loss = torch.max(-mb_adv * ratio, -mb_adv * clipped).mean()
+                v_loss = (newvalue - b_returns[mb]) ** 2
                 if args.clip_vloss:
                     v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -args.clip_coef, args.clip_coef)
-                    v_loss = 0.5 * torch.max((newvalue - b_returns[mb]) ** 2, (v_clipped - b_returns[mb]) ** 2).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
+                    v_loss = torch.max(v_loss, (v_clipped - b_returns[mb]) ** 2)
+                v_loss = 0.5 * v_loss.mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
                 if not torch.isfinite(loss):
@@ -907,20 +869,17 @@ def main(args: Args) -> None:
         scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps,
                    "losses/explained_variance": explained_var, "debug/replay_max_error": replay_error,
                    **{f"losses/{k}": float(np.mean(v)) for k, v in stats.items() if v},
-                   **{f"memory/{k}": v for k, v in dict(memory_scalars(ro, pool, mem.m), **vote_stats).items()}}
-        if counter is not None:
-            scalars["intrinsic/explore_floor_mean"] = ro.floor.mean().item()
+                   **{f"memory/{k}": v for k, v in dict(memory_scalars(ro, pool, mem.m), **vote_stats).items()},
+                   **({"intrinsic/explore_floor_mean": ro.floor.mean().item()} if counter is not None else {})}
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if run.due(last_ckpt, iteration == num_iterations):
-            run.save(iteration, global_step, agent=agent.state_dict(),
-                     **{key: part.state_dict() if part is not None else None for key, part in parts.items()})
+            run.save(iteration, global_step, agent=agent, **parts)
             last_ckpt = time.time()
     envs.close()
 
-    if args.save_model:
-        run.save_model(agent=agent.state_dict(), global_step=global_step)
+    run.save_model(agent=agent.state_dict(), global_step=global_step)  # with --save-model
     finish(run, agent, env_kwargs, kind, dict(global_step=global_step, wall_time_s=run.wall_time(),
                                               sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9)))
 
@@ -933,12 +892,7 @@ def finish(run: Run, agent: Agent, env_kwargs: dict, kind: str, record: dict) ->
         video = os.path.join(run.dir, "videos") if run.args.evaluate and run.args.capture_video else ""
         result, picture = evaluate(agent, run.args, env_kwargs, kind, video)
         record.update(result)
-        if picture is not None:
-            save_attention_png(*picture, os.path.join(run.dir, "attention.png"))
-            if result["cue_in_memory"] is not None:
-                print(f"success {result['success_rate']:.2f} | cue kept at {result['cue_in_memory']:.0%} of decisions, "
-                      f"attention on it {result['cue_attention']:.2f} | attention map: "
-                      f"{os.path.join(run.dir, 'attention.png')}", flush=True)
+        save_attention_png(*picture, os.path.join(run.dir, "attention.png"))
     run.finish(record)
 
 

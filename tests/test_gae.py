@@ -96,6 +96,20 @@ def test_gae_matches_references_on_rollouts_with_episode_ends(seed):
     np.testing.assert_allclose(run_compute_gae(*rollout, 0.99, 0.95, torch.float32), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_trace_ppo_gae_from_td_errors_matches_references(seed):
+    """trace_ppo computes GAE as the discounted sum of its one-step TD errors (td_targets - values)."""
+    import trace_ppo
+
+    raw, values, ends, final_values, last_values = random_rollout(np.random.default_rng(seed), T=40, N=4)
+    rewards = raw + np.where(ends == TRUNCATED, 0.99 * final_values, 0.0)
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+    y = trace_ppo.td_targets(t(rewards), t(values), t(ends != CONTINUE), t(last_values), 0.99)
+    adv = trace_ppo.compute_gae(y - t(values), t(ends != CONTINUE), 0.99, 0.95)
+    ref = reference_td_sum(raw, values, ends, final_values, last_values, 0.99, 0.95)
+    np.testing.assert_allclose(adv.numpy(), ref, rtol=1e-10, atol=1e-10)
+
+
 @settings(max_examples=60, deadline=None)
 @given(T=st.integers(1, 30), N=st.integers(1, 4), gamma=st.floats(0.0, 1.0), lam=st.floats(0.0, 1.0),
        p_end=st.sampled_from([0.0, 0.1, 0.5, 1.0]), seed=st.integers(0, 2**32 - 1))
