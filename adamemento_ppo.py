@@ -44,8 +44,8 @@ from gymnasium import spaces
 from torch.distributions import Categorical, Normal
 
 from memory_envs import FlattenObservation
-from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, episode_extras,
-                          finished_episode, is_atari, make_base_env, make_batched_env, parse_env_kwargs, run_cli)
+from run_contract import (Progress, Run, RunArgs, UserError, check_flags, env_kind, finished_episode, make_base_env,
+                          make_batched_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
@@ -655,8 +655,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
 
 # ---- Training
-def check_args(args: Args) -> None:
-    check_flags(args, at_least_one=("buffer_size", "memory_updates"), unit=("kappa", "success_quantile"))
+def check_args(args: Args, batch_size: Optional[int] = None) -> None:
+    check_flags(args, at_least_one=("buffer_size", "memory_updates"), unit=("kappa", "success_quantile"),
+                batch=batch_size)
     if not 0.0 <= args.memory_epsilon < 1.0:
         raise UserError(f"--memory-epsilon must be in [0, 1), got {args.memory_epsilon}")
     if args.intrinsic != "coarse-fine" and not (args.coarse and args.fine and args.center_novelty
@@ -671,18 +672,12 @@ def main(args: Args) -> None:
     run = Run(args, Args)
     args = run.args
     env_kwargs = parse_env_kwargs(args.env_kwargs)
-    probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
-    check_spaces(probe, (spaces.Discrete, spaces.Box))
-    continuous = isinstance(probe.action_space, spaces.Box)
-    kind = "atari" if is_atari(args.env_id) else "continuous" if continuous else "vector"
-    probe.close()
+    kind = env_kind(args.env_id, env_kwargs)
     for key, value in PRESETS[kind].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    check_args(args)
     batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches:
-        raise UserError(f"--num-minibatches {args.num_minibatches} must divide num_envs*num_steps={batch_size}")
+    check_args(args, batch_size)
     minibatch_size, num_iterations = batch_size // args.num_minibatches, run.iterations(batch_size)
     device = run.start()
 
@@ -718,9 +713,7 @@ def main(args: Args) -> None:
             stateful[key].load_state_dict(run.state[key])
     if args.evaluate:
         return finish(run, nets, env_kwargs, kind, device, dict(global_step=run.state.get("global_step", 0)))
-    if run.state is not None:
-        run.restore_rng()
-        print(f"resuming {run.dir} at step {run.global_step}", flush=True)
+    run.resume({})  # the parts were loaded above
 
     obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=obs_dtype, device=device)
@@ -777,17 +770,9 @@ def main(args: Args) -> None:
                                                                 dtype=next_obs_buf.dtype)
             if memento is not None:
                 memento.record(obs[step].cpu().numpy(), action_np)
-            for i in np.flatnonzero(done):
-                ep_r, ep_l, success = finished_episode(info, i)
-                writer.add_scalar("charts/episodic_return", ep_r, global_step)
-                writer.add_scalar("charts/episodic_length", ep_l, global_step)
-                if success is not None:
-                    writer.add_scalar("charts/episodic_success", float(success), global_step)
-                for key, value in episode_extras(info, i).items():  # e.g. the rooms of MontezumaRevengeRooms
-                    writer.add_scalar(f"charts/episodic_{key}", value, global_step)
-                progress.episode(ep_r, success)
-                if memento is not None:
-                    memento.end_episode(i, ep_r)
+            progress.log(writer, info, done, global_step)
+            for i in np.flatnonzero(done) if memento is not None else []:
+                memento.end_episode(i, finished_episode(info, i)[0])
 
         with torch.no_grad():
             last_value = agent.get_value(next_obs)
@@ -896,12 +881,11 @@ def main(args: Args) -> None:
             writer.add_scalar(k, v, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if run.due(last_ckpt, iteration == num_iterations):
-            run.save(iteration, global_step, **{k: obj.state_dict() for k, obj in stateful.items()})
+            run.save(iteration, global_step, **stateful)
             last_ckpt = time.time()
     envs.close()
 
-    if args.save_model:
-        run.save_model(**{k: net.state_dict() for k, net in nets.items()}, global_step=global_step)
+    run.save_model(**{k: net.state_dict() for k, net in nets.items()}, global_step=global_step)  # with --save-model
     finish(run, nets, env_kwargs, kind, device,
            dict(global_step=global_step, sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9),
                 wall_time_s=run.wall_time()))

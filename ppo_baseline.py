@@ -35,8 +35,8 @@ from gymnasium import spaces
 from torch.distributions import Normal
 
 from memory_envs import FlattenObservation
-from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
-                          make_base_env, make_batched_env, parse_env_kwargs, run_cli)
+from run_contract import (Progress, Run, RunArgs, check_flags, env_kind, finished_episode, make_base_env,
+                          make_batched_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
@@ -94,12 +94,6 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------
 # Environments
 # ---------------------------------------------------------------------------------------
-def env_kind(env_id: str, probe: gym.Env) -> str:
-    if is_atari(env_id):
-        return "atari"
-    return "continuous" if isinstance(probe.action_space, spaces.Box) else "vector"
-
-
 def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = False,
              video_dir: str = ""):
     def thunk():
@@ -328,17 +322,12 @@ def main(args: Args) -> None:
     run = Run(args, Args)
     args = run.args
     env_kwargs = parse_env_kwargs(args.env_kwargs)
-    probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
-    check_spaces(probe, (spaces.Discrete, spaces.Box))
-    kind = env_kind(args.env_id, probe)
-    probe.close()
+    kind = env_kind(args.env_id, env_kwargs)
     for key, value in PRESETS[kind].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    check_flags(args)
     batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches:
-        raise UserError(f"--num-minibatches {args.num_minibatches} must divide num_envs*num_steps={batch_size}")
+    check_flags(args, batch=batch_size)
     minibatch_size, num_iterations = batch_size // args.num_minibatches, run.iterations(batch_size)
     device = run.start()
 
@@ -348,16 +337,10 @@ def main(args: Args) -> None:
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
     reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
 
-    if run.state is not None:
-        agent.load_state_dict(run.state["agent"])
+    run.load_network(agent)
     if args.evaluate:
         return finish(run, agent, env_kwargs, kind, device, run.state.get("global_step", 0))
-    if run.state is not None:
-        optimizer.load_state_dict(run.state["optimizer"])
-        if reward_scaler is not None:
-            reward_scaler.rms.load_state_dict(run.state["reward_rms"])
-        run.restore_rng()
-        print(f"resuming {run.dir} at step {run.global_step}", flush=True)
+    run.resume(dict(optimizer=optimizer, reward_rms=reward_scaler.rms if reward_scaler else None))
     writer, global_step = run.writer, run.global_step
 
     raw_images = envs.single_observation_space.dtype == np.uint8 and not args.normalize
@@ -401,13 +384,7 @@ def main(args: Args) -> None:
             rewards[step], dones[step] = reward, torch.as_tensor(done, device=device)
             next_obs = torch.as_tensor(next_obs_np, device=device)
 
-            for i in np.flatnonzero(done):
-                ep_r, ep_l, success = finished_episode(info, i)
-                writer.add_scalar("charts/episodic_return", ep_r, global_step)
-                writer.add_scalar("charts/episodic_length", ep_l, global_step)
-                if success is not None:
-                    writer.add_scalar("charts/episodic_success", float(success), global_step)
-                progress.episode(ep_r, success)
+            progress.log(writer, info, done, global_step)
 
         with torch.no_grad():
             last_value = agent.get_value(agent.normalize_obs(next_obs)).flatten()
@@ -472,13 +449,12 @@ def main(args: Args) -> None:
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if run.due(last_ckpt, iteration == num_iterations):
-            run.save(iteration, global_step, agent=agent.state_dict(), optimizer=optimizer.state_dict(),
-                     reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None)
+            run.save(iteration, global_step, agent=agent, optimizer=optimizer,
+                     reward_rms=reward_scaler.rms if reward_scaler else None)
             last_ckpt = time.time()
     envs.close()
 
-    if args.save_model:
-        run.save_model(agent=agent.state_dict(), global_step=global_step)
+    run.save_model(agent=agent.state_dict(), global_step=global_step)  # with --save-model
     finish(run, agent, env_kwargs, kind, device, global_step,
            dict(sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9), wall_time_s=run.wall_time()))
 

@@ -47,8 +47,8 @@ from torch.distributions import Normal
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from memory_envs import FlattenObservation
-from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
-                          make_base_env, make_batched_env, parse_env_kwargs, run_cli)
+from run_contract import (Progress, Run, RunArgs, UserError, check_flags, env_kind, finished_episode, make_base_env,
+                          make_batched_env, parse_env_kwargs, run_cli)
 
 
 @dataclass
@@ -134,12 +134,6 @@ MEMORY_PRESET = dict(learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatc
 # ---------------------------------------------------------------------------------------
 # Environments
 # ---------------------------------------------------------------------------------------
-def env_kind(env_id: str, probe: gym.Env) -> str:
-    if is_atari(env_id):
-        return "atari"
-    return "continuous" if isinstance(probe.action_space, spaces.Box) else "vector"
-
-
 def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = False,
              video_dir: str = ""):
     def thunk():
@@ -491,10 +485,7 @@ def main(args: Args) -> None:
     if run.state is not None and "explore_visits" not in run.state["args"]:
         args.explore_visits = 0.0  # saved before the exploration floor existed: continued without it
     env_kwargs = parse_env_kwargs(args.env_kwargs)
-    probe = make_base_env(args.env_id, env_kwargs, **(dict(frameskip=1) if is_atari(args.env_id) else {}))
-    check_spaces(probe, (spaces.Discrete, spaces.Box))
-    kind = env_kind(args.env_id, probe)
-    probe.close()
+    kind = env_kind(args.env_id, env_kwargs)
     if args.memory_preset and kind != "vector":
         raise UserError(f"--memory-preset applies to vector observations with discrete actions, not {args.env_id!r}")
     for key, value in dict(PRESETS[kind], **(MEMORY_PRESET if args.memory_preset else {})).items():
@@ -525,18 +516,11 @@ def main(args: Args) -> None:
     n_obs = int(np.prod(envs.single_observation_space.shape))
     counter = VisitCounter(n_obs, args.seed, device, m=args.explore_visits) if args.explore_visits > 0 else None
 
-    if run.state is not None:
-        agent.load_state_dict(run.state["agent"])
+    run.load_network(agent)
     if args.evaluate:
         return finish(run, agent, env_kwargs, kind, device, run.state.get("global_step", 0))
-    if run.state is not None:
-        optimizer.load_state_dict(run.state["optimizer"])
-        if reward_scaler is not None:
-            reward_scaler.rms.load_state_dict(run.state["reward_rms"])
-        if counter is not None:
-            counter.load_state_dict(run.state["visit_counts"])
-        run.restore_rng()
-        print(f"resuming {run.dir} at step {run.global_step}", flush=True)
+    run.resume(dict(optimizer=optimizer, reward_rms=reward_scaler.rms if reward_scaler else None,
+                    visit_counts=counter))
     writer, global_step = run.writer, run.global_step
 
     raw_images = envs.single_observation_space.dtype == np.uint8 and not args.normalize
@@ -600,13 +584,7 @@ def main(args: Args) -> None:
             rewards[step], dones[step] = reward, next_start
             next_obs = torch.as_tensor(next_obs_np, device=device)
 
-            for i in np.flatnonzero(done):
-                ep_r, ep_l, success = finished_episode(info, i)
-                writer.add_scalar("charts/episodic_return", ep_r, global_step)
-                writer.add_scalar("charts/episodic_length", ep_l, global_step)
-                if success is not None:
-                    writer.add_scalar("charts/episodic_success", float(success), global_step)
-                progress.episode(ep_r, success)
+            progress.log(writer, info, done, global_step)
 
         with torch.no_grad():
             last_value = agent.get_value(agent.normalize_obs(next_obs), next_prev, lstm_state, next_start).flatten()
@@ -682,14 +660,12 @@ def main(args: Args) -> None:
         writer.add_scalar("charts/SPS", sps, global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if run.due(last_ckpt, iteration == num_iterations):
-            run.save(iteration, global_step, agent=agent.state_dict(), optimizer=optimizer.state_dict(),
-                     reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
-                     visit_counts=counter.state_dict() if counter is not None else None)
+            run.save(iteration, global_step, agent=agent, optimizer=optimizer,
+                     reward_rms=reward_scaler.rms if reward_scaler else None, visit_counts=counter)
             last_ckpt = time.time()
     envs.close()
 
-    if args.save_model:
-        run.save_model(agent=agent.state_dict(), global_step=global_step)
+    run.save_model(agent=agent.state_dict(), global_step=global_step)  # with --save-model
     finish(run, agent, env_kwargs, kind, device, global_step,
            dict(sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9), wall_time_s=run.wall_time()))
 

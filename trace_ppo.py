@@ -123,8 +123,9 @@ PRESETS = {
                    ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=False, explore_visits=20.0),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, clip_coef=0.1,
                   ent_coef=0.01, normalize=False, normalize_reward=False, norm_adv=True, explore_visits=0.0),
-    "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10, clip_coef=0.2,
-                       ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=True, explore_visits=0.0),
+    "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10,
+                       clip_coef=0.2, ent_coef=0.0, normalize=True, normalize_reward=True, norm_adv=True,
+                       explore_visits=0.0),
 }
 USEFULNESS_TEMPERATURE = 0.1  # relative to the mean error: the votes go to the few entries that explain a step
 VOTER_FRACTION = 8  # the rollout's 1/8 steps with the largest |TD error| teach retention; the rest hardly vote
@@ -536,7 +537,6 @@ class Rollout:
         return action, e
 
     def record_outcome(self, step: int, reward: torch.Tensor, done: np.ndarray, mem: Memory, info: dict) -> None:
-        """The step's reward and episode ends, each ended episode's return and its cue's step (diagnostics)."""
         self.rewards[step], self.dones[step] = reward, torch.as_tensor(done, dtype=torch.float32, device=reward.device)
         self.ret[step] = torch.as_tensor(np.where(done, mem.ep_return, 0.0), dtype=torch.float32, device=reward.device)
         self.cue[step] = torch.tensor([cue_step(info, i) if d else -1 for i, d in enumerate(done)])

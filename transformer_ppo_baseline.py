@@ -589,18 +589,11 @@ def main(args: Args) -> None:
     n_obs = int(np.prod(envs.single_observation_space.shape))
     counter = VisitCounter(n_obs, args.seed, device, m=args.explore_visits) if args.explore_visits > 0 else None
 
-    if run.state is not None:
-        agent.load_state_dict(run.state["agent"])
+    run.load_network(agent)
     if args.evaluate:
         return finish(run, agent, env_kwargs, kind, device, run.state.get("global_step", 0))
-    if run.state is not None:
-        optimizer.load_state_dict(run.state["optimizer"])
-        if reward_scaler is not None:
-            reward_scaler.rms.load_state_dict(run.state["reward_rms"])
-        if counter is not None:
-            counter.load_state_dict(run.state["visit_counts"])
-        run.restore_rng()
-        print(f"resuming {run.dir} at step {run.global_step} (windows start empty)", flush=True)
+    run.resume(dict(optimizer=optimizer, reward_rms=reward_scaler.rms if reward_scaler else None,
+                    visit_counts=counter), " (windows start empty)")
     writer, global_step = run.writer, run.global_step
 
     window = Window(agent, args.num_envs, envs.single_observation_space, device)
@@ -655,13 +648,7 @@ def main(args: Args) -> None:
             rewards[step], dones[step] = reward, torch.as_tensor(done, dtype=torch.float32, device=device)
             next_obs = torch.as_tensor(next_obs_np, device=device)
 
-            for i in np.flatnonzero(done):
-                ep_r, ep_l, success = finished_episode(info, i)
-                writer.add_scalar("charts/episodic_return", ep_r, global_step)
-                writer.add_scalar("charts/episodic_length", ep_l, global_step)
-                if success is not None:
-                    writer.add_scalar("charts/episodic_success", float(success), global_step)
-                progress.episode(ep_r, success)
+            progress.log(writer, info, done, global_step)
 
         with torch.no_grad():
             last_value = window.value(agent.normalize_obs(next_obs))
@@ -735,14 +722,12 @@ def main(args: Args) -> None:
             writer.add_scalar("intrinsic/explore_floor_mean", floors.mean().item(), global_step)
         progress.maybe_print(global_step, sps, force=iteration == num_iterations)
         if run.due(last_ckpt, iteration == num_iterations):
-            run.save(iteration, global_step, agent=agent.state_dict(), optimizer=optimizer.state_dict(),
-                     reward_rms=reward_scaler.rms.state_dict() if reward_scaler else None,
-                     visit_counts=counter.state_dict() if counter is not None else None)
+            run.save(iteration, global_step, agent=agent, optimizer=optimizer,
+                     reward_rms=reward_scaler.rms if reward_scaler else None, visit_counts=counter)
             last_ckpt = time.time()
     envs.close()
 
-    if args.save_model:
-        run.save_model(agent=agent.state_dict(), global_step=global_step)
+    run.save_model(agent=agent.state_dict(), global_step=global_step)  # with --save-model
     finish(run, agent, env_kwargs, kind, device, global_step,
            dict(sps=(global_step - start_step) / max(time.time() - run.start_time, 1e-9), wall_time_s=run.wall_time()))
 
