@@ -3,10 +3,12 @@
 - ``RunArgs``: the flags of every script (its own dataclass adds PPO's and the algorithm's);
 - ``run_cli``: tyro parsing, with user errors (a bad flag, env id, env kwarg or value) as one line on
   stderr and exit code 2, a diverged run as exit code 3;
-- ``make_base_env``, ``check_spaces``: ``gym.make`` with its errors made user errors;
+- ``make_base_env``, ``check_spaces``, ``env_kind``: ``gym.make`` with its errors made user errors, the env's
+  kind (which picks a script's preset);
 - ``Run``: ``--resume``, the run directory, seeding, TensorBoard, checkpoints that carry every RNG state,
   eval.json;
-- ``Progress``, ``finished_episode``: the progress line and the episode statistics of a vector env.
+- ``Progress``, ``finished_episode``, ``cue_step``: the progress line, the episode charts and the episode
+  statistics of a vector env.
 
 Importing it registers the environments of ``memory_envs``.
 """
