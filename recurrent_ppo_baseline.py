@@ -237,11 +237,11 @@ class VisitCounter(nn.Module):
         self.proj = torch.randn((bits, obs_dim), generator=torch.Generator().manual_seed(seed)).to(device)
         self.register_buffer("counts", torch.zeros(2 ** bits, device=device))
 
-    def visit(self, obs: torch.Tensor) -> torch.Tensor:
-        """Count one visit of each row of ``obs``; returns each row's count, this visit included."""
+    def floor(self, obs: torch.Tensor) -> torch.Tensor:
+        """Count one visit of each row of ``obs``; returns each row's floor min(1, m / N), this visit included."""
         code = ((obs.float().flatten(1) @ self.proj.T >= 0).long() * self.powers).sum(1)
         self.counts.index_add_(0, code, torch.ones_like(code, dtype=self.counts.dtype))
-        return self.counts[code]
+        return (self.m / self.counts[code]).clamp(max=1.0)
 
 
 class Agent(nn.Module):
@@ -555,7 +555,7 @@ def main(args: Args) -> None:
             global_step += args.num_envs
             floor = None
             if counter is not None:  # the exploration floor, from the raw observation: min(1, m / its visits)
-                floor = floors[step] = (counter.m / counter.visit(next_obs)).clamp(max=1.0)
+                floor = floors[step] = counter.floor(next_obs)
             next_obs = agent.normalize_obs(next_obs, update=True)
             obs[step], starts[step], prevs[step] = next_obs, next_start, next_prev
             with torch.no_grad():

@@ -240,11 +240,11 @@ class VisitCounter(nn.Module):
         self.proj = torch.randn((bits, obs_dim), generator=torch.Generator().manual_seed(seed)).to(device)
         self.register_buffer("counts", torch.zeros(2 ** bits, device=device))
 
-    def visit(self, obs: torch.Tensor) -> torch.Tensor:
-        """Count one visit of each row of ``obs``; returns each row's count, this visit included."""
+    def floor(self, obs: torch.Tensor) -> torch.Tensor:
+        """Count one visit of each row of ``obs``; returns each row's floor min(1, m / N), this visit included."""
         code = ((obs.float().flatten(1) @ self.proj.T >= 0).long() * self.powers).sum(1)
         self.counts.index_add_(0, code, torch.ones_like(code, dtype=self.counts.dtype))
-        return self.counts[code]
+        return (self.m / self.counts[code]).clamp(max=1.0)
 
 
 TAG_DIM = 3  # persistent slots: [1, symlog(return of the entry's episode), log(1 + episodes ago)]
@@ -531,7 +531,7 @@ class Rollout:
         self.record_inputs(step, obs, mem)
         floor = None
         if counter is not None:  # the exploration floor: an observation's first m visits act uniformly, later m / N
-            floor = self.floor[step] = (counter.m / counter.visit(obs)).clamp(max=1.0)
+            floor = self.floor[step] = counter.floor(obs)
         (action, logprob, value), w, e = mem.act(obs, floor=floor)
         self.attn[step], self.values[step], self.actions[step], self.logprobs[step] = w.mean(1), value, action, logprob
         return action, e

@@ -436,10 +436,10 @@ def test_time_encoding_distinguishes_long_episodes_and_equals_its_formula():
 
 
 def test_visit_counter_counts_each_hash_bucket():
-    counter = trace_ppo.VisitCounter(2, seed=0, device=torch.device("cpu"))
+    counter = trace_ppo.VisitCounter(2, seed=0, device=torch.device("cpu"), m=1.5)
     corridor, junction = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])
-    assert counter.visit(torch.stack([corridor, corridor, junction])).tolist() == [2.0, 2.0, 1.0]
-    assert counter.visit(torch.stack([corridor, junction])).tolist() == [3.0, 2.0]
+    assert counter.floor(torch.stack([corridor, corridor, junction])).tolist() == [0.75, 0.75, 1.0]  # m / 2, m / 1
+    assert counter.floor(torch.stack([corridor, junction])).tolist() == [0.5, 0.75]  # m / 3, m / 2
     assert counter.counts.sum().item() == 5.0
 
 
