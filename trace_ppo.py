@@ -679,17 +679,17 @@ def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, video_dir: s
         first_done = first_done or 0 in done
         for i in done[left[done] > 0]:
             ep_r, _, success = finished_episode(info, i)
-            log["return"].append(ep_r)
-            log["success"] += [] if success is None else [float(success)]
+            log["mean_return"].append(ep_r)
+            log["success_rate"] += [] if success is None else [float(success)]
             cue, left[i] = cue_step(info, i), left[i] - 1
             if cue >= 0:
-                log["cue_in"].append(float((read_tau[i] == cue).any()))
-                log["cue_attn"].append(float((w[i, :, :m] * (read_tau[i] == cue)).sum(-1).max()))
+                log["cue_in_memory"].append(float((read_tau[i] == cue).any()))
+                log["cue_attention"].append(float((w[i, :, :m] * (read_tau[i] == cue)).sum(-1).max()))
         mem.end_episodes(done)
     envs.close()
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
-    return dict(mean_return=mean(log["return"]), std_return=float(np.std(log["return"])), success_rate=mean(
-        log["success"]), cue_in_memory=mean(log["cue_in"]), cue_attention=mean(log["cue_attn"])), attention_map(reads)
+    summary = {key: mean(log[key]) for key in ("mean_return", "success_rate", "cue_in_memory", "cue_attention")}
+    return dict(summary, std_return=float(np.std(log["mean_return"]))), attention_map(reads)
 
 
 def attention_map(reads: list) -> tuple[np.ndarray, int]:
