@@ -655,7 +655,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
 
 # ---- Training
-def check_args(args: Args, batch_size: Optional[int] = None) -> None:
+def check_args(args: Args, batch_size: int) -> None:
     check_flags(args, at_least_one=("buffer_size", "memory_updates"), unit=("kappa", "success_quantile"),
                 batch=batch_size)
     if not 0.0 <= args.memory_epsilon < 1.0:

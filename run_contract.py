@@ -522,8 +522,8 @@ class Run:
         return time.time() - last_checkpoint >= self.args.checkpoint_interval or last_iteration or bool(self.stop_signal)
 
     def save(self, iteration: int, global_step: int, **parts: Any) -> None:
-        """An atomic checkpoint of ``parts`` (state dicts, or objects that have one) with the run's arguments, position and every RNG state; then, if
-        Ctrl-C or SIGTERM came, stop with one line (exit code 130 or 143)."""
+        """An atomic checkpoint of ``parts`` (state dicts, or objects that have one) with the run's arguments,
+        position and every RNG state; then, if Ctrl-C or SIGTERM came, stop with one line (exit code 130 or 143)."""
         import random
         from dataclasses import asdict
 
@@ -542,7 +542,8 @@ class Run:
             raise stopped
 
     def load_network(self, agent: Any) -> None:
-        """Load the saved network into ``agent`` (resumed or evaluated runs); one of another network is a one-line error."""
+        """Load the saved network into ``agent`` (resumed or evaluated runs; nothing otherwise); one of another
+        network is a one-line error."""
         if self.state is None:
             return
         try:

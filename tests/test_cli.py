@@ -195,6 +195,8 @@ BAD_INPUT = [
     ("text-observation", ["--env-id", "helper_envs:TextObs-v0"], ["Text"], True),
     ("multibinary-action", ["--env-id", "helper_envs:MultiBinaryAction-v0"], ["MultiBinary"], False),
     ("zero-envs", ["--num-envs", "0"], ["--num-envs", "0"], False),
+    ("minibatches-not-dividing", ["--num-envs", "2", "--num-steps", "16", "--num-minibatches", "3"],
+     ["--num-minibatches 3", "divide"], False),
     # tyro wraps this message over several lines of its box; all of it must reach the one line
     ("bad-choice", ["--normalize", "maybe"], ["maybe", "--normalize", "True", "False"], False),
     ("resume-nothing", ["--resume", "no_such_run"], ["no_such_run"], False),
@@ -301,6 +303,25 @@ def test_resume_and_evaluate_refuse_what_they_cannot_use(tmp_path, monkeypatch, 
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "Traceback" not in err + out, (argv, err)
         assert all(w in lines[0] for w in words), (argv, lines[0])
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "adamemento_ppo.py"])  # it loads its nets itself
+def test_resume_of_another_network_is_one_line(tmp_path, monkeypatch, capsys, script):
+    """A checkpoint whose network differs from this version's (here: one weight missing) is refused in one line."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    flags = [*TINY["vector"]["flags"], *kwargs_flags({"delay": 4}), "--eval-episodes", "0", "--run-name", "old"]
+    assert run_in_process(script, flags, monkeypatch, capsys)[0] == 0
+    path = tmp_path / "runs" / "old" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["agent"].pop(next(iter(ckpt["agent"])))
+    torch.save(ckpt, path)
+    for flag in ("--resume", "--evaluate"):
+        code, out, err = run_in_process(script, [flag, "runs/old"], monkeypatch, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err + out, (flag, err)
+        assert "does not match" in lines[0] and flag in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
