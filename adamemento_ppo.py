@@ -708,12 +708,10 @@ def main(args: Args) -> None:
                     novelty_in=novelty_in, novelty=novelty, novelty_optimizer=novelty_optimizer, int_filter=int_filter,
                     **(memento.state() if memento else {}))
     stateful = {k: v for k, v in stateful.items() if v is not None}
-    if run.state is not None:
-        for key in nets if args.evaluate else stateful:
-            stateful[key].load_state_dict(run.state[key])
     if args.evaluate:
+        run.load(nets)
         return finish(run, nets, env_kwargs, kind, device, dict(global_step=run.state.get("global_step", 0)))
-    run.resume({})  # the parts were loaded above
+    run.resume(stateful)
 
     obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=obs_dtype, device=device)

@@ -508,9 +508,7 @@ class Run:
         """On ``--resume``: load every part the checkpoint holds (``None``: off in this run) and every RNG state."""
         if self.state is None:
             return
-        for key, part in parts.items():
-            if part is not None:
-                part.load_state_dict(self.state[key])
+        self.load(parts)
         self.restore_rng()
         print(f"resuming {self.dir} at step {self.global_step}{note}", flush=True)
 
@@ -542,16 +540,22 @@ class Run:
             raise stopped
 
     def load_network(self, agent: Any) -> None:
-        """Load the saved network into ``agent`` (resumed or evaluated runs; nothing otherwise); one of another
-        network is a one-line error."""
-        if self.state is None:
-            return
-        try:
-            agent.load_state_dict(self.state["agent"])
-        except RuntimeError as err:
-            missing = str(err).strip().splitlines()[-1].strip()
-            flag = f"--evaluate {self.args.evaluate}" if self.args.evaluate else f"--resume {self.args.resume}"
-            raise UserError(f"{flag}: its network does not match this version of {self.script}.py ({missing})") from None
+        """Load the saved network into ``agent`` (resumed or evaluated runs; nothing otherwise)."""
+        if self.state is not None:
+            self.load(dict(agent=agent))
+
+    def load(self, parts: dict[str, Any]) -> None:
+        """Load each part (``None``: off in this run) from the checkpoint; one that does not fit it (another network,
+        another version of the script) is a one-line error."""
+        for key, part in parts.items():
+            if part is None:
+                continue
+            try:
+                part.load_state_dict(self.state[key])
+            except (RuntimeError, KeyError, ValueError) as err:
+                why = f"it holds no {key}" if isinstance(err, KeyError) else str(err).strip().splitlines()[-1].strip()
+                flag = f"--evaluate {self.args.evaluate}" if self.args.evaluate else f"--resume {self.args.resume}"
+                raise UserError(f"{flag}: its {key} does not match this version of {self.script}.py ({why})") from None
 
     def save_model(self, **parts: Any) -> None:
         """runs/<run>/model.pt with ``parts`` (with --save-model; otherwise nothing)."""

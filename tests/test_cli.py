@@ -305,9 +305,10 @@ def test_resume_and_evaluate_refuse_what_they_cannot_use(tmp_path, monkeypatch, 
         assert all(w in lines[0] for w in words), (argv, lines[0])
 
 
-@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "adamemento_ppo.py"])  # it loads its nets itself
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_of_another_network_is_one_line(tmp_path, monkeypatch, capsys, script):
-    """A checkpoint whose network differs from this version's (here: one weight missing) is refused in one line."""
+    """A checkpoint whose network differs from this version's (one weight missing), or that lacks a part a resumed
+    run needs (its optimizer), is refused in one line."""
     import torch
 
     monkeypatch.chdir(tmp_path)
@@ -315,13 +316,15 @@ def test_resume_of_another_network_is_one_line(tmp_path, monkeypatch, capsys, sc
     assert run_in_process(script, flags, monkeypatch, capsys)[0] == 0
     path = tmp_path / "runs" / "old" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=False)
-    ckpt["agent"].pop(next(iter(ckpt["agent"])))
-    torch.save(ckpt, path)
-    for flag in ("--resume", "--evaluate"):
+    no_optimizer = {k: v for k, v in ckpt.items() if k != "optimizer"}
+    other_net = dict(ckpt, agent=dict(list(ckpt["agent"].items())[1:]))
+    for flag, part, saved in (("--resume", "optimizer", no_optimizer), ("--resume", "agent", other_net),
+                              ("--evaluate", "agent", other_net)):
+        torch.save(saved, path)
         code, out, err = run_in_process(script, [flag, "runs/old"], monkeypatch, capsys)
         lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and "Traceback" not in err + out, (flag, err)
-        assert "does not match" in lines[0] and flag in lines[0], lines[0]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err + out, (flag, part, err)
+        assert f"its {part} does not match" in lines[0] and flag in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
