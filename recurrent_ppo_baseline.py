@@ -418,6 +418,13 @@ class RewardScaler:
         return np.clip(rewards / np.sqrt(self.rms.var.item() + 1e-8), -10, 10)
 
 
+def ratio_max(floors: torch.Tensor, logprobs: torch.Tensor, clip: float, n_act: int) -> torch.Tensor:
+    """trace_ppo's upper PPO ratio bound per step: 1 + clip, or (1 + clip) x acting probability / pi where that is
+    larger (the exploration floor f acts with (1 - f) pi + f / A); 1 + clip everywhere without the floor."""
+    acted = torch.where(floors > 0, (1 - floors) + floors * (-logprobs).exp() / n_act, torch.ones_like(floors))
+    return (1 + clip) * acted.clamp(min=1.0)
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
                 last_value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """Generalised advantage estimation over a (T, N) rollout.
@@ -595,6 +602,7 @@ def main(args: Args) -> None:
         s_obs, s_actions, s_starts, s_prevs = (to_sequences(t, seq_len) for t in (obs, actions, starts, prevs))
         s_logprobs, s_advantages, s_returns, s_values = (to_sequences(t, seq_len)
                                                          for t in (logprobs, advantages, returns, values))
+        s_ratio_max = to_sequences(ratio_max(floors, logprobs, args.clip_coef, agent.actor.out_features), seq_len)
         s_h, s_c = (s.transpose(0, 1).reshape(agent.rnn.num_layers, num_seqs, -1) for s in (chunk_h, chunk_c))
         if not agent.continuous:
             s_actions = s_actions.long()
@@ -621,8 +629,8 @@ def main(args: Args) -> None:
                 mb_adv = take(s_advantages)
                 if args.norm_adv:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss = torch.max(-mb_adv * ratio,
-                                    -mb_adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                clipped = torch.minimum(ratio.clamp(min=1 - args.clip_coef), take(s_ratio_max))
+                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * clipped).mean()
                 newvalue = newvalue.view(-1)
                 mb_values, mb_returns = take(s_values), take(s_returns)
                 if epoch == 0 and start == 0:  # before any gradient step the update reproduces the rollout

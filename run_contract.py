@@ -313,6 +313,21 @@ def write_eval_json(run_dir: str, record: dict[str, Any]) -> str:
     return path
 
 
+def save_attention_png(mat: np.ndarray, steps: int, path: str) -> None:
+    """A decision step x source step map of attention weights (trace_ppo's attention.png)."""
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no figure to close
+    fig = Figure(figsize=(6, 5), layout="tight")
+    ax = fig.subplots()
+    # A power norm keeps small weights visible next to the single-entry reads of the first steps.
+    im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+                   extent=(0, steps, 0, steps), norm=PowerNorm(0.4, vmin=0.0, vmax=max(float(mat.max()), 1e-8)))
+    ax.set(xlabel="source step (episode time of the entry read)", ylabel="decision step",
+           title="episodic attention weight (mean over heads)")
+    fig.colorbar(im, ax=ax)
+    fig.savefig(path, dpi=100)
+
+
 @dataclass
 class RunArgs:
     """The flags every script shares (its own dataclass adds PPO's and the algorithm's)."""

@@ -31,7 +31,8 @@ The read, exactly replayed
 PPO for one decision in a thousand steps (vector preset): observation and reward normalisation, no entropy bonus, no
 per-minibatch advantage normalisation, and a count-based exploration floor: an observation seen N times is acted on
 uniformly with probability min(1, m / N), so a rare input (a T-maze junction) is tried although the softmax has
-ruled its actions out.
+ruled its actions out. PPO's clip then holds against the policy that acted: a turn the floor drew and that paid may
+rise in one update to the probability it was drawn with, not only by the factor 1.2 that leaves it near 0.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from torch.distributions import Categorical, Normal
 
 from memory_envs import FlattenObservation
 from run_contract import (Progress, Run, RunArgs, UserError, check_flags, clip_action, cue_step, env_kind,
-                          finished_episode, make_base_env, make_batched_env, parse_env_kwargs, run_cli)
+                          finished_episode, make_base_env, make_batched_env, parse_env_kwargs, run_cli,
+                          save_attention_png)
 
 
 @dataclass
@@ -194,9 +196,8 @@ def image_encoder(shape: tuple[int, ...]) -> tuple[nn.Module, int, bool]:
     channels_last = shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
     c, h, w = (shape[2], shape[0], shape[1]) if channels_last else shape
     if min(h, w) >= 36:
-        convs = [layer_init(nn.Conv2d(c, 32, 8, stride=4)), nn.ReLU(),
-                 layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
-                 layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU()]
+        convs = [layer_init(nn.Conv2d(c, 32, 8, stride=4)), nn.ReLU(), layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+                 nn.ReLU(), layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU()]
     else:
         convs = [layer_init(nn.Conv2d(c, 16, 3, padding=1)), nn.ReLU(),
                  layer_init(nn.Conv2d(16, 32, 3, stride=2 if min(h, w) >= 8 else 1, padding=1)), nn.ReLU()]
@@ -541,6 +542,13 @@ class Rollout:
         self.ret[step] = torch.as_tensor(np.where(done, mem.ep_return, 0.0), dtype=torch.float32, device=reward.device)
         self.cue[step] = torch.tensor([cue_step(info, i) if d else -1 for i, d in enumerate(done)])
 
+    def ratio_max(self, clip: float, n_act: int) -> torch.Tensor:
+        """PPO's upper ratio bound per step: 1 + clip, or (1 + clip) x acting probability / pi where that is larger
+        (the floor f acts with (1 - f) pi + f / A)."""
+        f, logp = self.floor.reshape(-1), self.logprobs.reshape(-1)
+        acted = torch.where(f > 0, (1 - f) + f * (-logp).exp() / n_act, torch.ones_like(f))  # behaviour / policy
+        return (1 + clip) * acted.clamp(min=1.0)
+
     def pool(self, carry: dict) -> dict:
         """The rollout's pool per env, [S carried entries, T steps]: a slot's source indexes it."""
         return {k: torch.cat([carry[k], v.transpose(0, 1)], 1) for k, v in self.inputs.items()}
@@ -702,20 +710,6 @@ def attention_map(reads: list) -> tuple[np.ndarray, int]:
     return mat, steps
 
 
-def save_attention_png(mat: np.ndarray, steps: int, path: str) -> None:
-    from matplotlib.colors import PowerNorm
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no figure to close
-    fig = Figure(figsize=(6, 5), layout="tight")
-    ax = fig.subplots()
-    # A power norm keeps small weights visible next to the single-entry reads of the first steps.
-    im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
-                   extent=(0, steps, 0, steps), norm=PowerNorm(0.4, vmin=0.0, vmax=max(float(mat.max()), 1e-8)))
-    ax.set(xlabel="source step (episode time of the entry read)", ylabel="decision step",
-           title="episodic attention weight (mean over heads)")
-    fig.colorbar(im, ax=ax)
-    fig.savefig(path, dpi=100)
-
-
 def memory_scalars(ro: Rollout, pool: dict, m: int) -> dict:
     """memory/*: ages of dropped entries, the cue (if reported) held at episode ends, attention entropy, occupancy."""
     out, dropped, (t, i) = {}, ro.age >= 0, torch.nonzero(ro.cue >= 0, as_tuple=True)
@@ -812,6 +806,7 @@ def main(args: Args) -> None:
         b_returns, b_adv, b_values = (advantages + ro.values).reshape(-1), advantages.reshape(-1), ro.values.reshape(-1)
         b_y, b_td_error = y.reshape(-1), (y - ro.values).reshape(-1)
         b_actions, b_logprobs = ro.actions.flatten(0, 1), ro.logprobs.reshape(-1)  # (Categorical takes float actions)
+        b_ratio_max = ro.ratio_max(args.clip_coef, agent.n_act)
         pool = ro.pool(carry)
         stats, vote_stats = defaultdict(list), {}  # losses/*, memory/vote_*
         if args.retention == "learned":
@@ -840,14 +835,13 @@ def main(args: Args) -> None:
                 mb_adv = b_adv[mb]
                 if args.norm_adv:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                clipped = torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                clipped = torch.minimum(ratio.clamp(min=1 - args.clip_coef), b_ratio_max[mb])
                 pg_loss = torch.max(-mb_adv * ratio, -mb_adv * clipped).mean()
                 v_loss = (newvalue - b_returns[mb]) ** 2
                 if args.clip_vloss:
                     v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -args.clip_coef, args.clip_coef)
                     v_loss = torch.max(v_loss, (v_clipped - b_returns[mb]) ** 2)
-                v_loss = 0.5 * v_loss.mean()
-                entropy_loss = entropy.mean()
+                v_loss, entropy_loss = 0.5 * v_loss.mean(), entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
                 if not torch.isfinite(loss):
                     raise run.diverged(f"non-finite loss ({loss.item()})", global_step)

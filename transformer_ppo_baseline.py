@@ -488,6 +488,13 @@ class RewardScaler:
         return np.clip(rewards / np.sqrt(self.rms.var.item() + 1e-8), -10, 10)
 
 
+def ratio_max(floors: torch.Tensor, logprobs: torch.Tensor, clip: float, n_act: int) -> torch.Tensor:
+    """trace_ppo's upper PPO ratio bound per step: 1 + clip, or (1 + clip) x acting probability / pi where that is
+    larger (the exploration floor f acts with (1 - f) pi + f / A); 1 + clip everywhere without the floor."""
+    acted = torch.where(floors > 0, (1 - floors) + floors * (-logprobs).exp() / n_act, torch.ones_like(floors))
+    return (1 + clip) * acted.clamp(min=1.0)
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
                 last_value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """Generalised advantage estimation over a (T, N) rollout.
@@ -659,6 +666,7 @@ def main(args: Args) -> None:
         stream = {k: torch.cat([carry[k], inputs[k].transpose(0, 1)], 1) for k in carry}
         s_actions, s_logprobs, s_advantages, s_returns, s_values = (
             to_sequences(t, seq_len) for t in (actions, logprobs, advantages, returns, values))
+        s_ratio_max = to_sequences(ratio_max(floors, logprobs, args.clip_coef, agent.n_act), seq_len)
         if not agent.continuous:
             s_actions = s_actions.long()
 
@@ -687,8 +695,8 @@ def main(args: Args) -> None:
                 mb_adv = take(s_advantages)
                 if args.norm_adv:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss = torch.max(-mb_adv * ratio,
-                                    -mb_adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                clipped = torch.minimum(ratio.clamp(min=1 - args.clip_coef), take(s_ratio_max))
+                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * clipped).mean()
                 if args.clip_vloss:
                     v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
                     v_loss = 0.5 * torch.max((newvalue - mb_returns) ** 2, (v_clipped - mb_returns) ** 2).mean()

@@ -463,6 +463,19 @@ def test_exploration_floor_samples_the_mixture_and_returns_the_softmax_log_prob(
     assert torch.equal(logp, logp_update) and torch.equal(greedy, logits.argmax(1))
 
 
+def test_ppo_clip_holds_against_the_policy_that_acted():
+    """Without the floor (or where it barely changed an action's probability) the upper ratio bound is PPO's 1 + clip;
+    an action the floor made far likelier than the softmax would may rise to the probability it was acted with."""
+    from types import SimpleNamespace
+
+    pi = torch.tensor([[0.5, 1e-4], [0.9, 1e-4]])  # step x env: the softmax probability of the action taken
+    floor = torch.tensor([[0.0, 0.0], [0.1, 0.1]])
+    bound = Rollout.ratio_max(SimpleNamespace(floor=floor, logprobs=pi.log()), 0.2, 4)
+    acted = (1 - floor) * pi + floor / 4
+    assert bound[:3].tolist() == pytest.approx([1.2, 1.2, 1.2])
+    assert bound[3].item() == pytest.approx(1.2 * acted[1, 1].item() / 1e-4, rel=1e-4)  # ~300: up to 0.025 at once
+
+
 # ---------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------
