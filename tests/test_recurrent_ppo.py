@@ -312,3 +312,32 @@ def test_exploration_floor_needs_discrete_actions_and_a_non_negative_m(tmp_path,
             rp.main(rp.Args(total_timesteps=64, run_name="bad", cuda=False, **args))
         assert "\n" not in str(err.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_ratio_bound_is_trace_ppos_and_clips_the_policy_loss(tmp_path, monkeypatch):
+    """The upper ratio bound: 1 + clip without the floor or where it barely changed the action's probability;
+    (1 + clip) x acting probability / pi for an improbable action the floor drew. main() feeds it the floor and
+    clips the policy loss with it: the bound replaced by 1 - clip gives another policy loss."""
+    pi, floor = torch.tensor([[0.5, 1e-4], [0.9, 1e-4]]), torch.tensor([[0.0, 0.0], [0.1, 0.1]])
+    bound = rp.ratio_max(floor, pi.log(), 0.2, 4)
+    assert bound.flatten()[:3].tolist() == pytest.approx([1.2, 1.2, 1.2])
+    assert bound[1, 1].item() == pytest.approx(1.2 * (0.9 * 1e-4 + 0.025) / 1e-4, rel=1e-4)
+    monkeypatch.chdir(tmp_path)
+    seen, real = [], rp.ratio_max
+
+    def spy(floors, logprobs, clip, n_act):
+        seen.append(float(floors.max()))
+        return real(floors, logprobs, clip, n_act)
+
+    def run(name):
+        rp.main(rp.Args(env_id="PassiveTMaze-v0", env_kwargs=("length=5",), memory_preset=True,
+                        total_timesteps=4 * 2 * 32, num_envs=2, num_steps=32, num_minibatches=2, update_epochs=2,
+                        hidden_size=16, eval_episodes=0, run_name=name, cuda=False))
+        return [v for _, v in read_tb_scalars(tmp_path / "runs" / name)["losses/policy_loss"]]
+
+    monkeypatch.setattr(rp, "ratio_max", spy)
+    losses = run("a")
+    assert len(seen) == 4 and min(seen) > 0
+    monkeypatch.setattr(rp, "ratio_max", lambda floors, logprobs, clip, n_act: torch.full_like(floors, 1 - clip))
+    assert run("b") != losses
+

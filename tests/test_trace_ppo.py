@@ -569,6 +569,26 @@ def test_main_exploration_floor_replays_exactly_and_logs(tmp_path, monkeypatch):
     assert result["success_rate"] is not None
 
 
+def test_main_clips_against_the_bound_the_rollout_gives(tmp_path, monkeypatch):
+    """main() computes the upper ratio bound from the rollout's floor, and the bound is what clips the policy loss:
+    the same seeded run with the bound replaced by 1 - clip logs another policy loss."""
+    seen = []
+
+    def spy(self, clip, n_act):
+        seen.append(float(self.floor.max()))
+        return real(self, clip, n_act)
+
+    real = Rollout.ratio_max
+    monkeypatch.setattr(Rollout, "ratio_max", spy)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    _, tb, _ = run_main(tmp_path / "a", monkeypatch, env_id="PassiveTMaze-v0", env_kwargs=("length=5",))
+    assert len(seen) == 4 and min(seen) > 0  # every update, with the floor's values
+    monkeypatch.setattr(Rollout, "ratio_max", lambda self, clip, n_act: torch.full_like(self.floor.reshape(-1),
+                                                                                          1 - clip))
+    _, tb_low, _ = run_main(tmp_path / "b", monkeypatch, env_id="PassiveTMaze-v0", env_kwargs=("length=5",))
+    assert [v for _, v in tb["losses/policy_loss"]] != [v for _, v in tb_low["losses/policy_loss"]]
+
+
 def test_the_main_job_defaults_to_a_random_cue_longer_than_the_memory(tmp_path, monkeypatch):
     """``python trace_ppo.py`` runs MemoryTask delay 64 with a randomly timed cue (16 slots); another env id
     gets no env kwargs unless given."""

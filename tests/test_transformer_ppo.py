@@ -285,3 +285,32 @@ def test_memory_preset_exploration_floor_decays_replays_exactly_and_is_checkpoin
     assert ckpt["visit_counts"]["counts"].sum() == 4096  # every step counted
     with pytest.raises(tp.UserError, match="--explore-visits needs discrete actions"):
         tp.main(tp.Args(env_id="Pendulum-v1", explore_visits=20.0, total_timesteps=512, run_name="p", cuda=False))
+
+
+def test_ratio_bound_is_trace_ppos_and_clips_the_policy_loss(tmp_path, monkeypatch):
+    """The upper ratio bound: 1 + clip without the floor or where it barely changed the action's probability;
+    (1 + clip) x acting probability / pi for an improbable action the floor drew. main() feeds it the floor and
+    clips the policy loss with it: the bound replaced by 1 - clip gives another policy loss."""
+    pi, floor = torch.tensor([[0.5, 1e-4], [0.9, 1e-4]]), torch.tensor([[0.0, 0.0], [0.1, 0.1]])
+    bound = tp.ratio_max(floor, pi.log(), 0.2, 4)
+    assert bound.flatten()[:3].tolist() == pytest.approx([1.2, 1.2, 1.2])
+    assert bound[1, 1].item() == pytest.approx(1.2 * (0.9 * 1e-4 + 0.025) / 1e-4, rel=1e-4)
+    monkeypatch.chdir(tmp_path)
+    seen, real = [], tp.ratio_max
+
+    def spy(floors, logprobs, clip, n_act):
+        seen.append(float(floors.max()))
+        return real(floors, logprobs, clip, n_act)
+
+    def run(name):
+        tp.main(tp.Args(env_id="PassiveTMaze-v0", env_kwargs=("length=5",), memory_preset=True,
+                        total_timesteps=4 * 2 * 32, num_envs=2, num_steps=32, num_minibatches=2, update_epochs=2,
+                        window=0, eval_episodes=0, run_name=name, cuda=False))
+        return [v for _, v in read_tb_scalars(tmp_path / "runs" / name)["losses/policy_loss"]]
+
+    monkeypatch.setattr(tp, "ratio_max", spy)
+    losses = run("a")
+    assert len(seen) == 4 and min(seen) > 0
+    monkeypatch.setattr(tp, "ratio_max", lambda floors, logprobs, clip, n_act: torch.full_like(floors, 1 - clip))
+    assert run("b") != losses
+
