@@ -112,6 +112,8 @@ class Args(RunArgs):
     """K: slots that survive episode resets, tagged with their episode's outcome (0 = off)"""
     retention: Literal["learned", "fifo", "random"] = "learned"
     """which entry to evict when the memory is full"""
+    recent_slots: int = 0
+    """W: learned retention never evicts the W newest entries (a recency window inside the M slots; 0 = off)"""
     hidden_size: int = 64
     """width of entry embeddings, attention and heads"""
     num_heads: int = 4
@@ -413,7 +415,7 @@ class Memory:
     update replays every read and retention finds the entries a step held. Also the next entry's inputs."""
 
     def __init__(self, agent: Agent, n: int, args: Args, obs_space: spaces.Box, device, generator=None):
-        self.agent, self.n, self.generator, self.policy = agent, n, generator, args.retention
+        self.agent, self.n, self.generator, self.policy, self.w = agent, n, generator, args.retention, args.recent_slots
         self.m, self.k, self.s = args.memory_slots, args.persistent_slots, args.memory_slots + args.persistent_slots
         s, zeros, long = self.s, partial(torch.zeros, device=device), torch.long
         obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
@@ -439,16 +441,18 @@ class Memory:
         return (action, logprob, value), w, e
 
     def write(self, e: torch.Tensor, obs: torch.Tensor, pool_index: int) -> torch.Tensor:
-        """Store the step's entry; when full, drop the lowest score of the M and the new one (``learned``), the oldest
-        (``fifo``) or a uniform one (``random``). Returns the age of the dropped entry per env (-1: none)."""
+        """Store the step's entry; when full, drop the lowest score of the M and the new one, W newest excepted
+        (``learned``), the oldest (``fifo``) or a uniform one (``random``). Returns the dropped one's age (-1: none)."""
         m, new = self.m, dict(obs=obs, pact=self.prev_act, prew=self.prev_rew, tau=self.clock)
         score = self.agent.retention.score(self.agent.retention_features(e, new))
         held = self.src[:, :m] >= 0
-        full = held.all(1)
-        victim = (torch.cat([self.score[:, :m], score.unsqueeze(1)], 1).argmin(1) if self.policy == "learned" else
+        # the W newest (the new one included) are no candidates: each stays W steps whatever its score
+        recent = torch.cat([self.clock[:, None] - self.entry["tau"][:, :m], self.clock[:, None] * 0], 1) < self.w
+        victim = (torch.cat([self.score[:, :m], score.unsqueeze(1)], 1).masked_fill(recent, math.inf).argmin(1)
+                  if self.policy == "learned" else
                   self.order[:, :m].argmin(1) if self.policy == "fifo" else
                   torch.randint(0, m, (self.n,), generator=self.generator, device=e.device))
-        slot = torch.where(full, victim, (~held).float().argmax(1))
+        slot = torch.where(held.all(1), victim, (~held).float().argmax(1))
         victim_tau = torch.cat([self.entry["tau"][:, :m], self.clock.unsqueeze(1)], 1).gather(1, victim[:, None])[:, 0]
         rows = torch.nonzero(slot < m).squeeze(1)
         slot = slot[rows]
@@ -457,7 +461,7 @@ class Memory:
         self.emb[rows, slot], self.score[rows, slot] = e[rows], score[rows]
         self.src[rows, slot], self.order[rows, slot] = pool_index, self.writes
         self.writes += 1
-        return torch.where(full, self.clock - victim_tau, -1)
+        return torch.where(held.all(1), self.clock - victim_tau, -1)
 
     @torch.no_grad()
     def step(self, e: torch.Tensor, obs: torch.Tensor, pool_index: int, action: torch.Tensor, reward) -> torch.Tensor:
@@ -738,8 +742,10 @@ def configure(args: Args) -> tuple[Run, Args, dict, str]:
     vars(args).update({key: value for key, value in PRESETS[kind].items() if getattr(args, key) is None})
     if args.explore_visits > 0 and kind == "continuous":
         raise UserError(f"--explore-visits needs discrete actions; {args.env_id} has Box actions")
-    check_flags(args, at_least_one=("memory_slots", "hidden_size", "num_heads"),
-                non_negative=("persistent_slots", "explore_visits"), batch=args.num_envs * args.num_steps)
+    if args.recent_slots > args.memory_slots:
+        raise UserError(f"--recent-slots {args.recent_slots} must be <= --memory-slots {args.memory_slots}")
+    check_flags(args, at_least_one=("memory_slots", "hidden_size", "num_heads"), batch=args.num_envs * args.num_steps,
+                non_negative=("persistent_slots", "explore_visits", "recent_slots"))
     return run, args, env_kwargs, kind
 
 

@@ -118,6 +118,21 @@ def test_learned_evicts_lowest_score_including_new_entry():
     assert mem.src[1].tolist() == [10, 11, 12] and ages[1] == 0
 
 
+@pytest.mark.parametrize("w", [0, 1, 3])
+def test_learned_never_evicts_the_w_newest(w):
+    # A scorer that ranks every new entry last: without a window each new entry is dropped at once (age 0); with
+    # --recent-slots W the one dropped is the lowest-scored of those at least W steps old, and the W newest stay.
+    args = small_args(memory_slots=4, num_envs=2, recent_slots=w)
+    envs, agent, mem = make_memory(args)
+    clock = iter(range(100))
+    agent.retention.score = lambda x: torch.full((2,), -float(next(clock)))
+    e, obs = torch.zeros(2, args.hidden_size), torch.zeros(2, 3)
+    with torch.no_grad():
+        ages = [mem.step(e, obs, j, torch.zeros(2, dtype=torch.long), np.zeros(2)) for j in range(12)]
+    assert [a.tolist() for a in ages[4:]] == [[w, w]] * 8  # the newest of the old enough ones goes
+    assert set(range(12 - w, 12)) <= set(mem.entry["tau"][0, :4].tolist())
+
+
 def test_fifo_evicts_oldest():
     args = small_args(retention="fifo", memory_slots=4, num_envs=2)
     envs, agent, mem = make_memory(args, {"delay": 30})
@@ -614,6 +629,8 @@ def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch):
         trace_ppo.main(Args(env_id="Pendulum-v1", explore_visits=10.0, run_name="bad"))
     with pytest.raises(run_contract.UserError, match="explore-visits must be >= 0"):
         trace_ppo.main(Args(explore_visits=-1.0, run_name="bad"))
+    with pytest.raises(run_contract.UserError, match="recent-slots 17 must be <= --memory-slots 16"):
+        trace_ppo.main(Args(recent_slots=17, run_name="bad"))
     assert not (tmp_path / "runs").exists()
 
 
