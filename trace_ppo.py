@@ -446,14 +446,13 @@ class Memory:
         m, new = self.m, dict(obs=obs, pact=self.prev_act, prew=self.prev_rew, tau=self.clock)
         score = self.agent.retention.score(self.agent.retention_features(e, new))
         held = self.src[:, :m] >= 0
+        ages = self.clock[:, None] - torch.cat([self.entry["tau"][:, :m], self.clock[:, None]], 1)  # the M, the new one
         # the W newest (the new one included) are no candidates: each stays W steps whatever its score
-        recent = torch.cat([self.clock[:, None] - self.entry["tau"][:, :m], self.clock[:, None] * 0], 1) < self.w
-        victim = (torch.cat([self.score[:, :m], score.unsqueeze(1)], 1).masked_fill(recent, math.inf).argmin(1)
+        victim = (torch.cat([self.score[:, :m], score.unsqueeze(1)], 1).masked_fill(ages < self.w, math.inf).argmin(1)
                   if self.policy == "learned" else
                   self.order[:, :m].argmin(1) if self.policy == "fifo" else
                   torch.randint(0, m, (self.n,), generator=self.generator, device=e.device))
         slot = torch.where(held.all(1), victim, (~held).float().argmax(1))
-        victim_tau = torch.cat([self.entry["tau"][:, :m], self.clock.unsqueeze(1)], 1).gather(1, victim[:, None])[:, 0]
         rows = torch.nonzero(slot < m).squeeze(1)
         slot = slot[rows]
         for k, v in new.items():
@@ -461,7 +460,7 @@ class Memory:
         self.emb[rows, slot], self.score[rows, slot] = e[rows], score[rows]
         self.src[rows, slot], self.order[rows, slot] = pool_index, self.writes
         self.writes += 1
-        return torch.where(held.all(1), self.clock - victim_tau, -1)
+        return torch.where(held.all(1), ages.gather(1, victim[:, None])[:, 0], -1)
 
     @torch.no_grad()
     def step(self, e: torch.Tensor, obs: torch.Tensor, pool_index: int, action: torch.Tensor, reward) -> torch.Tensor:
