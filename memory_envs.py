@@ -249,6 +249,9 @@ def _is_text(space: spaces.Space) -> bool:
                                                and isinstance(space.sample(), str))
 
 
+_NOTICED: set = set()  # the dropped text observations already reported
+
+
 class FlattenObservation(gym.ObservationWrapper):
     """Flatten any supported observation into one float32 vector.
 
@@ -264,7 +267,8 @@ class FlattenObservation(gym.ObservationWrapper):
         if isinstance(space, spaces.Dict):
             self.dropped = [k for k, sub in space.spaces.items() if _is_text(sub)]
             space = spaces.Dict({k: sub for k, sub in space.spaces.items() if k not in self.dropped})
-            if self.dropped:
+            if self.dropped and tuple(self.dropped) not in _NOTICED:  # once per process, not once per env
+                _NOTICED.add(tuple(self.dropped))
                 print(f"note: the text observation {', '.join(map(repr, self.dropped))} is dropped "
                       "(the agents take numbers only)", flush=True)
         _supported(space)
