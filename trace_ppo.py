@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 from gymnasium import spaces
-from torch.distributions import Categorical, Normal
+from torch.distributions import Normal
 
 from memory_envs import FlattenObservation
 from run_contract import (Progress, Run, RunArgs, UserError, check_flags, clip_action, cue_step, env_kind,
@@ -369,14 +369,13 @@ class Agent(nn.Module):
         content = x.flatten(1).view(*raw["tau"].shape, -1)
         return Retention.features(e, content, raw["tau"], raw["pact"], raw["prew"], tag)
 
-    def attend(self, e: torch.Tensor, slots: torch.Tensor, tags: Optional[torch.Tensor], held: torch.Tensor):
-        """The read, for acting and replay alike: multi-head attention of e (B, D) over ``slots`` (B, S, D), tagged
-        ones shifted by their tag, empty ones weighing 0. Returns the read (B, D) and the weights (B, H, S)."""
-        if tags is not None:
-            slots = slots + self.tag_proj(tags)
+    def attend(self, e, k, v, tags: Optional[torch.Tensor], held: torch.Tensor):
+        """The read, for acting and replay alike: e (B, D) attends to the slots' keys and values (B, S, D), tagged ones
+        shifted by their tag, empty ones weighing 0. Returns the read (B, D) and the weights (B, H, S)."""
+        if tags is not None:  # k_proj(entry + tag_proj(tag)) = k_proj(entry) + W_k tag_proj(tag)
+            k, v = (x + F.linear(self.tag_proj(tags), proj.weight) for x, proj in ((k, self.k_proj), (v, self.v_proj)))
         split = lambda x: x.view(*x.shape[:-1], self.num_heads, -1)  # noqa: E731
-        q = split(self.q_proj(e) / math.sqrt(e.shape[-1] // self.num_heads))        # B H dh
-        k, v = split(self.k_proj(slots)), split(self.v_proj(slots))                 # B S H dh
+        q, k, v = split(self.q_proj(e) / math.sqrt(e.shape[-1] // self.num_heads)), split(k), split(v)  # B (S) H dh
         logits = (q.unsqueeze(1) * k).sum(-1).transpose(1, 2)                      # B H S
         # A large finite negative (not -inf) keeps all-empty rows finite in the backward pass.
         w = torch.softmax(logits.masked_fill(~held.unsqueeze(1), -1e30), -1) * held.any(-1).float()[:, None, None]
@@ -389,19 +388,19 @@ class Agent(nn.Module):
         log-probability is always the softmax's: the policy PPO trains."""
         z = torch.cat([e, read], -1)
         out, value, acting = self.actor(z), self.critic(z).squeeze(-1), action is None
-        dist = (Normal(out, self.actor_logstd.expand_as(out).exp(), validate_args=False) if self.continuous
-                else Categorical(logits=out, validate_args=False))
-        if acting and greedy:
-            action = out if self.continuous else out.argmax(1)
-        elif acting and (floor is None or self.continuous):
-            action = dist.sample()
-        elif acting:  # inverse-CDF sampling: torch.multinomial costs much more per call on CPU
-            probs = (1.0 - floor).unsqueeze(-1) * dist.probs + floor.unsqueeze(-1) / self.n_act
-            action = (probs.cumsum(-1) < torch.rand_like(floor).unsqueeze(-1)).sum(-1).clamp(max=self.n_act - 1)
-        logprob, entropy = dist.log_prob(action), None if acting else dist.entropy()
         if self.continuous:
-            logprob, entropy = logprob.sum(1), None if acting else entropy.sum(1)
-        return action, logprob, entropy, value
+            dist = Normal(out, self.actor_logstd.expand_as(out).exp(), validate_args=False)
+            action = (out if greedy else dist.sample()) if acting else action
+            return action, dist.log_prob(action).sum(1), None if acting else dist.entropy().sum(1), value
+        # Categorical's arithmetic written out: its object costs as much as the heads, on every step
+        logp = out - out.logsumexp(1, keepdim=True)
+        if acting and (greedy or floor is None):
+            action = out.argmax(1) if greedy else torch.multinomial(logp.softmax(1), 1, True).view(-1)
+        elif acting:  # inverse-CDF sampling: torch.multinomial costs much more per call on CPU
+            probs = (1.0 - floor).unsqueeze(-1) * logp.softmax(1) + floor.unsqueeze(-1) / self.n_act
+            action = (probs.cumsum(-1) < torch.rand_like(floor).unsqueeze(-1)).sum(-1).clamp(max=self.n_act - 1)
+        entropy = None if acting else -(logp.clamp(min=torch.finfo(logp.dtype).min) * logp.softmax(1)).sum(1)
+        return action, logp.gather(1, action.long().unsqueeze(1)).squeeze(1), entropy, value
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
         """An action as an input: one-hot for discrete, the (clipped) vector for Box."""
@@ -435,9 +434,9 @@ class Memory:
 
     def act(self, obs: torch.Tensor, greedy: bool = False, floor: Optional[torch.Tensor] = None):
         """Read and act: (action, log-prob, value), the read's weights and the embedding ``write`` stores."""
-        e = self.agent.embed(obs, self.prev_act, self.prev_rew, self.clock)
-        read, w = self.agent.attend(e, self.emb, self.tags() if self.k else None, self.src >= 0)
-        action, logprob, _, value = self.agent.heads(e, read, greedy=greedy, floor=floor)
+        a, e = self.agent, self.agent.embed(obs, self.prev_act, self.prev_rew, self.clock)
+        read, w = a.attend(e, a.k_proj(self.emb), a.v_proj(self.emb), self.tags() if self.k else None, self.src >= 0)
+        action, logprob, _, value = a.heads(e, read, greedy=greedy, floor=floor)
         return (action, logprob, value), w, e
 
     def write(self, e: torch.Tensor, obs: torch.Tensor, pool_index: int) -> torch.Tensor:
@@ -462,7 +461,7 @@ class Memory:
         self.writes += 1
         return torch.where(held.all(1), ages.gather(1, victim[:, None])[:, 0], -1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, e: torch.Tensor, obs: torch.Tensor, pool_index: int, action: torch.Tensor, reward) -> torch.Tensor:
         """Write the entry, take in the next inputs (action clipped for Box, symlog reward, clock); returns the ages."""
         ages = self.write(e, obs, pool_index)
@@ -471,11 +470,11 @@ class Memory:
         self.clock, self.ep_return = self.clock + 1, self.ep_return + reward
         return ages
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.act(obs)[0][2]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def end_episodes(self, rows: np.ndarray) -> None:
         """Envs ``rows`` ended an episode: all held entries compete for the K persistent slots (by score, write order
         or at random), tagged with the episode's return; then the episodic slots are cleared."""
@@ -498,7 +497,7 @@ class Memory:
         self.src[rows_t, : self.m] = -1
         self.prev_act[rows_t], self.prev_rew[rows_t], self.clock[rows_t], self.ep_return[rows] = 0.0, 0.0, 0, 0.0
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def begin_rollout(self) -> dict:
         """Re-encode the held entries (pool entries 0..S-1) as the update will; returns their inputs (the carry-in)."""
         self.emb = pool_embed(self.agent, self.entry)
@@ -529,7 +528,7 @@ class Rollout:
         if mem.k:
             self.tag[step] = mem.tags()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, step: int, obs: torch.Tensor, mem: Memory, counter: Optional[VisitCounter]):
         """Record the step's inputs, read and act; returns the action and the embedding ``Memory.step`` stores."""
         self.record_inputs(step, obs, mem)
@@ -612,10 +611,12 @@ def pool_embed(agent: Agent, pool: dict) -> torch.Tensor:
 
 def replay(agent: Agent, pool_e: torch.Tensor, ro: Rollout, t_idx: torch.Tensor, i_idx: torch.Tensor):
     """Replay the reads of steps (t_idx, i_idx) from their recorded sources with acting's ``attend``: e, read, w."""
-    src, p, flat = ro.src[t_idx, i_idx], pool_e.shape[1], pool_e.flatten(0, 1)
-    e = flat.index_select(0, i_idx * p + src.shape[1] + t_idx)
-    slots = flat.index_select(0, (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)).view(*src.shape, -1)
-    return e, *agent.attend(e, slots, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0)
+    src, p = ro.src[t_idx, i_idx], pool_e.shape[1]
+    e = pool_e.flatten(0, 1).index_select(0, i_idx * p + src.shape[1] + t_idx)
+    rows = (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)
+    gather = lambda x: x.flatten(0, 1).index_select(0, rows).view(*src.shape, -1)  # noqa: E731
+    k, v = gather(agent.k_proj(pool_e)), gather(agent.v_proj(pool_e))  # projected once per pool entry, not per read
+    return e, *agent.attend(e, k, v, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0)
 
 
 @torch.no_grad()
@@ -810,7 +811,7 @@ def main(args: Args) -> None:
         advantages = compute_gae(y - ro.values, ro.dones, args.gamma, args.gae_lambda)
         b_returns, b_adv, b_values = (advantages + ro.values).reshape(-1), advantages.reshape(-1), ro.values.reshape(-1)
         b_y, b_td_error = y.reshape(-1), (y - ro.values).reshape(-1)
-        b_actions, b_logprobs = ro.actions.flatten(0, 1), ro.logprobs.reshape(-1)  # (Categorical takes float actions)
+        b_actions, b_logprobs = ro.actions.flatten(0, 1), ro.logprobs.reshape(-1)  # (the heads take float actions)
         b_ratio_max = ro.ratio_max(args.clip_coef, agent.n_act)
         pool = ro.pool(carry)
         stats, vote_stats = defaultdict(list), {}  # losses/*, memory/vote_*
