@@ -565,12 +565,9 @@ def main(args: Args) -> None:
                 floor = floors[step] = counter.floor(next_obs)
             next_obs = agent.normalize_obs(next_obs, update=True)
             obs[step], starts[step], prevs[step] = next_obs, next_start, next_prev
-            # One step of a few envs: PyTorch's own LSTM kernel is about twice as fast as oneDNN's (the update keeps it)
-            torch.backends.mkldnn.enabled = False
-            with torch.inference_mode():
+            with torch.no_grad():
                 action, logprob, _, value, lstm_state = agent.get_action_and_value(next_obs, next_prev, lstm_state,
                                                                                    next_start, floor=floor)
-            torch.backends.mkldnn.enabled = True
             values[step], actions[step], logprobs[step] = value.flatten(), action, logprob
             next_obs_np, reward, term, trunc, info = envs.step(action.cpu().numpy())
             done = term | trunc

@@ -369,13 +369,14 @@ class Agent(nn.Module):
         content = x.flatten(1).view(*raw["tau"].shape, -1)
         return Retention.features(e, content, raw["tau"], raw["pact"], raw["prew"], tag)
 
-    def attend(self, e, k, v, tags: Optional[torch.Tensor], held: torch.Tensor):
-        """The read, for acting and replay alike: e (B, D) attends to the slots' keys and values (B, S, D), tagged ones
-        shifted by their tag, empty ones weighing 0. Returns the read (B, D) and the weights (B, H, S)."""
-        if tags is not None:  # k_proj(entry + tag_proj(tag)) = k_proj(entry) + W_k tag_proj(tag)
-            k, v = (x + F.linear(self.tag_proj(tags), proj.weight) for x, proj in ((k, self.k_proj), (v, self.v_proj)))
+    def attend(self, e: torch.Tensor, slots: torch.Tensor, tags: Optional[torch.Tensor], held: torch.Tensor):
+        """The read, for acting and replay alike: multi-head attention of e (B, D) over ``slots`` (B, S, D), tagged
+        ones shifted by their tag, empty ones weighing 0. Returns the read (B, D) and the weights (B, H, S)."""
+        if tags is not None:
+            slots = slots + self.tag_proj(tags)
         split = lambda x: x.view(*x.shape[:-1], self.num_heads, -1)  # noqa: E731
-        q, k, v = split(self.q_proj(e) / math.sqrt(e.shape[-1] // self.num_heads)), split(k), split(v)  # B (S) H dh
+        q = split(self.q_proj(e) / math.sqrt(e.shape[-1] // self.num_heads))        # B H dh
+        k, v = split(self.k_proj(slots)), split(self.v_proj(slots))                 # B S H dh
         logits = (q.unsqueeze(1) * k).sum(-1).transpose(1, 2)                      # B H S
         # A large finite negative (not -inf) keeps all-empty rows finite in the backward pass.
         w = torch.softmax(logits.masked_fill(~held.unsqueeze(1), -1e30), -1) * held.any(-1).float()[:, None, None]
@@ -434,9 +435,9 @@ class Memory:
 
     def act(self, obs: torch.Tensor, greedy: bool = False, floor: Optional[torch.Tensor] = None):
         """Read and act: (action, log-prob, value), the read's weights and the embedding ``write`` stores."""
-        a, e = self.agent, self.agent.embed(obs, self.prev_act, self.prev_rew, self.clock)
-        read, w = a.attend(e, a.k_proj(self.emb), a.v_proj(self.emb), self.tags() if self.k else None, self.src >= 0)
-        action, logprob, _, value = a.heads(e, read, greedy=greedy, floor=floor)
+        e = self.agent.embed(obs, self.prev_act, self.prev_rew, self.clock)
+        read, w = self.agent.attend(e, self.emb, self.tags() if self.k else None, self.src >= 0)
+        action, logprob, _, value = self.agent.heads(e, read, greedy=greedy, floor=floor)
         return (action, logprob, value), w, e
 
     def write(self, e: torch.Tensor, obs: torch.Tensor, pool_index: int) -> torch.Tensor:
@@ -611,12 +612,10 @@ def pool_embed(agent: Agent, pool: dict) -> torch.Tensor:
 
 def replay(agent: Agent, pool_e: torch.Tensor, ro: Rollout, t_idx: torch.Tensor, i_idx: torch.Tensor):
     """Replay the reads of steps (t_idx, i_idx) from their recorded sources with acting's ``attend``: e, read, w."""
-    src, p = ro.src[t_idx, i_idx], pool_e.shape[1]
-    e = pool_e.flatten(0, 1).index_select(0, i_idx * p + src.shape[1] + t_idx)
-    rows = (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)
-    gather = lambda x: x.flatten(0, 1).index_select(0, rows).view(*src.shape, -1)  # noqa: E731
-    k, v = gather(agent.k_proj(pool_e)), gather(agent.v_proj(pool_e))  # projected once per pool entry, not per read
-    return e, *agent.attend(e, k, v, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0)
+    src, p, flat = ro.src[t_idx, i_idx], pool_e.shape[1], pool_e.flatten(0, 1)
+    e = flat.index_select(0, i_idx * p + src.shape[1] + t_idx)
+    slots = flat.index_select(0, (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)).view(*src.shape, -1)
+    return e, *agent.attend(e, slots, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0)
 
 
 @torch.no_grad()

@@ -51,8 +51,7 @@ def run_rollout(envs, mem: Memory, steps: int, seed: int = 0, obs=None, on_step=
         ro.record_inputs(step, obs, mem)
         with torch.no_grad():
             (action, logprob, value), w, e = mem.act(obs)
-            kv = agent.k_proj(mem.emb), agent.v_proj(mem.emb)
-            read, _ = agent.attend(e, *kv, mem.tags() if mem.k else None, mem.src >= 0)
+            read, _ = agent.attend(e, mem.emb, mem.tags() if mem.k else None, mem.src >= 0)
             out["logits"].append(agent.actor(torch.cat([e, read], -1)))
         ro.values[step], ro.actions[step], ro.logprobs[step], ro.attn[step] = value, action, logprob, w.mean(1)
         out["w"].append(w)
@@ -166,7 +165,7 @@ def test_read_scale_does_not_grow_with_the_entries():
     d = args.hidden_size
     e, slots = torch.randn(5, d), 1000.0 * torch.randn(5, 4, d)
     with torch.no_grad():
-        read, _ = agent.attend(e, agent.k_proj(slots), agent.v_proj(slots), None, torch.ones(5, 4, dtype=torch.bool))
+        read, _ = agent.attend(e, slots, None, torch.ones(5, 4, dtype=torch.bool))
         raw = agent.o_proj(agent.v_proj(slots).mean(1))  # what the projections alone would pass on
     assert read.norm(dim=-1).max() <= math.sqrt(d) + 1e-3 < raw.norm(dim=-1).min()
 
