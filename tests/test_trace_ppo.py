@@ -478,6 +478,23 @@ def test_exploration_floor_samples_the_mixture_and_returns_the_softmax_log_prob(
     assert torch.equal(logp, logp_update) and torch.equal(greedy, logits.argmax(1))
 
 
+def test_heads_compute_exactly_what_torch_categorical_computes():
+    """The heads write Categorical's arithmetic out (speed): sampling without a floor, log-probability and entropy
+    must be torch's to the bit, so seeded runs and the suite's numbers stay what they were."""
+    agent = Agent(spaces.Box(0, 1, (3,), np.float32), spaces.Discrete(3), small_args())
+    e, read = torch.randn(64, 16), torch.randn(64, 16)
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(300.0)  # spread-out logits, some probabilities near 0
+        dist = torch.distributions.Categorical(logits=agent.actor(torch.cat([e, read], -1)), validate_args=False)
+        torch.manual_seed(1)
+        action, logp, _, _ = agent.heads(e, read)
+        torch.manual_seed(1)
+        assert torch.equal(action, dist.sample())
+        _, logp_update, entropy, _ = agent.heads(e, read, action.float())
+    assert torch.equal(logp, dist.log_prob(action)) and torch.equal(logp_update, logp)
+    assert torch.equal(entropy, dist.entropy())
+
+
 def test_ppo_clip_holds_against_the_policy_that_acted():
     """Without the floor (or where it barely changed an action's probability) the upper ratio bound is PPO's 1 + clip;
     an action the floor made far likelier than the softmax would may rise to the probability it was acted with."""
