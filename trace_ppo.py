@@ -114,6 +114,8 @@ class Args(RunArgs):
     """which entry to evict when the memory is full"""
     recent_slots: int = 0
     """W: learned retention never evicts the W newest entries (a recency window inside the M slots; 0 = off)"""
+    score_prior: bool = False
+    """the read adds each slot's retention score (what is kept may be worth reading), times a learned gain per head"""
     hidden_size: int = 64
     """width of entry embeddings, attention and heads"""
     num_heads: int = 4
@@ -320,12 +322,10 @@ class Agent(nn.Module):
         d, self.num_heads = args.hidden_size, args.num_heads
         if d % self.num_heads:
             raise UserError(f"--hidden-size {d} must be divisible by --num-heads {self.num_heads}")
-        self.continuous = isinstance(action_space, spaces.Box)
-        self.image = isinstance(obs_space, spaces.Box) and len(obs_space.shape) == 3
+        self.continuous, self.image = isinstance(action_space, spaces.Box), len(obs_space.shape) == 3
         self.scale = 255.0 if obs_space.dtype == np.uint8 else 1.0
         self.n_act = n_act = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
-        self.obs_rms = RunningMeanStd(obs_space.shape) if args.normalize else None
-        self._norm_count = None
+        self.obs_rms, self._norm_count = RunningMeanStd(obs_space.shape) if args.normalize else None, None
         self.cnn, n_feat, self.channels_last = (image_encoder(obs_space.shape) if self.image else
                                                 (None, int(np.prod(obs_space.shape)), False))
         # One network encodes both what is written and what queries.
@@ -336,6 +336,7 @@ class Agent(nn.Module):
         # LayerNorm on the read (as after a Transformer's attention block): its scale cannot grow and
         # saturate the heads' tanh, which would cut the gradient to the attention.
         self.read_norm = nn.LayerNorm(d)
+        self.score_gain = nn.Parameter(torch.ones(self.num_heads)) if args.score_prior else None
         self.actor = nn.Sequential(layer_init(nn.Linear(2 * d, 64)), nn.Tanh(), layer_init(nn.Linear(64, n_act), 0.01))
         self.critic = nn.Sequential(layer_init(nn.Linear(2 * d, 64)), nn.Tanh(), layer_init(nn.Linear(64, 1), 1.0))
         if self.continuous:
@@ -369,15 +370,16 @@ class Agent(nn.Module):
         content = x.flatten(1).view(*raw["tau"].shape, -1)
         return Retention.features(e, content, raw["tau"], raw["pact"], raw["prew"], tag)
 
-    def attend(self, e: torch.Tensor, slots: torch.Tensor, tags: Optional[torch.Tensor], held: torch.Tensor):
+    def attend(self, e: torch.Tensor, slots: torch.Tensor, tags: Optional[torch.Tensor], held, score: torch.Tensor):
         """The read, for acting and replay alike: multi-head attention of e (B, D) over ``slots`` (B, S, D), tagged
-        ones shifted by their tag, empty ones weighing 0. Returns the read (B, D) and the weights (B, H, S)."""
+        ones shifted by their tag, empty ones weighing 0 (--score-prior: plus ``score``). Returns (B, D), (B, H, S)."""
         if tags is not None:
             slots = slots + self.tag_proj(tags)
         split = lambda x: x.view(*x.shape[:-1], self.num_heads, -1)  # noqa: E731
         q = split(self.q_proj(e) / math.sqrt(e.shape[-1] // self.num_heads))        # B H dh
         k, v = split(self.k_proj(slots)), split(self.v_proj(slots))                 # B S H dh
         logits = (q.unsqueeze(1) * k).sum(-1).transpose(1, 2)                      # B H S
+        logits = logits if self.score_gain is None else logits + self.score_gain[:, None] * score.unsqueeze(1)
         # A large finite negative (not -inf) keeps all-empty rows finite in the backward pass.
         w = torch.softmax(logits.masked_fill(~held.unsqueeze(1), -1e30), -1) * held.any(-1).float()[:, None, None]
         read = (w.transpose(1, 2).unsqueeze(-1) * v).sum(1).flatten(1)
@@ -436,7 +438,7 @@ class Memory:
     def act(self, obs: torch.Tensor, greedy: bool = False, floor: Optional[torch.Tensor] = None):
         """Read and act: (action, log-prob, value), the read's weights and the embedding ``write`` stores."""
         e = self.agent.embed(obs, self.prev_act, self.prev_rew, self.clock)
-        read, w = self.agent.attend(e, self.emb, self.tags() if self.k else None, self.src >= 0)
+        read, w = self.agent.attend(e, self.emb, self.tags() if self.k else None, self.src >= 0, self.score)
         action, logprob, _, value = self.agent.heads(e, read, greedy=greedy, floor=floor)
         return (action, logprob, value), w, e
 
@@ -509,7 +511,7 @@ class Memory:
 
 # ---- The rollout buffer, returns
 class Rollout:
-    """(T, N) tensors of a rollout: the entries' inputs, what PPO needs, each step's slot sources and tags (replay)."""
+    """(T, N) tensors of a rollout: the entries' inputs, what PPO needs, each step's slot sources, tags and scores."""
 
     def __init__(self, t: int, n: int, mem: Memory, obs_space: spaces.Box, act_space: spaces.Space, device):
         s, self.tagged, zeros = mem.s, mem.k > 0, partial(torch.zeros, device=device)
@@ -518,14 +520,14 @@ class Rollout:
         self.logprobs, self.rewards, self.dones, self.values, self.prew, self.floor, self.ret = (
             zeros((t, n)) for _ in range(7))  # ret: an episode's return, at its last step
         self.tau, self.src = zeros((t, n), dtype=torch.long), zeros((t, n, s), dtype=torch.long)
-        self.tag = zeros((t, n, s, TAG_DIM))
+        self.tag, self.score = zeros((t, n, s, TAG_DIM)), zeros((t, n, s))
         self.inputs = dict(obs=self.obs, pact=self.pact, prew=self.prew, tau=self.tau)  # each step's entry, as written
         # diagnostics only: mean attention, age of the entry dropped (-1: none), the cue's step at episode ends (-1)
         self.attn, self.age, self.cue = zeros((t, n, s)), *(torch.full((t, n), -1, device=device) for _ in range(2))
 
     def record_inputs(self, step: int, obs: torch.Tensor, mem: Memory) -> None:
         self.obs[step], self.pact[step], self.prew[step], self.tau[step] = obs, mem.prev_act, mem.prev_rew, mem.clock
-        self.src[step] = mem.src
+        self.src[step], self.score[step] = mem.src, mem.score
         if mem.k:
             self.tag[step] = mem.tags()
 
@@ -562,9 +564,8 @@ class Rollout:
 
     def episode_returns(self) -> torch.Tensor:
         """(N, T): the return of each step's episode, recorded where it ended (0 if it runs on after the rollout)."""
-        t = self.tau.shape[0]
-        pos = torch.arange(t, device=self.tau.device).expand_as(self.tau.T)
-        end_at = torch.where(self.dones.T > 0, pos, t).flip(1).cummin(1).values.flip(1)
+        pos = torch.arange(len(self.tau), device=self.tau.device).expand_as(self.tau.T)
+        end_at = torch.where(self.dones.T > 0, pos, len(self.tau)).flip(1).cummin(1).values.flip(1)
         return torch.cat([self.ret.T, self.ret.new_zeros(len(pos), 1)], 1).gather(1, end_at)
 
 
@@ -615,7 +616,7 @@ def replay(agent: Agent, pool_e: torch.Tensor, ro: Rollout, t_idx: torch.Tensor,
     src, p, flat = ro.src[t_idx, i_idx], pool_e.shape[1], pool_e.flatten(0, 1)
     e = flat.index_select(0, i_idx * p + src.shape[1] + t_idx)
     slots = flat.index_select(0, (i_idx.unsqueeze(1) * p + src.clamp(min=0)).reshape(-1)).view(*src.shape, -1)
-    return e, *agent.attend(e, slots, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0)
+    return e, *agent.attend(e, slots, ro.tag[t_idx, i_idx] if ro.tagged else None, src >= 0, ro.score[t_idx, i_idx])
 
 
 @torch.no_grad()

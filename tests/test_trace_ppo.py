@@ -51,7 +51,7 @@ def run_rollout(envs, mem: Memory, steps: int, seed: int = 0, obs=None, on_step=
         ro.record_inputs(step, obs, mem)
         with torch.no_grad():
             (action, logprob, value), w, e = mem.act(obs)
-            read, _ = agent.attend(e, mem.emb, mem.tags() if mem.k else None, mem.src >= 0)
+            read, _ = agent.attend(e, mem.emb, mem.tags() if mem.k else None, mem.src >= 0, mem.score)
             out["logits"].append(agent.actor(torch.cat([e, read], -1)))
         ro.values[step], ro.actions[step], ro.logprobs[step], ro.attn[step] = value, action, logprob, w.mean(1)
         out["w"].append(w)
@@ -165,7 +165,7 @@ def test_read_scale_does_not_grow_with_the_entries():
     d = args.hidden_size
     e, slots = torch.randn(5, d), 1000.0 * torch.randn(5, 4, d)
     with torch.no_grad():
-        read, _ = agent.attend(e, slots, None, torch.ones(5, 4, dtype=torch.bool))
+        read, _ = agent.attend(e, slots, None, torch.ones(5, 4, dtype=torch.bool), torch.zeros(5, 4))
         raw = agent.o_proj(agent.v_proj(slots).mean(1))  # what the projections alone would pass on
     assert read.norm(dim=-1).max() <= math.sqrt(d) + 1e-3 < raw.norm(dim=-1).min()
 
@@ -210,6 +210,31 @@ def test_update_reproduces_rollout_logits_values_and_weights(persistent):
     sub = torch.randperm(len(t_idx), generator=torch.Generator().manual_seed(0))[: len(t_idx) // 3]
     _, read_sub, _ = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx[sub], i_idx[sub])
     assert torch.allclose(read_sub, read[sub], atol=1e-5)
+
+
+def test_score_prior_biases_the_read_and_replays_exactly():
+    """--score-prior adds each slot's retention score, times a learned gain per head, to its attention logit. The
+    update replays the scores acting saw (the scorer trains between rollout and update), so it stays exact."""
+    args = small_args(memory_slots=3, persistent_slots=2, num_envs=3, score_prior=True)
+    envs, agent, mem = make_memory(args, {"delay": 5, "difficulty": 1})
+    with torch.no_grad():
+        agent.retention.scorer[2].weight.mul_(300.0)  # scores of a few units, so that the bias matters
+    *_, obs = run_rollout(envs, mem, 14)
+    ro, carry, pool, out, _ = run_rollout(envs, mem, 14, obs=obs)
+    with torch.no_grad():
+        agent.retention.scorer[2].weight.mul_(-1.0)  # as after train_retention: the recorded scores must be used
+    t_idx, i_idx = all_queries(14, 3)
+    e, read, w = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx)
+    _, logp, _, value = agent.heads(e, read, ro.actions.reshape(-1).long())
+    assert torch.allclose(w, out["w"].reshape(14 * 3, *out["w"].shape[2:]), atol=1e-5)
+    assert torch.allclose(logp, ro.logprobs.reshape(-1), atol=1e-5) and ro.score.abs().max() > 1.0
+    logp.sum().backward()
+    assert agent.score_gain.grad.abs().sum() > 0 and all(p.grad is None for p in agent.retention.parameters())
+    with torch.no_grad():
+        agent.score_gain.zero_()
+        w_plain = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx)[2]
+    assert (w_plain - w).abs().max() > 0.1  # the prior moved the read
+    assert Agent(envs.single_observation_space, envs.single_action_space, small_args()).score_gain is None  # off
 
 
 def test_policy_gradient_reaches_encoder_and_attention_but_not_retention():
