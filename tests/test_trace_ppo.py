@@ -555,8 +555,10 @@ def run_main(tmp_path, monkeypatch, **kw):
     return json.loads((run_dir / "eval.json").read_text()), read_tb_scalars(run_dir), run_dir
 
 
-def test_main_vector_env_replays_exactly_and_logs(tmp_path, monkeypatch):
-    result, tb, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=7", "difficulty=1", "cue_time='random'"))
+@pytest.mark.parametrize("score_prior", [False, True])
+def test_main_vector_env_replays_exactly_and_logs(tmp_path, monkeypatch, score_prior):
+    result, tb, run_dir = run_main(tmp_path, monkeypatch, env_kwargs=("delay=7", "difficulty=1", "cue_time='random'"),
+                                   score_prior=score_prior)
     assert result["success_rate"] is not None and result["algo"] == "trace_ppo"
     errs = [v for _, v in tb["debug/replay_max_error"]]
     assert len(errs) == 4 and max(errs) < 1e-5
