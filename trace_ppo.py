@@ -25,8 +25,8 @@ What retention is taught, and why it works
 
 The read, exactly replayed
   The rollout records which source each slot holds at every step; the update re-encodes the sources and replays
-  every read with the same attention as acting, so PPO's gradient reaches attention and encoder (the first epoch
-  reproduces the rollout's log-probabilities exactly). What to read is learned from PPO's loss alone.
+  every read with acting's attention: PPO's gradient reaches attention and encoder, and its first epoch reproduces
+  the rollout exactly. What to read is learned from PPO's loss; --score-prior biases it by the slots' retention scores.
 
 PPO for one decision in a thousand steps (vector preset): observation and reward normalisation, no entropy bonus, no
 per-minibatch advantage normalisation, and a count-based exploration floor: an observation seen N times is acted on
