@@ -26,7 +26,7 @@ What retention is taught, and why it works
 The read, exactly replayed
   The rollout records which source each slot holds at every step; the update re-encodes the sources and replays
   every read with acting's attention: PPO's gradient reaches attention and encoder, and its first epoch reproduces
-  the rollout exactly. What to read is learned from PPO's loss; --score-prior biases it by the slots' retention scores.
+  the rollout exactly. Reading is learned from PPO's loss, biased by the slots' retention scores (--no-score-prior).
 
 PPO for one decision in a thousand steps (vector preset): observation and reward normalisation, no entropy bonus, no
 per-minibatch advantage normalisation, and a count-based exploration floor: an observation seen N times is acted on
@@ -114,7 +114,7 @@ class Args(RunArgs):
     """which entry to evict when the memory is full"""
     recent_slots: int = 0
     """W: learned retention never evicts the W newest entries (a recency window inside the M slots; 0 = off)"""
-    score_prior: bool = False
+    score_prior: bool = True
     """the read adds each slot's retention score (what is kept may be worth reading), times a learned gain per head"""
     hidden_size: int = 64
     """width of entry embeddings, attention and heads"""
