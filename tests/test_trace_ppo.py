@@ -213,9 +213,9 @@ def test_update_reproduces_rollout_logits_values_and_weights(persistent):
 
 
 def test_score_prior_biases_the_read_and_replays_exactly():
-    """--score-prior adds each slot's retention score, times a learned gain per head, to its attention logit. The
-    update replays the scores acting saw (the scorer trains between rollout and update), so it stays exact."""
-    args = small_args(memory_slots=3, persistent_slots=2, num_envs=3, score_prior=True)
+    """The read adds each slot's retention score, times a learned gain per head, to its attention logit (the default;
+    --no-score-prior: off). The update replays the scores acting saw (the scorer trains between rollout and update)."""
+    args = small_args(memory_slots=3, persistent_slots=2, num_envs=3)
     envs, agent, mem = make_memory(args, {"delay": 5, "difficulty": 1})
     with torch.no_grad():
         agent.retention.scorer[2].weight.mul_(300.0)  # scores of a few units, so that the bias matters
@@ -234,7 +234,7 @@ def test_score_prior_biases_the_read_and_replays_exactly():
         agent.score_gain.zero_()
         w_plain = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx)[2]
     assert (w_plain - w).abs().max() > 0.1  # the prior moved the read
-    assert Agent(envs.single_observation_space, envs.single_action_space, small_args()).score_gain is None  # off
+    assert Agent(envs.single_observation_space, envs.single_action_space, small_args(score_prior=False)).score_gain is None
 
 
 def test_policy_gradient_reaches_encoder_and_attention_but_not_retention():
