@@ -234,7 +234,8 @@ def test_score_prior_biases_the_read_and_replays_exactly():
         agent.score_gain.zero_()
         w_plain = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, t_idx, i_idx)[2]
     assert (w_plain - w).abs().max() > 0.1  # the prior moved the read
-    assert Agent(envs.single_observation_space, envs.single_action_space, small_args(score_prior=False)).score_gain is None
+    plain = Agent(envs.single_observation_space, envs.single_action_space, small_args(score_prior=False))
+    assert plain.score_gain is None
 
 
 def test_policy_gradient_reaches_encoder_and_attention_but_not_retention():
