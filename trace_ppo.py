@@ -116,6 +116,8 @@ class Args(RunArgs):
     """W: learned retention never evicts the W newest entries (a recency window inside the M slots; 0 = off)"""
     score_prior: bool = True
     """the read adds each slot's retention score (what is kept may be worth reading), times a learned gain per head"""
+    crelu_obs: bool = False
+    """vector observations enter as [relu(x), relu(-x)]: the two signs of a rare large input get unrelated entries"""
     hidden_size: int = 64
     """width of entry embeddings, attention and heads"""
     num_heads: int = 4
@@ -142,9 +144,7 @@ def make_env(env_id: str, env_kwargs: dict, kind: str, capture_video: bool = Fal
     def thunk():
         extra = dict(frameskip=1, repeat_action_probability=0.25) if kind == "atari" else {}
         env = make_base_env(env_id, env_kwargs, "rgb_array" if capture_video else None, **extra)
-        if capture_video:
-            env = gym.wrappers.RecordVideo(env, video_dir)
-        env = gym.wrappers.RecordEpisodeStatistics(env)
+        env = gym.wrappers.RecordEpisodeStatistics(gym.wrappers.RecordVideo(env, video_dir) if capture_video else env)
         if kind == "atari":
             env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84,
                                                   terminal_on_life_loss=False, grayscale_obs=True)
@@ -206,8 +206,7 @@ def image_encoder(shape: tuple[int, ...]) -> tuple[nn.Module, int, bool]:
         convs = [layer_init(nn.Conv2d(c, 16, 3, padding=1)), nn.ReLU(),
                  layer_init(nn.Conv2d(16, 32, 3, stride=2 if min(h, w) >= 8 else 1, padding=1)), nn.ReLU()]
     conv = nn.Sequential(*convs, nn.Flatten())
-    with torch.no_grad():
-        n_flat = conv(torch.zeros(1, c, h, w)).shape[1]
+    n_flat = conv(torch.zeros(1, c, h, w)).shape[1]
     return nn.Sequential(conv, layer_init(nn.Linear(n_flat, 256)), nn.ReLU()), 256, channels_last
 
 
@@ -329,8 +328,9 @@ class Agent(nn.Module):
         self.cnn, n_feat, self.channels_last = (image_encoder(obs_space.shape) if self.image else
                                                 (None, int(np.prod(obs_space.shape)), False))
         # One network encodes both what is written and what queries.
-        self.embed_net = nn.Sequential(layer_init(nn.Linear(n_feat + n_act + 1 + TIME_DIM, d)), nn.Tanh(),
-                                       layer_init(nn.Linear(d, d)), nn.Tanh())
+        self.crelu = args.crelu_obs and not self.image
+        self.embed_net = nn.Sequential(layer_init(nn.Linear(n_feat * (1 + self.crelu) + n_act + 1 + TIME_DIM, d)),
+                                       nn.Tanh(), layer_init(nn.Linear(d, d)), nn.Tanh())
         self.tag_proj = layer_init(nn.Linear(TAG_DIM, d, bias=False), std=1.0)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (layer_init(nn.Linear(d, d), std=1.0) for _ in range(4))
         # LayerNorm on the read (as after a Transformer's attention block): its scale cannot grow and
@@ -360,6 +360,8 @@ class Agent(nn.Module):
         x = self.normalize_obs(obs)
         if self.image:
             x = self.cnn(x.permute(0, 3, 1, 2) if self.channels_last else x)
+        elif self.crelu:  # else the encoder maps a cue of +-10 std (normalised) to two opposite embeddings
+            x = torch.cat([F.relu(x), F.relu(-x)], -1)
         return self.embed_net(torch.cat([x.flatten(1), prev_act, prev_rew.unsqueeze(-1), time_encoding(tau)], -1))
 
     def retention_features(self, e: torch.Tensor, raw: dict, tag: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -548,8 +550,7 @@ class Rollout:
         self.cue[step] = torch.tensor([cue_step(info, i) if d else -1 for i, d in enumerate(done)])
 
     def ratio_max(self, clip: float, n_act: int) -> torch.Tensor:
-        """PPO's upper ratio bound per step: 1 + clip, or (1 + clip) x acting probability / pi where that is larger
-        (the floor f acts with (1 - f) pi + f / A)."""
+        """PPO's upper ratio bound per step: 1 + clip, or (1 + clip) x acting / policy probability if larger."""
         f, logp = self.floor.reshape(-1), self.logprobs.reshape(-1)
         acted = torch.where(f > 0, (1 - f) + f * (-logp).exp() / n_act, torch.ones_like(f))  # behaviour / policy
         return (1 + clip) * acted.clamp(min=1.0)
@@ -668,9 +669,8 @@ def train_retention(agent: Agent, optimizer: optim.Optimizer, votes: Votes, args
 # ---- Evaluation and diagnostics (off the algorithm's path)
 @torch.no_grad()
 def evaluate(agent: Agent, args: Args, env_kwargs: dict, kind: str, video_dir: str = "") -> tuple[dict, tuple]:
-    """Greedy evaluation of ``--eval-episodes`` on fresh envs (memory carried as in training) and the attention map
-    of env 0's first episode. At each episode's end: is the cue in a slot (``cue_in_memory``), and how much does its
-    most attentive head read it (``cue_attention``)."""
+    """Greedy evaluation of ``--eval-episodes`` on fresh envs (memory carried as in training), env 0's first attention
+    map and, at each episode's end, is the cue held (``cue_in_memory``) and read by its top head (``cue_attention``)."""
     device, n_envs = next(agent.parameters()).device, max(1, min(args.eval_episodes, 8))
     left = np.array([args.eval_episodes // n_envs + (i < args.eval_episodes % n_envs) for i in range(n_envs)])
     envs = make_vector_env(args, env_kwargs, kind, n_envs, video_dir)

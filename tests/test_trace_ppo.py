@@ -238,6 +238,23 @@ def test_score_prior_biases_the_read_and_replays_exactly():
     assert plain.score_gain is None
 
 
+def test_crelu_obs_splits_the_signs_of_a_large_input_and_replays_exactly():
+    """--crelu-obs: a vector enters the encoder as [relu(x), relu(-x)], so +10 and -10 (a rare cue, normalised) get
+    embeddings that are not each other's negatives, as they nearly are without it; the update replays it exactly."""
+    cos = {}
+    for crelu in (False, True):
+        torch.manual_seed(0)
+        agent = Agent(spaces.Box(-10, 10, (2,), np.float32), spaces.Discrete(4),
+                      small_args(crelu_obs=crelu, hidden_size=64, num_heads=4))
+        e = agent.embed(torch.tensor([[0.0, 10.0], [0.0, -10.0]]), torch.zeros(2, 4), torch.zeros(2),
+                        torch.zeros(2, dtype=torch.long))
+        cos[crelu] = torch.nn.functional.cosine_similarity(e[0], e[1], dim=0).item()
+    assert cos[False] < -0.5 and cos[True] > -0.3
+    envs, agent, mem = make_memory(small_args(crelu_obs=True, memory_slots=3), {"delay": 5, "difficulty": 1})
+    ro, carry, pool, out, _ = run_rollout(envs, mem, 12)
+    e, read, w = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, *all_queries(12, 3))
+    assert torch.allclose(agent.heads(e, read, ro.actions.reshape(-1).long())[1], ro.logprobs.reshape(-1), atol=1e-5)
+
 def test_policy_gradient_reaches_encoder_and_attention_but_not_retention():
     args = small_args(memory_slots=3, num_envs=2)
     envs, agent, mem = make_memory(args, {"delay": 6, "difficulty": 1})
