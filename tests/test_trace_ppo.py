@@ -255,6 +255,7 @@ def test_crelu_obs_splits_the_signs_of_a_large_input_and_replays_exactly():
     e, read, w = trace_ppo.replay(agent, trace_ppo.pool_embed(agent, pool), ro, *all_queries(12, 3))
     assert torch.allclose(agent.heads(e, read, ro.actions.reshape(-1).long())[1], ro.logprobs.reshape(-1), atol=1e-5)
 
+
 def test_policy_gradient_reaches_encoder_and_attention_but_not_retention():
     args = small_args(memory_slots=3, num_envs=2)
     envs, agent, mem = make_memory(args, {"delay": 6, "difficulty": 1})
