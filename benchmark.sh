@@ -55,9 +55,11 @@ trxl-full                  | transformer_ppo_baseline.py | --window 0 --memory-p
 trace-learned              | trace_ppo.py              | --retention learned
 trace-fifo                 | trace_ppo.py              | --retention fifo
 trace-persist              | trace_ppo.py              | --retention learned --persistent-slots 4
-# trace_ppo with one of its mechanisms off (the ablation suite): no exploration floor, no score prior on the read
+# trace_ppo with one of its mechanisms off (the ablation suite): no exploration floor, no score prior on the read,
+# no sign split of the observation
 trace-no-floor             | trace_ppo.py              | --explore-visits 0
 trace-no-prior             | trace_ppo.py              | --no-score-prior
+trace-no-crelu             | trace_ppo.py              | --no-crelu-obs
 # PPO with the vector settings of trace_ppo: observation and reward normalisation, no entropy bonus
 ppo-norm                   | ppo_baseline.py           | --normalize True --ent-coef 0
 # AdaMemento on sparse-reward tasks (success = return > 0, issue 3), and its ablations:
@@ -93,8 +95,8 @@ memory      | PassiveTMaze-v0         | length=500           | 1002000   | 200  
 memory      | PassiveTMaze-v0         | length=1500          | 3002000   | 200      | ppo ppo-norm lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
 memory      | MultiCueTask-v0         | delay=256 cues=3     | 512000    | 200      | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo
 memory      | RecallAcrossEpisodes-v0 |                      | 200000    | 200      | ppo lstm-ppo lstm-ppo-mem gru-ppo gru-ppo-mem trxl-16 trxl-full trace-learned trace-fifo trace-persist
-ablation    | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | trace-learned trace-no-floor trace-no-prior
-ablation    | PassiveTMaze-v0         | length=500           | 1002000   | 200      | trace-learned trace-no-floor trace-no-prior
+ablation    | MemoryTask-v0           | delay=256 difficulty=1 cue_time=random  | 512000  | 200 | trace-learned trace-no-floor trace-no-prior trace-no-crelu
+ablation    | PassiveTMaze-v0         | length=500           | 1002000   | 200      | trace-learned trace-no-floor trace-no-prior trace-no-crelu
 popgym      | popgym:popgym-RepeatFirstMedium-v0 |     | 830000    | 100      | ppo lstm-ppo-mem gru-ppo-mem trace-learned
 popgym      | popgym:popgym-RepeatFirstHard-v0   |     | 1662000   | 100      | ppo lstm-ppo-mem gru-ppo-mem trace-learned
 exploration | CliffWalkingFail-v0     |                      | 100000    | 100      | ppo ppo-rnd adamemento adamemento-no-reflection adamemento-no-coarse adamemento-no-fine adamemento-no-intrinsic

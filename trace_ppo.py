@@ -28,7 +28,8 @@ The read, exactly replayed
   every read with acting's attention: PPO's gradient reaches attention and encoder, and its first epoch reproduces
   the rollout exactly. Reading is learned from PPO's loss, biased by the slots' retention scores (--no-score-prior).
 
-PPO for one decision in a thousand steps (vector preset): observation and reward normalisation, no entropy bonus, no
+PPO for one decision in a thousand steps (vector preset): observation and reward normalisation (the observation enters
+as [relu(x), relu(-x)], so a rare cue of +-10 std is not encoded as its own negative), no entropy bonus, no
 per-minibatch advantage normalisation, and a count-based exploration floor: an observation seen N times is acted on
 uniformly with probability min(1, m / N), so a rare input (a T-maze junction) is tried although the softmax has
 ruled its actions out. PPO's clip then holds against the policy that acted: a turn the floor drew and that paid may
@@ -116,7 +117,7 @@ class Args(RunArgs):
     """W: learned retention never evicts the W newest entries (a recency window inside the M slots; 0 = off)"""
     score_prior: bool = True
     """the read adds each slot's retention score (what is kept may be worth reading), times a learned gain per head"""
-    crelu_obs: bool = False
+    crelu_obs: bool = True
     """vector observations enter as [relu(x), relu(-x)]: the two signs of a rare large input get unrelated entries"""
     hidden_size: int = 64
     """width of entry embeddings, attention and heads"""
@@ -333,8 +334,7 @@ class Agent(nn.Module):
                                        nn.Tanh(), layer_init(nn.Linear(d, d)), nn.Tanh())
         self.tag_proj = layer_init(nn.Linear(TAG_DIM, d, bias=False), std=1.0)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (layer_init(nn.Linear(d, d), std=1.0) for _ in range(4))
-        # LayerNorm on the read (as after a Transformer's attention block): its scale cannot grow and
-        # saturate the heads' tanh, which would cut the gradient to the attention.
+        # LayerNorm on the read (as after attention in a Transformer): a growing read would saturate the heads' tanh
         self.read_norm = nn.LayerNorm(d)
         self.score_gain = nn.Parameter(torch.ones(self.num_heads)) if args.score_prior else None
         self.actor = nn.Sequential(layer_init(nn.Linear(2 * d, 64)), nn.Tanh(), layer_init(nn.Linear(64, n_act), 0.01))
