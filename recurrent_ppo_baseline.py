@@ -98,9 +98,12 @@ class Args(RunArgs):
     """hidden size of the recurrent cell"""
     prev_action_reward: Optional[bool] = None
     """feed the cell the previous action and symlog of the previous reward besides the observation"""
+    crelu_obs: Optional[bool] = None
+    """vector observations enter as [relu(x), relu(-x)], as in trace_ppo"""
     memory_preset: bool = False
     """vector envs: trace_ppo's choices for memory tasks (8 envs x 128 steps, normalisation, no entropy bonus,
-    no per-minibatch advantage normalisation, previous action and reward as inputs, exploration floor m = 20)"""
+    no per-minibatch advantage normalisation, previous action and reward as inputs, its input split and its
+    exploration floor m = 20)"""
     explore_visits: Optional[float] = None
     """m of trace_ppo's exploration floor: act uniformly with chance min(1, m / visits of the observation)
     (0: off; discrete)"""
@@ -114,21 +117,21 @@ class Args(RunArgs):
 PRESETS = {
     "vector": dict(learning_rate=1e-3, num_envs=4, num_steps=128, num_minibatches=4,
                    update_epochs=4, clip_coef=0.2, ent_coef=0.01, normalize=False, bptt_len=0, norm_adv=True,
-                   prev_action_reward=False, explore_visits=0.0),
+                   prev_action_reward=False, crelu_obs=False, explore_visits=0.0),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4,
                   update_epochs=4, clip_coef=0.1, ent_coef=0.01, normalize=False, bptt_len=0, norm_adv=True,
-                  prev_action_reward=False, explore_visits=0.0),
+                  prev_action_reward=False, crelu_obs=False, explore_visits=0.0),
     # One env cannot be split into 32 minibatches by environment, so the continuous preset
     # cuts its 2048-step rollout into 32 chunks of 64 (the same minibatch size as ppo_baseline).
     "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32,
                        update_epochs=10, clip_coef=0.2, ent_coef=0.0, normalize=True, bptt_len=64, norm_adv=True,
-                       prev_action_reward=False, explore_visits=0.0),
+                       prev_action_reward=False, crelu_obs=False, explore_visits=0.0),
 }
 # --memory-preset: trace_ppo's vector preset where it applies, so the two differ only in their memory.
 # Its exploration floor: without it the policy learns "always right" in PassiveTMaze's corridor and never tries
 # up/down at the junction, so it scores 0 there for a reason that has nothing to do with memory.
 MEMORY_PRESET = dict(learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, ent_coef=0.0,
-                     normalize=True, norm_adv=False, prev_action_reward=True, explore_visits=20.0)
+                     normalize=True, norm_adv=False, prev_action_reward=True, crelu_obs=True, explore_visits=20.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,6 +229,13 @@ def symlog(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
 
 
+class SignSplit(nn.Module):
+    """x -> [relu(x), relu(-x)] (CReLU, trace_ppo's input): a rare cue of +-10 std is not encoded as its negative."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.relu(x), F.relu(-x)], -1)
+
+
 class VisitCounter(nn.Module):
     """SimHash pseudo-counts (Tang et al. 2017): the visits of each bucket of ``bits`` signs of random projections.
     trace_ppo's, for its exploration floor: an observation seen N times is acted on uniformly with chance
@@ -254,7 +264,7 @@ class Agent(nn.Module):
     """
 
     def __init__(self, obs_space: spaces.Box, action_space: spaces.Space, normalize_obs: bool,
-                 hidden_size: int = 128, cell: str = "lstm", prev_action_reward: bool = False):
+                 hidden_size: int = 128, cell: str = "lstm", prev_action_reward: bool = False, crelu_obs: bool = False):
         super().__init__()
         self.continuous = isinstance(action_space, spaces.Box)
         self.image = is_image(obs_space)
@@ -264,8 +274,9 @@ class Agent(nn.Module):
         if self.image:
             self.encoder, n_feat, self.channels_last = image_encoder(obs_space.shape)
         else:
-            n_feat, self.channels_last = 64, False
-            self.encoder = nn.Sequential(nn.Flatten(), layer_init(nn.Linear(int(np.prod(obs_space.shape)), n_feat)),
+            n_feat, self.channels_last, n_obs = 64, False, int(np.prod(obs_space.shape))
+            split = [SignSplit()] if crelu_obs else []
+            self.encoder = nn.Sequential(nn.Flatten(), *split, layer_init(nn.Linear(n_obs * (1 + crelu_obs), n_feat)),
                                          nn.Tanh())
         self.cell = cell
         self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(n_feat + self.n_prev, hidden_size)
@@ -516,7 +527,7 @@ def main(args: Args) -> None:
 
     envs = make_vector_env(args, env_kwargs, kind, args.num_envs, "" if args.evaluate else os.path.join(run.dir, "videos"))
     agent = Agent(envs.single_observation_space, envs.single_action_space, args.normalize, args.hidden_size,
-                  args.cell, args.prev_action_reward).to(device)
+                  args.cell, args.prev_action_reward, args.crelu_obs).to(device)
     # foreach: the same arithmetic as the default per-parameter loop (bit for bit on CPU) in fewer Python calls.
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
     reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None

@@ -103,9 +103,11 @@ class Args(RunArgs):
     chunk_len: Optional[int] = None
     """update sequences: chunks of this many steps (must divide num_steps), each with the W-1 steps before it;
     0 = whole rollout"""
+    crelu_obs: Optional[bool] = None
+    """vector observations enter as [relu(x), relu(-x)], as in trace_ppo"""
     memory_preset: bool = False
     """vector envs: trace_ppo's choices for memory tasks (8 envs x 128 steps, normalisation, no entropy bonus,
-    no per-minibatch advantage normalisation, its exploration floor)"""
+    no per-minibatch advantage normalisation, its input split and exploration floor)"""
     explore_visits: Optional[float] = None
     """m of trace_ppo's exploration floor: act uniformly with chance min(1, m / visits of the observation) (0: off;
     discrete actions)"""
@@ -115,19 +117,19 @@ class Args(RunArgs):
 PRESETS = {
     "vector": dict(learning_rate=1e-3, num_envs=4, num_steps=128, num_minibatches=4,
                    update_epochs=4, clip_coef=0.2, ent_coef=0.01, normalize=False, chunk_len=0, norm_adv=True,
-                   explore_visits=0.0),
+                   crelu_obs=False, explore_visits=0.0),
     "atari": dict(learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4,
                   update_epochs=4, clip_coef=0.1, ent_coef=0.01, normalize=False, chunk_len=0, norm_adv=True,
-                  explore_visits=0.0),
+                  crelu_obs=False, explore_visits=0.0),
     # One env cannot be split into 32 minibatches by environment, so the continuous preset
     # cuts its 2048-step rollout into 32 chunks of 64 (the same minibatch size as ppo_baseline).
     "continuous": dict(learning_rate=3e-4, num_envs=1, num_steps=2048, num_minibatches=32,
                        update_epochs=10, clip_coef=0.2, ent_coef=0.0, normalize=True, chunk_len=64, norm_adv=True,
-                       explore_visits=0.0),
+                       crelu_obs=False, explore_visits=0.0),
 }
 # --memory-preset: trace_ppo's vector preset where it applies (as recurrent_ppo_baseline's).
 MEMORY_PRESET = dict(learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=4, update_epochs=4, ent_coef=0.0,
-                     normalize=True, norm_adv=False, explore_visits=20.0)
+                     normalize=True, norm_adv=False, crelu_obs=True, explore_visits=20.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,6 +244,13 @@ def symlog(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
 
 
+class SignSplit(nn.Module):
+    """x -> [relu(x), relu(-x)] (CReLU, trace_ppo's input): a rare cue of +-10 std is not encoded as its negative."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.relu(x), F.relu(-x)], -1)
+
+
 class VisitCounter(nn.Module):
     """trace_ppo's exploration floor: SimHash pseudo-counts (Tang et al. 2017) of the raw observations, and the chance
     min(1, m / N) of acting uniformly on an observation seen N times, so a rare input (a T-maze junction) is tried
@@ -297,7 +306,8 @@ class Agent(nn.Module):
     update (``replay``) reads every step of a sequence over [W-1 steps before it, the sequence]."""
 
     def __init__(self, obs_space: spaces.Box, action_space: spaces.Space, normalize_obs: bool,
-                 hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, window: int = 16):
+                 hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, window: int = 16,
+                 crelu_obs: bool = False):
         super().__init__()
         self.continuous = isinstance(action_space, spaces.Box)
         self.image = is_image(obs_space)
@@ -306,7 +316,8 @@ class Agent(nn.Module):
         if self.image:
             self.encoder, n_feat, self.channels_last = image_encoder(obs_space.shape)
         else:  # the raw observation enters the embedding, as in trace_ppo
-            self.encoder, n_feat, self.channels_last = nn.Flatten(), int(np.prod(obs_space.shape)), False
+            n_feat, self.channels_last = int(np.prod(obs_space.shape)) * (1 + crelu_obs), False
+            self.encoder = nn.Sequential(nn.Flatten(), SignSplit()) if crelu_obs else nn.Flatten()
         n_in = n_feat + self.n_act + 1 + TIME_DIM  # observation, previous action and reward, clock
         self.embed_net = nn.Sequential(layer_init(nn.Linear(n_in, hidden_size)), nn.Tanh(),
                                        layer_init(nn.Linear(hidden_size, hidden_size)), nn.Tanh())
@@ -590,7 +601,7 @@ def main(args: Args) -> None:
 
     envs = make_vector_env(args, env_kwargs, kind, args.num_envs, "" if args.evaluate else os.path.join(run.dir, "videos"))
     agent = Agent(envs.single_observation_space, envs.single_action_space, args.normalize, args.hidden_size,
-                  args.num_layers, args.num_heads, args.window).to(device)
+                  args.num_layers, args.num_heads, args.window, args.crelu_obs).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
     n_obs = int(np.prod(envs.single_observation_space.shape))

@@ -341,3 +341,16 @@ def test_ratio_bound_is_trace_ppos_and_clips_the_policy_loss(tmp_path, monkeypat
     monkeypatch.setattr(rp, "ratio_max", lambda floors, logprobs, clip, n_act: torch.full_like(floors, 1 - clip))
     assert run("b") != losses
 
+
+
+def test_crelu_obs_splits_the_signs_so_a_cue_and_its_negative_are_not_opposite_features():
+    """--crelu-obs (in --memory-preset, as in trace_ppo): the encoder sees [relu(x), relu(-x)]; without it a tanh
+    layer with zero bias maps -x to exactly minus the features of x. (The preset's replay: the tests above.)"""
+    cos = {}
+    for crelu in (False, True):
+        torch.manual_seed(0)
+        agent = rp.Agent(gym.spaces.Box(-10, 10, (2,), np.float32), gym.spaces.Discrete(4), False, 16, crelu_obs=crelu)
+        f = agent.features(torch.tensor([[10.0, 0.0], [-10.0, 0.0]]))
+        cos[crelu] = torch.nn.functional.cosine_similarity(f[0], f[1], dim=0).item()
+    assert cos[False] < -0.99 and cos[True] > -0.5, cos
+    assert rp.MEMORY_PRESET["crelu_obs"] and not rp.PRESETS["vector"]["crelu_obs"]

@@ -314,3 +314,20 @@ def test_ratio_bound_is_trace_ppos_and_clips_the_policy_loss(tmp_path, monkeypat
     monkeypatch.setattr(tp, "ratio_max", lambda floors, logprobs, clip, n_act: torch.full_like(floors, 1 - clip))
     assert run("b") != losses
 
+
+
+def test_crelu_obs_splits_the_signs_so_a_cue_and_its_negative_are_not_opposite_entries():
+    """--crelu-obs (in --memory-preset, as in trace_ppo): the entry sees [relu(x), relu(-x)], so +10 and -10 (a rare
+    cue, normalised) are not embedded as near-negatives (mean cosine over 5 fresh agents). The preset's replay: the
+    exploration-floor test above."""
+    cos = {False: [], True: []}
+    for crelu in (False, True):
+        for seed in range(5):
+            torch.manual_seed(seed)
+            agent = tp.Agent(spaces.Box(-10, 10, (2,), np.float32), spaces.Discrete(4), False, 16, 1, 2, 4,
+                             crelu_obs=crelu)
+            e = agent.embed(torch.tensor([[10.0, 0.0], [-10.0, 0.0]]), torch.zeros(2, 4), torch.zeros(2),
+                            torch.zeros(2, dtype=torch.long))
+            cos[crelu].append(torch.nn.functional.cosine_similarity(e[0], e[1], dim=0).item())
+    assert np.mean(cos[False]) < -0.5 and np.mean(cos[True]) > -0.2, cos
+    assert tp.MEMORY_PRESET["crelu_obs"] and not tp.PRESETS["vector"]["crelu_obs"]
