@@ -251,9 +251,11 @@ def test_memory_preset_takes_trace_ppos_choices_and_only_for_vector_envs(tmp_pat
     args = rp.Args(env_kwargs=("delay=2",), total_timesteps=1024, memory_preset=True, cell="gru", eval_episodes=0,
                    run_name="mem", cuda=False)
     rp.main(args)
-    saved = torch.load(tmp_path / "runs" / "mem" / "checkpoint.pt", weights_only=False)["args"]
+    ckpt = torch.load(tmp_path / "runs" / "mem" / "checkpoint.pt", weights_only=False)
+    saved = ckpt["args"]
     for key, value in rp.MEMORY_PRESET.items():
         assert saved[key] == value, key
+    assert ckpt["agent"]["encoder.2.weight"].shape[1] == 2 * 3  # the input split reached the agent (3 obs channels)
     assert saved["cell"] == "gru" and saved["clip_coef"] == rp.PRESETS["vector"]["clip_coef"]
     with pytest.raises(rp.UserError, match="--memory-preset"):
         rp.main(rp.Args(env_id="Pendulum-v1", memory_preset=True, total_timesteps=64, run_name="bad", cuda=False))
@@ -340,7 +342,6 @@ def test_ratio_bound_is_trace_ppos_and_clips_the_policy_loss(tmp_path, monkeypat
     assert len(seen) == 4 and min(seen) > 0
     monkeypatch.setattr(rp, "ratio_max", lambda floors, logprobs, clip, n_act: torch.full_like(floors, 1 - clip))
     assert run("b") != losses
-
 
 
 def test_crelu_obs_splits_the_signs_so_a_cue_and_its_negative_are_not_opposite_features():

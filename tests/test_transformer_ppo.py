@@ -258,8 +258,10 @@ def test_memory_preset_takes_trace_ppos_choices(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tp.main(tp.Args(env_kwargs=("delay=2",), memory_preset=True, total_timesteps=1024, eval_episodes=0, run_name="m",
                     cuda=False))
-    saved = torch.load(tmp_path / "runs" / "m" / "checkpoint.pt", weights_only=False)["args"]
-    assert all(saved[k] == v for k, v in tp.MEMORY_PRESET.items())
+    ckpt = torch.load(tmp_path / "runs" / "m" / "checkpoint.pt", weights_only=False)
+    assert all(ckpt["args"][k] == v for k, v in tp.MEMORY_PRESET.items())
+    # the input split reached the agent: 2 x 3 observation channels, 2 actions, reward, clock
+    assert ckpt["agent"]["embed_net.0.weight"].shape[1] == 2 * 3 + 2 + 1 + tp.TIME_DIM
 
 
 def test_exploration_floor_samples_the_mixture_and_returns_the_softmax_log_prob():
@@ -313,7 +315,6 @@ def test_ratio_bound_is_trace_ppos_and_clips_the_policy_loss(tmp_path, monkeypat
     assert len(seen) == 4 and min(seen) > 0
     monkeypatch.setattr(tp, "ratio_max", lambda floors, logprobs, clip, n_act: torch.full_like(floors, 1 - clip))
     assert run("b") != losses
-
 
 
 def test_crelu_obs_splits_the_signs_so_a_cue_and_its_negative_are_not_opposite_entries():
