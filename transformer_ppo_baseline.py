@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 from gymnasium import spaces
-from torch.distributions import Categorical, Normal
+from torch.distributions import Normal
 
 from memory_envs import FlattenObservation
 from run_contract import (Progress, Run, RunArgs, UserError, check_flags, check_spaces, finished_episode, is_atari,
@@ -377,21 +377,24 @@ class Agent(nn.Module):
 
     def heads(self, z: torch.Tensor, action: Optional[torch.Tensor] = None, greedy: bool = False,
               floor: Optional[torch.Tensor] = None):
-        """(action, log-prob, entropy, value) of the outputs z (B, d); samples an action if none is given, with a
-        ``floor`` per row from (1 - floor) softmax + floor uniform. The log-prob is the softmax's, which PPO trains."""
-        out, value = self.actor(z), self.critic(z)
+        """(action, log-prob, entropy, value) of the outputs z (B, d); samples an action if none is given (entropy
+        None), with a ``floor`` per row from (1 - floor) softmax + floor uniform. The log-prob is the softmax's, which
+        PPO trains."""
+        out, value, acting = self.actor(z), self.critic(z), action is None
         if self.continuous:
-            dist = Normal(out, self.actor_logstd.expand_as(out).exp())
-            if action is None:
-                action = out if greedy else dist.sample()
+            dist = Normal(out, self.actor_logstd.expand_as(out).exp(), validate_args=False)
+            action = (out if greedy else dist.sample()) if acting else action
             return action, dist.log_prob(action).sum(1), dist.entropy().sum(1), value
-        dist = Categorical(logits=out)
-        if action is None and (greedy or floor is None):
-            action = out.argmax(1) if greedy else dist.sample()
-        elif action is None:  # inverse-CDF sampling, as trace_ppo
-            probs = (1.0 - floor).unsqueeze(-1) * dist.probs + floor.unsqueeze(-1) / out.shape[-1]
+        # Categorical(logits=out) written out, op for op (the same numbers): its object costs as much as the heads
+        logp = out - out.logsumexp(1, keepdim=True)
+        if acting and (greedy or floor is None):
+            action = out.argmax(1) if greedy else torch.multinomial(logp.softmax(1), 1, True).view(-1)
+        elif acting:  # inverse-CDF sampling, as trace_ppo
+            probs = (1.0 - floor).unsqueeze(-1) * logp.softmax(1) + floor.unsqueeze(-1) / out.shape[-1]
             action = (probs.cumsum(-1) < torch.rand_like(floor).unsqueeze(-1)).sum(-1).clamp(max=out.shape[-1] - 1)
-        return action, dist.log_prob(action), dist.entropy(), value
+        logprob = logp.gather(1, action.long().unsqueeze(1)).squeeze(1)  # before the entropy: Categorical's order
+        entropy = None if acting else -(logp.clamp(min=torch.finfo(logp.dtype).min) * logp.softmax(1)).sum(1)
+        return action, logprob, entropy, value
 
 
 class Window:
@@ -515,16 +518,18 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     nothing is ever bootstrapped across an episode boundary. ``last_value`` is V of the
     observation that follows the rollout.
     """
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(last_value)
-    next_value = last_value
-    for t in reversed(range(rewards.shape[0])):
-        not_done = 1.0 - dones[t]
-        delta = rewards[t] + gamma * next_value * not_done - values[t]
+    # In numpy: its per-operation cost is a fraction of torch's and its float arithmetic the same (bit for bit).
+    rewards_np, values_np, dones_np = (t.cpu().numpy() for t in (rewards, values, dones))
+    advantages = np.zeros_like(rewards_np)
+    last_gae = np.zeros_like(values_np[0])
+    next_value = last_value.cpu().numpy()
+    for t in reversed(range(rewards_np.shape[0])):
+        not_done = 1.0 - dones_np[t]
+        delta = rewards_np[t] + gamma * next_value * not_done - values_np[t]
         last_gae = delta + gamma * lam * not_done * last_gae
         advantages[t] = last_gae
-        next_value = values[t]
-    return advantages
+        next_value = values_np[t]
+    return torch.from_numpy(advantages).to(rewards.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -602,7 +607,9 @@ def main(args: Args) -> None:
     envs = make_vector_env(args, env_kwargs, kind, args.num_envs, "" if args.evaluate else os.path.join(run.dir, "videos"))
     agent = Agent(envs.single_observation_space, envs.single_action_space, args.normalize, args.hidden_size,
                   args.num_layers, args.num_heads, args.window, args.crelu_obs).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    # foreach: the same arithmetic as the default per-parameter loop (bit for bit on CPU) in fewer Python calls.
+    params = list(agent.parameters())
+    optimizer = optim.Adam(params, lr=args.learning_rate, eps=1e-5, foreach=True)
     reward_scaler = RewardScaler(args.num_envs, args.gamma) if args.normalize else None
     n_obs = int(np.prod(envs.single_observation_space.shape))
     counter = VisitCounter(n_obs, args.seed, device, m=args.explore_visits) if args.explore_visits > 0 else None
@@ -719,7 +726,7 @@ def main(args: Args) -> None:
                     raise run.diverged(f"non-finite loss ({loss.item()})", global_step)
                 optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy_loss),
                              ("old_approx_kl", old_approx_kl), ("approx_kl", approx_kl), ("clipfrac", clipfrac)):

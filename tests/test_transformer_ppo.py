@@ -332,3 +332,31 @@ def test_crelu_obs_splits_the_signs_so_a_cue_and_its_negative_are_not_opposite_e
             cos[crelu].append(torch.nn.functional.cosine_similarity(e[0], e[1], dim=0).item())
     assert np.mean(cos[False]) < -0.5 and np.mean(cos[True]) > -0.2, cos
     assert tp.MEMORY_PRESET["crelu_obs"] and not tp.PRESETS["vector"]["crelu_obs"]
+
+
+def test_heads_compute_categoricals_values_and_gradients_to_the_bit():
+    """The heads write Categorical's arithmetic out (speed). Samples, log-probabilities, entropies and the gradients
+    of a loss on them must be torch's to the bit (the log-probability is taken before the entropy, as Categorical
+    does: three uses of the logits summed in another order change the gradient's last bits)."""
+    torch.manual_seed(0)
+    agent = tp.Agent(spaces.Box(0, 1, (3,), np.float32), spaces.Discrete(3), False)
+    with torch.no_grad():
+        agent.actor.weight.mul_(300.0)  # spread-out logits, some probabilities near 0
+    z = torch.randn(256, 64)
+    dist = torch.distributions.Categorical(logits=agent.actor(z))
+    torch.manual_seed(1)
+    action, logp, entropy, _ = agent.heads(z)
+    torch.manual_seed(1)
+    assert torch.equal(action, dist.sample()) and entropy is None
+    grads = []
+    for categorical in (False, True):
+        agent.zero_grad()
+        if categorical:
+            d = torch.distributions.Categorical(logits=agent.actor(z))
+            new_logp, entropy, value = d.log_prob(action), d.entropy(), agent.critic(z)
+        else:
+            _, new_logp, entropy, value = agent.heads(z, action)
+            assert torch.equal(new_logp, logp)
+        (0.3 * new_logp.exp().mean() - 0.01 * entropy.mean() + value.square().mean()).backward()
+        grads.append([p.grad.clone() for p in (agent.actor.weight, agent.actor.bias)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
