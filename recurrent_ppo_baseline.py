@@ -390,14 +390,14 @@ class Agent(nn.Module):
             return action, dist.log_prob(action).sum(1), dist.entropy().sum(1), self.critic(hidden), lstm_state
         # Categorical(logits=out) spelled out, op for op (so the same numbers): at this network size building
         # and checking a distribution object every step costs more than the network.
-        logits = out - out.logsumexp(1, keepdim=True)
-        if action is None and floor is not None and not greedy:  # inverse-CDF sampling, as trace_ppo
+        logits, acting = out - out.logsumexp(1, keepdim=True), action is None
+        if acting and floor is not None and not greedy:  # inverse-CDF sampling, as trace_ppo
             probs = (1.0 - floor).unsqueeze(1) * logits.softmax(1) + floor.unsqueeze(1) / out.shape[1]
             action = (probs.cumsum(1) < torch.rand_like(floor).unsqueeze(1)).sum(1).clamp(max=out.shape[1] - 1)
-        elif action is None:
+        elif acting:
             action = out.argmax(1) if greedy else torch.multinomial(logits.softmax(1), 1, True).view(-1)
         logprob = logits.gather(1, action.long().unsqueeze(1)).squeeze(1)
-        entropy = -(logits.clamp(min=torch.finfo(logits.dtype).min) * logits.softmax(1)).sum(1)
+        entropy = None if acting else -(logits.clamp(min=torch.finfo(logits.dtype).min) * logits.softmax(1)).sum(1)
         return action, logprob, entropy, self.critic(hidden), lstm_state
 
 
