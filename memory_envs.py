@@ -10,7 +10,7 @@ Memory tasks:
 
 Exploration grid worlds (AdaMemento's first experiments): ``CliffWalkingFail-v0``, ``DarkChamber-v0``, ``FourRooms-v0``.
 
-Batched versions (numpy vector envs whose results equal a SyncVectorEnv of the single envs) of the four
+Batched versions (numpy vector envs whose results equal a SyncVectorEnv of the single envs) of the three
 memory tasks: ``gym.make_vec(id, num_envs)``; ``RecordFinalEpisodeStatistics`` adds their episode statistics.
 
 Wrappers: ``FlattenObservation`` turns Box/Discrete/MultiDiscrete/MultiBinary/Tuple/Dict observations into a float32
