@@ -872,61 +872,6 @@ class MultiCueTaskEnv(gym.Env):
         return np.zeros(3 + 2 * self.cues, np.float32), reward, True, False, info
 
 
-class BatchedMultiCueTask(_BatchedEnv):
-    """``MultiCueTask-v0`` batched. At reset each env draws its bits and cue steps, then the distractor bits of
-    every observation of the episode in one call (one generator word per bit, as ``BatchedMemoryTask``)."""
-
-    single_cls = MultiCueTaskEnv
-
-    def _setup(self):
-        env, n = self.template, self.num_envs
-        self._shown = min(env.delay, (self.max_episode_steps or env.delay) + 1)  # observations drawn per episode
-        self._cells = np.zeros((n, self._shown, 2), np.float32)
-        self._bits, self._cue_at = np.zeros((n, env.cues), np.int64), np.zeros((n, env.cues), np.int64)
-        self._right = np.zeros(n, np.int64)
-        self._drawn_from: list[dict | None] = [None] * n  # generator states before the distractor bits
-
-    def _start(self, idx, seeded):
-        env = self.template
-        for i in idx:
-            gen = self._gens[i]
-            self._bits[i] = gen.integers(0, 2, env.cues)
-            self._cue_at[i] = gen.choice(env.delay // 2, env.cues, False)
-            self._drawn_from[i] = gen.bit_generator.state
-            self._cells[i] = gen.integers(0, 2, size=(self._shown, 2))
-        self._right[idx] = 0
-        self._observe()
-
-    def _rewind(self, i):
-        self._gens[i].bit_generator.state = self._drawn_from[i]
-        self._gens[i].integers(0, 2, size=2 * (self._t[i] + 1))
-
-    def _observe(self):
-        env, t, shown = self.template, self._t, np.minimum(self._t, self._shown - 1)
-        cue, query = self._cue_at == t[:, None], t - (env.delay - env.cues)
-        obs = np.zeros_like(self._obs)
-        obs[:, :2] = np.where(query[:, None] >= 0, 0.0, self._cells[np.arange(self.num_envs), shown])
-        obs[:, 0] = np.where(cue.any(1), (self._bits * cue).sum(1), obs[:, 0])  # a cue's bit in channel 0
-        obs[:, 2], obs[:, 3:3 + env.cues] = cue.any(1), cue
-        obs[:, 3 + env.cues:] = query[:, None] == np.arange(env.cues)
-        self._obs[:] = np.where((t < env.delay)[:, None], obs, 0.0)  # the last step shows zeros
-
-    def _advance(self, actions):
-        env, rows = self.template, np.arange(self.num_envs)
-        query = self._t - 1 - (env.delay - env.cues)
-        asked = query >= 0
-        right = asked & (actions == self._bits[rows, np.maximum(query, 0)])
-        self._right += right
-        terminated = self._t >= env.delay
-        self._success = self._right == env.cues
-        self._observe()
-        return np.where(asked, np.where(right, 1.0, -1.0), 0.0), terminated
-
-    def _info(self, terminated):
-        return {"cue_step": (self._cue_at.min(1), np.ones(self.num_envs, bool)),
-                "is_success": (self._success.copy(), terminated)}
-
-
 # ---------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------
@@ -944,6 +889,5 @@ _register("DarkChamber-v0", "memory_envs:DarkChamberEnv")
 _register("FourRooms-v0", "memory_envs:FourRoomsEnv")
 _register("RecallAcrossEpisodes-v0", "memory_envs:RecallAcrossEpisodesEnv", kwargs={"block": 4, "length": 4},
           vector_entry_point="memory_envs:BatchedRecallAcrossEpisodes")
-_register("MultiCueTask-v0", "memory_envs:MultiCueTaskEnv", kwargs={"delay": 64, "cues": 2},
-          vector_entry_point="memory_envs:BatchedMultiCueTask")
+_register("MultiCueTask-v0", "memory_envs:MultiCueTaskEnv", kwargs={"delay": 64, "cues": 2})
 _register("ALE/MontezumaRevengeRooms-v5", "memory_envs:make_montezuma_rooms")

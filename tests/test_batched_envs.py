@@ -24,10 +24,8 @@ PASSIVE_TMAZE = [dict(length=n, **extra) for n in (1, 3, 6)
                  for extra in ({}, {"penalty": -0.5}, {"max_episode_steps": 2})]
 RECALL = [dict(block=b, length=n, **extra) for b in (1, 3) for n in (1, 2, 4)
           for extra in ({}, {"max_episode_steps": 1})]
-MULTI_CUE = [dict(delay=d, cues=c, **extra) for d, c in ((4, 1), (6, 2), (12, 3))
-             for extra in ({}, {"max_episode_steps": 3}, {"max_episode_steps": d - 1})]
 CASES = ([("MemoryTask-v0", kw) for kw in MEMORY_TASK] + [("PassiveTMaze-v0", kw) for kw in PASSIVE_TMAZE]
-         + [("RecallAcrossEpisodes-v0", kw) for kw in RECALL] + [("MultiCueTask-v0", kw) for kw in MULTI_CUE])
+         + [("RecallAcrossEpisodes-v0", kw) for kw in RECALL])
 
 
 def sync_stack(env_id: str, kwargs: dict, n: int = N) -> gym.vector.VectorEnv:
@@ -144,8 +142,7 @@ def test_other_autoreset_modes_are_refused(mode):
                                            ("MemoryTask-v0", dict(max_episode_steps=0)),
                                            ("PassiveTMaze-v0", dict(penalty=0.5)), ("PassiveTMaze-v0", dict(length=0)),
                                            ("RecallAcrossEpisodes-v0", dict(block=0)),
-                                           ("RecallAcrossEpisodes-v0", dict(colour=1)),
-                                           ("MultiCueTask-v0", dict(delay=5, cues=2))])
+                                           ("RecallAcrossEpisodes-v0", dict(colour=1))])
 @pytest.mark.filterwarnings("ignore:.*render_mode")
 def test_invalid_kwargs_raise_the_single_envs_error(env_id, kwargs):
     with pytest.raises((ValueError, TypeError)) as single:
